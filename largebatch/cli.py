@@ -1,0 +1,22 @@
+"""Command-line pieces shared by ``largebatch.train`` and ``largebatch.plan``."""
+
+from __future__ import annotations
+
+import argparse
+
+from largebatch.config import Config, describe_keys, load_config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (run, data, model, ...)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.global_batch=512 optim.base_lr=0.1 (beat --config)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config | None:
+    """The resolved config, or None after printing the key list for ``--help-config``."""
+    if args.help_config:
+        print(describe_keys())
+        return None
+    return load_config(args.config, args.overrides)

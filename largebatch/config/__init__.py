@@ -1,0 +1,18 @@
+"""Typed configuration sections and their loader."""
+
+from largebatch.config.loader import describe_keys, from_flat, load_config, to_dict, valid_keys, write_yaml_atomic
+from largebatch.config.schema import (
+    CommConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config", "RunConfig", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "ScheduleConfig",
+    "CommConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
+]

@@ -1,0 +1,187 @@
+"""The typed configuration: one dataclass per section, validated in ``__post_init__``.
+
+Units are stated in each field's docstring. Every key is reachable from YAML as
+``section: {key: value}`` and from the command line as ``section.key=value``.
+Checks that involve the world size or the dataset (divisibility of the global batch,
+a dataset smaller than one global batch) live in :mod:`largebatch.batching` and the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from largebatch.errors import UsageError
+
+DATASETS = ("digits", "synthetic")
+MODELS = ("cnn", "mlp")
+NORMS = ("batch", "none")
+OPTIMIZERS = ("sgd",)
+DECAYS = ("constant", "step", "poly", "cosine")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise UsageError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _choice(key: str, value, choices) -> None:
+    _require(value in choices, key, value, "choose one of " + ", ".join(choices))
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    """Output folder for config.yaml, metrics.jsonl and checkpoints/ (created if missing)."""
+    seed: int = 0
+    """Seed for model initialisation and the data order; the same seed gives the same run."""
+
+    def __post_init__(self):
+        _require(bool(self.dir), "run.dir", self.dir, "give a folder path")
+        _require(self.seed >= 0, "run.seed", self.seed, "use an integer >= 0")
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"
+    """Dataset: 'digits' (the bundled 1,797 8x8 handwritten digits) or 'synthetic'."""
+    root: Optional[str] = None
+    """Folder the dataset is read from; not used by 'digits' or 'synthetic'."""
+    image_size: Optional[int] = None
+    """Side of the square images fed to the model, in pixels; null = the dataset's own size."""
+    num_samples: int = 10000
+    """'synthetic' only: number of training images (the validation set is val_fraction of this)."""
+    num_classes: int = 10
+    """'synthetic' only: number of classes."""
+    val_fraction: float = 0.2
+    """Share of the data held out for validation, where the dataset has no split of its own.
+    The split is fixed (it does not depend on run.seed)."""
+    num_workers: int = 0
+    """DataLoader worker processes per training worker; 0 loads in the training process."""
+
+    def __post_init__(self):
+        _choice("data.name", self.name, DATASETS)
+        if self.image_size is not None:
+            _require(self.image_size >= 8, "data.image_size", self.image_size, "use null or a size >= 8 pixels")
+        _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "use an integer >= 1")
+        _require(self.num_classes >= 2, "data.num_classes", self.num_classes, "use an integer >= 2")
+        _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "use a value in (0, 1)")
+        _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use an integer >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    """Model from the zoo: 'cnn' (small convolutional net, any image size >= 8) or 'mlp'."""
+    norm: str = "batch"
+    """Normalisation layers: 'batch' (BatchNorm) or 'none'. BatchNorm statistics depend on the
+    micro-batch, so only 'none' makes results independent of world size and accumulation."""
+    width: int = 32
+    """Channels of the first convolution ('cnn') or hidden units ('mlp'); deeper layers scale from it."""
+
+    def __post_init__(self):
+        _choice("model.name", self.name, MODELS)
+        _choice("model.norm", self.norm, NORMS)
+        _require(self.width >= 1, "model.width", self.width, "use an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 128
+    """Images per optimizer step, summed over all workers and accumulation steps."""
+    max_micro_batch: Optional[int] = None
+    """Cap on the images one worker pushes through the model at once; null = no cap. The
+    per-worker batch is split into equal micro-batches with gradient accumulation."""
+    epochs: int = 30
+    """Passes over the training set. Each epoch has floor(train images / global batch) steps."""
+    target_accuracy: Optional[float] = None
+    """Validation accuracy (0..1) whose first crossing is timed (summary: time_to_target_s)."""
+    eval_batch: int = 1024
+    """Images per validation forward pass on one worker (memory only; results do not depend on it)."""
+
+    def __post_init__(self):
+        _require(self.global_batch >= 1, "train.global_batch", self.global_batch, "use an integer >= 1")
+        if self.max_micro_batch is not None:
+            _require(self.max_micro_batch >= 1, "train.max_micro_batch", self.max_micro_batch,
+                     "use null (no cap) or an integer >= 1")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "use an integer >= 1")
+        if self.target_accuracy is not None:
+            _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy,
+                     "use null or a fraction in (0, 1]")
+        _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: 'sgd' (momentum SGD)."""
+    base_lr: float = 0.2
+    """Learning rate for a global batch of base_batch; scaled linearly to the real global batch."""
+    base_batch: int = 256
+    """The global batch that base_lr is quoted for (Goyal et al.: 0.1 per 256)."""
+    momentum: float = 0.9
+    """Momentum coefficient, in [0, 1)."""
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0)."""
+    weight_decay: float = 5e-4
+    """L2 penalty coefficient added to the gradient."""
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _require(self.base_lr > 0, "optim.base_lr", self.base_lr, "use a learning rate > 0")
+        _require(self.base_batch >= 1, "optim.base_batch", self.base_batch, "use an integer >= 1")
+        _require(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "use a value in [0, 1)")
+        _require(not (self.nesterov and self.momentum == 0), "optim.nesterov", self.nesterov,
+                 "Nesterov needs optim.momentum > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use a value >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = 2.0
+    """Epochs of linear warmup from base_lr to the scaled peak (Goyal et al.: 5); 0 = none."""
+    decay: str = "cosine"
+    """Decay after warmup: 'constant', 'step', 'poly' or 'cosine'."""
+    milestones: list = field(default_factory=lambda: [30, 60, 80])
+    """'step' only: epochs (from the start of training) at which the lr is multiplied by gamma."""
+    gamma: float = 0.1
+    """'step' only: factor applied at each milestone."""
+    power: float = 2.0
+    """'poly' only: exponent of (1 - progress)."""
+    end_lr: float = 0.0
+    """'poly' and 'cosine': learning rate reached at the last step."""
+
+    def __post_init__(self):
+        _require(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "use a value >= 0")
+        _choice("schedule.decay", self.decay, DECAYS)
+        _require(isinstance(self.milestones, list) and all(isinstance(m, (int, float)) and m > 0
+                                                           for m in self.milestones),
+                 "schedule.milestones", self.milestones, "use a list of epochs > 0, e.g. [30,60,80]")
+        _require(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "use a factor in (0, 1]")
+        _require(self.power > 0, "schedule.power", self.power, "use a value > 0")
+        _require(self.end_lr >= 0, "schedule.end_lr", self.end_lr, "use a value >= 0")
+
+
+@dataclass
+class CommConfig:
+    backend: str = "auto"
+    """Gradient allreduce backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    bucket_mb: float = 25.0
+    """DDP gradient bucket size in MiB: gradients are allreduced in buckets of about this size,
+    overlapped with the backward pass."""
+
+    def __post_init__(self):
+        _choice("comm.backend", self.backend, BACKENDS)
+        _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    comm: CommConfig = field(default_factory=CommConfig)

@@ -1,0 +1,72 @@
+"""World-size-invariant global batches.
+
+Every epoch is one permutation of the training set, seeded by (seed, epoch) alone, cut into
+``steps_per_epoch`` global batches of ``global_batch`` images (the remainder is dropped; the next
+epoch's permutation differs). Worker ``r`` takes the contiguous slice
+``[r * per_worker_batch, (r + 1) * per_worker_batch)`` of each global batch and cuts it into
+``accum_steps`` micro-batches. The sequence of global batches therefore depends only on the seed,
+the epoch and the global batch size, never on the world size or the micro-batch, unlike
+``torch.utils.data.DistributedSampler``, which deals indices round-robin.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from largebatch.batching import BatchPlan
+
+_EPOCH_STRIDE = 1_000_003  # a prime, so (seed, epoch) pairs map to distinct generator seeds
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator()
+    g.manual_seed(seed * _EPOCH_STRIDE + epoch)
+    return torch.randperm(num_samples, generator=g)
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    return num_samples // global_batch
+
+
+def global_batches(num_samples: int, global_batch: int, seed: int, epoch: int,
+                   start_step: int = 0) -> Iterator[torch.Tensor]:
+    """The global batches of ``epoch`` (index tensors), from ``start_step`` on."""
+    perm = epoch_permutation(num_samples, seed, epoch)
+    for step in range(start_step, steps_per_epoch(num_samples, global_batch)):
+        yield perm[step * global_batch:(step + 1) * global_batch]
+
+
+class MicroBatchSampler:
+    """Yields this worker's micro-batches (lists of indices) for one epoch, in step order.
+
+    Usable as a DataLoader ``batch_sampler``. Micro-batch ``k`` of step ``s`` is item
+    ``s * accum_steps + k``; ``start_step`` resumes in the middle of an epoch.
+    """
+
+    def __init__(self, num_samples: int, plan: BatchPlan, rank: int, seed: int, epoch: int = 0,
+                 start_step: int = 0):
+        if num_samples < plan.global_batch:
+            raise ValueError(f"{num_samples} samples < one global batch of {plan.global_batch}")
+        self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
+        self.epoch, self.start_step = epoch, start_step
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (steps_per_epoch(self.num_samples, self.plan.global_batch) - self.start_step) * self.plan.accum_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        p = self.plan
+        lo = self.rank * p.per_worker_batch
+        for batch in global_batches(self.num_samples, p.global_batch, self.seed, self.epoch, self.start_step):
+            mine = batch[lo:lo + p.per_worker_batch]
+            for k in range(p.accum_steps):
+                yield mine[k * p.micro_batch:(k + 1) * p.micro_batch].tolist()
+
+
+def shard_range(num_samples: int, rank: int, world_size: int) -> range:
+    """Contiguous, non-overlapping, unpadded shard of ``range(num_samples)`` for exact evaluation."""
+    return range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)

@@ -1,0 +1,128 @@
+"""The process group, gradient synchronisation and the few collectives the engine needs.
+
+This is the only module that imports ``torch.distributed``: the training loop, the models and
+the optimizers call :class:`Communicator` and never touch a collective themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from largebatch.distributed.topology import Topology
+from largebatch.errors import UsageError
+
+
+def select_device(topology: Topology) -> torch.device:
+    """``cuda:<local_rank>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if topology.local_rank >= count:
+            raise UsageError(f"local rank {topology.local_rank} has no GPU: this node has {count}; "
+                             f"start at most {count} workers per node")
+        return torch.device("cuda", topology.local_rank)
+    return torch.device("cpu")
+
+
+def select_backend(requested: str, device: torch.device) -> str:
+    """nccl on CUDA and gloo on CPU, unless ``comm.backend`` names one."""
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise UsageError("comm.backend=nccl needs CUDA GPUs and none is visible; use comm.backend=gloo on CPU")
+    return requested
+
+
+def cpu_threads(topology: Topology, environ=os.environ) -> Optional[int]:
+    """Threads per worker on CPU: cores / local workers, unless OMP_NUM_THREADS is set (then None)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // topology.local_world_size)
+
+
+class Communicator:
+    """Owns the process group (when there is more than one worker) and DDP wrapping."""
+
+    def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: float,
+                 timeout_s: float = 600.0):
+        self.topology = topology
+        self.backend = backend
+        self.device = device
+        self.bucket_mb = bucket_mb
+        self.distributed = topology.world_size > 1
+        if self.distributed and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend=backend, rank=topology.rank, world_size=topology.world_size,
+                                    timeout=timedelta(seconds=timeout_s))
+
+    # -- models --------------------------------------------------------------------------------
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """DDP for several workers (rank 0's weights are broadcast); the bare model for one."""
+        if not self.distributed:
+            return model
+        return DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            bucket_cap_mb=self.bucket_mb,
+            gradient_as_bucket_view=True,
+        )
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model
+
+    @staticmethod
+    def no_sync(model: nn.Module):
+        """Skip the gradient allreduce for this backward (all accumulation micro-steps but the last)."""
+        if isinstance(model, DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    # -- collectives ---------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all workers, in place; returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.topology.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def raise_if_any_failed(self, error: Optional[BaseException]) -> None:
+        """Agree on failure: if any worker hit a :class:`UsageError`, every worker raises it.
+
+        Called after set-up steps that may fail on one worker only (a missing file on one node),
+        so that no worker goes on into a collective the failed one will never join.
+        """
+        messages = self.all_gather_object(None if error is None else str(error))
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if failed:
+            if error is not None and not isinstance(error, UsageError):
+                raise error
+            rank, message = failed[0]
+            prefix = "" if rank == 0 or self.topology.world_size == 1 else f"rank {rank}: "
+            raise UsageError(prefix + message)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()

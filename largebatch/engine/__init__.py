@@ -1,0 +1,6 @@
+"""The training engine: run plan, loop, evaluation and run outputs."""
+
+from largebatch.engine.run_plan import RunPlan, make_run_plan
+from largebatch.engine.trainer import Trainer, evaluate
+
+__all__ = ["Trainer", "evaluate", "RunPlan", "make_run_plan"]

@@ -1,0 +1,68 @@
+"""What a run shows and records: metrics.jsonl lines, and a progress bar or plain epoch lines."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Optional
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, flushed as written. Only rank 0 opens one."""
+
+    def __init__(self, path: Optional[str]):
+        self._fh = None
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._fh = open(path, "w", buffering=1)
+
+    def write(self, event: str, **fields: Any) -> None:
+        if self._fh is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+        self._fh.write(json.dumps({"event": event, **clean}) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class Progress:
+    """Rank 0's view of the run: a tqdm bar per epoch on a terminal, plain lines otherwise."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.bar_enabled = enabled and self.stream.isatty()
+        self._bar = None
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.bar_enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", file=self.stream,
+                             leave=False, dynamic_ncols=True, unit="step")
+
+    def step(self, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,31 @@
+"""The model zoo: ``create_model(name, num_classes, in_channels=3, **options)``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from largebatch.models.small import MLP, SmallCNN
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "cnn": SmallCNN,
+    "mlp": MLP,
+}
+
+
+def available_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **options) -> nn.Module:
+    """Build model ``name`` for ``num_classes`` classes and ``in_channels`` input channels.
+
+    Options: ``norm`` ('batch' or 'none'), ``width``, ``image_size`` (the 'mlp' needs it).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")
+    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **options)
+
+
+__all__ = ["create_model", "available_models", "SmallCNN", "MLP"]

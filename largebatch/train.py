@@ -1,0 +1,56 @@
+"""Train an image classifier with synchronous data-parallel SGD.
+
+Single process (the bundled digits default)::
+
+    python -m largebatch.train
+
+Several workers on one machine (gloo on CPU, nccl on GPUs)::
+
+    torchrun --standalone --nproc-per-node 2 -m largebatch.train
+
+Many nodes (run on every node; 16 nodes x 8 GPUs = 128 workers)::
+
+    torchrun --nnodes 16 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m largebatch.train --config configs/X.yaml train.global_batch=8192
+
+Config: ``--config FILE`` then ``key=value`` overrides (``--help-config`` lists the keys).
+Bad input prints one line and exits with status 2 on every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from largebatch.cli import add_config_arguments, config_from_args
+from largebatch.distributed import SINGLE, discover
+from largebatch.errors import run_cli
+
+_topology = SINGLE
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _topology
+    parser = argparse.ArgumentParser(prog="python -m largebatch.train", description=__doc__.split("\n")[0])
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    _topology = discover()
+    cfg = config_from_args(args)
+    if cfg is None:
+        return 0
+    from largebatch.engine import Trainer
+
+    trainer = Trainer(cfg, _topology)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main, print_errors=lambda: _topology.is_main)
+
+
+if __name__ == "__main__":
+    cli()
