@@ -1,0 +1,91 @@
+"""Helpers that start real worker processes: plain python, torchrun, or N workers by hand."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_module(module: str, *args: str, cwd: str | None = None, env: dict | None = None,
+               timeout: float = TIMEOUT_S) -> Result:
+    """``python -m module args`` in a fresh process."""
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(env), capture_output=True,
+                       text=True, timeout=timeout)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeout: float = TIMEOUT_S) -> Result:
+    """``torchrun --standalone --nproc-per-node N -m module args``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", module, *args]
+    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
+                   timeout: float = TIMEOUT_S) -> list[Result]:
+    """N worker processes started by hand with torchrun's variables, no agent in between,
+    so each worker's own exit status is seen."""
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = _env({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(Result(p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return results
+
+
+def load_weights(run_dir: str) -> dict:
+    return torch.load(os.path.join(run_dir, "checkpoints", "final.pt"), weights_only=True)["model"]
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return str(tmp_path / "run")

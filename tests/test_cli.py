@@ -1,0 +1,71 @@
+"""Bad input: one line naming the problem, exit status 2, no traceback, no hung worker."""
+
+import pytest
+
+from conftest import launch_workers, run_module, torchrun
+
+BAD = [
+    (["optim.base_lr=-1"], "optim.base_lr=-1.0 is not allowed"),
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean 'optim.base_lr'?"),
+    (["optim.name=adam"], "optim.name='adam' is not allowed"),
+    (["data.name=imagenet"], "data.name='imagenet' is not allowed"),
+    (["train.global_batch=0"], "train.global_batch=0 is not allowed"),
+    (["--config", "/nonexistent/c.yaml"], "config file '/nonexistent/c.yaml' does not exist"),
+    (["train.global_batch=5000"], "fewer than one global batch"),
+]
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_single_process_bad_input(args, message, run_dir):
+    r = run_module("largebatch.train", f"run.dir={run_dir}", *args)
+    assert r.returncode == 2
+    line = _one_error_line(r.stderr)
+    assert line.startswith("largebatch: error: ") and message in line
+
+
+def test_two_workers_each_exit_2_and_only_rank0_prints(run_dir):
+    """Workers started by hand (no agent) so each one's own exit status is seen."""
+    results = launch_workers(2, "largebatch.train", f"run.dir={run_dir}", "optim.base_lr=0")
+    assert [r.returncode for r in results] == [2, 2]
+    assert "optim.base_lr=0.0 is not allowed" in _one_error_line(results[0].stderr)
+    assert results[1].stderr.strip() == ""
+
+
+def test_two_workers_error_after_process_group_is_up(run_dir):
+    """A global batch that the world size does not divide is found after rendezvous: both stop."""
+    results = launch_workers(2, "largebatch.train", f"run.dir={run_dir}", "train.global_batch=127")
+    assert [r.returncode for r in results] == [2, 2]
+    line = _one_error_line(results[0].stderr)
+    assert "train.global_batch=127 is not divisible by the world size 2" in line and "126 or 128" in line
+    assert results[1].stderr.strip() == ""
+
+
+def test_torchrun_reports_failure_without_hanging(run_dir):
+    r = torchrun(2, "largebatch.train", f"run.dir={run_dir}", "train.global_batch=127", timeout=120)
+    assert r.returncode != 0
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("largebatch: error:")]
+    assert len(ours) == 1 and "not divisible by the world size 2" in ours[0]
+
+
+def test_plan_cli_prints_plan():
+    r = run_module("largebatch.plan", "--world-size", "4", "train.global_batch=256", "train.max_micro_batch=16",
+                   "schedule.warmup_epochs=1", "train.epochs=10")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for expected in ["workers (world size)   4", "per-worker batch       64", "micro-batch            16",
+                     "accumulation steps     4", "scaled lr (peak)       0.2", "warmup steps           5",
+                     "total steps            50"]:
+        assert expected in out, out
+
+
+def test_plan_cli_bad_world_size():
+    r = run_module("largebatch.plan", "--world-size", "3", "train.global_batch=128")
+    assert r.returncode == 2
+    assert "use a multiple of 3, e.g. 126 or 129" in _one_error_line(r.stderr)

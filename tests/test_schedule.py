@@ -1,0 +1,74 @@
+import math
+
+import pytest
+
+from largebatch.config import load_config
+from largebatch.engine import make_run_plan
+from largebatch.optim.schedule import LRSchedule, build_schedule, scaled_lr
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.1, 8192, 256) == pytest.approx(3.2)
+    assert scaled_lr(0.1, 256, 256) == pytest.approx(0.1)
+
+
+def test_goyal_warmup_then_steps():
+    cfg = load_config(None, ["optim.base_lr=0.1", "optim.base_batch=256", "schedule.warmup_epochs=5",
+                             "schedule.decay=step", "schedule.milestones=[30,60,80]", "train.epochs=90"])
+    s = build_schedule(cfg.optim, cfg.schedule, global_batch=8192, steps_per_epoch=156, epochs=90)
+    assert s.peak_lr == pytest.approx(3.2) and s.warmup_steps == 5 * 156 and s.total_steps == 90 * 156
+    assert s(0) == pytest.approx(0.1)                     # starts at the unscaled base lr
+    assert s(390) == pytest.approx(0.1 + 3.1 * 390 / 780)  # linear in the step
+    assert s(780) == pytest.approx(3.2)
+    assert s(30 * 156 - 1) == pytest.approx(3.2)
+    assert s(30 * 156) == pytest.approx(0.32)
+    assert s(60 * 156) == pytest.approx(0.032)
+    assert s(80 * 156) == pytest.approx(0.0032)
+    lrs = [s(i) for i in range(780)]
+    assert all(b > a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_warmup_depends_on_steps_not_world_size():
+    cfg = load_config(None, ["train.global_batch=256", "schedule.warmup_epochs=2", "train.epochs=4"])
+    a = make_run_plan(cfg, 1, 1438).schedule
+    b = make_run_plan(cfg, 4, 1438).schedule
+    c = make_run_plan(load_config(None, ["train.global_batch=256", "schedule.warmup_epochs=2", "train.epochs=4",
+                                         "train.max_micro_batch=8"]), 4, 1438).schedule
+    assert a == b == c
+    assert a.warmup_steps == 2 * (1438 // 256)
+
+
+def test_batch_below_base_batch_has_no_downward_warmup():
+    cfg = load_config(None, ["optim.base_lr=0.2", "optim.base_batch=256", "schedule.warmup_epochs=2"])
+    s = build_schedule(cfg.optim, cfg.schedule, global_batch=64, steps_per_epoch=10, epochs=5)
+    assert s.peak_lr == pytest.approx(0.05)
+    assert all(s(i) <= s.peak_lr + 1e-12 for i in range(s.total_steps))
+
+
+@pytest.mark.parametrize("decay", ["constant", "poly", "cosine"])
+def test_decays_end_points(decay):
+    s = LRSchedule(peak_lr=2.0, total_steps=110, warmup_steps=10, warmup_start_lr=0.5, decay=decay,
+                   power=2.0, end_lr=0.01)
+    assert s(0) == pytest.approx(0.5)
+    assert s(10) == pytest.approx(2.0)
+    if decay == "constant":
+        assert s(109) == pytest.approx(2.0)
+    else:
+        assert s(110) == pytest.approx(0.01)
+        lrs = [s(i) for i in range(10, 111)]
+        assert all(b <= a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_poly_and_cosine_values():
+    poly = LRSchedule(peak_lr=1.0, total_steps=100, decay="poly", power=2.0)
+    assert poly(50) == pytest.approx(0.25)
+    cos = LRSchedule(peak_lr=1.0, total_steps=100, decay="cosine")
+    assert cos(50) == pytest.approx(0.5)
+    assert cos(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_schedule_rejects_bad_spans():
+    with pytest.raises(ValueError):
+        LRSchedule(peak_lr=1.0, total_steps=0)
+    with pytest.raises(ValueError):
+        LRSchedule(peak_lr=1.0, total_steps=10, warmup_steps=11)
