@@ -46,6 +46,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     expected = origin or hint
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if expected is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):

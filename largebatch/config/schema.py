@@ -16,8 +16,9 @@ from largebatch.errors import UsageError
 DATASETS = ("digits", "synthetic")
 MODELS = ("cnn", "mlp")
 NORMS = ("batch", "none")
-OPTIMIZERS = ("sgd",)
-DECAYS = ("constant", "step", "poly", "cosine")
+OPTIMIZERS = ("sgd", "lars", "larc", "lamb")
+SCALING = ("linear", "sqrt", "none")
+DECAYS = ("constant", "step", "poly", "cosine", "onecycle")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
@@ -78,7 +79,10 @@ class ModelConfig:
     """Normalisation layers: 'batch' (BatchNorm) or 'none'. BatchNorm statistics depend on the
     micro-batch, so only 'none' makes results independent of world size and accumulation."""
     width: int = 32
-    """Channels of the first convolution ('cnn') or hidden units ('mlp'); deeper layers scale from it."""
+    """Channels of the first convolution ('cnn') or hidden units ('mlp'); deeper layers scale from it.
+    The published models (resnet*, alexnet_bn) have fixed widths and ignore it."""
+    zero_init_residual: bool = False
+    """Start the last BatchNorm gamma of every residual block at 0 (Goyal et al. 2017, section 5.1)."""
 
     def __post_init__(self):
         _choice("model.name", self.name, MODELS)
@@ -97,6 +101,8 @@ class TrainConfig:
     """Passes over the training set. Each epoch has floor(train images / global batch) steps."""
     target_accuracy: Optional[float] = None
     """Validation accuracy (0..1) whose first crossing is timed (summary: time_to_target_s)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss, in [0, 1)."""
     eval_batch: int = 1024
     """Images per validation forward pass on one worker (memory only; results do not depend on it)."""
 
@@ -109,40 +115,64 @@ class TrainConfig:
         if self.target_accuracy is not None:
             _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy,
                      "use null or a fraction in (0, 1]")
+        _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
+                 "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """Optimizer: 'sgd' (momentum SGD)."""
+    """Optimizer: 'sgd' (momentum SGD), 'lars', 'larc' (LARS with trust clipping) or 'lamb'."""
     base_lr: float = 0.2
-    """Learning rate for a global batch of base_batch; scaled linearly to the real global batch."""
+    """Learning rate for a global batch of base_batch; scaled to the real global batch by `scaling`."""
     base_batch: int = 256
     """The global batch that base_lr is quoted for (Goyal et al.: 0.1 per 256)."""
+    scaling: str = "linear"
+    """How the lr follows the global batch: 'linear' (Goyal et al.), 'sqrt' (often better for LAMB)
+    or 'none' (base_lr is the peak lr whatever the batch)."""
     momentum: float = 0.9
-    """Momentum coefficient, in [0, 1)."""
+    """Momentum coefficient, in [0, 1) (sgd, lars, larc)."""
     nesterov: bool = False
-    """Nesterov momentum (needs momentum > 0)."""
+    """Nesterov momentum (needs momentum > 0; sgd, lars, larc)."""
     weight_decay: float = 5e-4
-    """L2 penalty coefficient added to the gradient."""
+    """L2 penalty coefficient (decoupled into the update for lamb)."""
+    exclude_bn_and_bias: bool = True
+    """Put biases and normalisation weights in a group with weight_decay 0 and no trust ratio."""
+    trust_coefficient: float = 0.001
+    """LARS/LARC: the trust coefficient (eta in You et al. 2017)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """LAMB: the Adam moment coefficients [beta1, beta2]."""
+    eps: Optional[float] = None
+    """Added to denominators; null = the optimizer's default (LARS 1e-8, LAMB 1e-6)."""
 
     def __post_init__(self):
         _choice("optim.name", self.name, OPTIMIZERS)
         _require(self.base_lr > 0, "optim.base_lr", self.base_lr, "use a learning rate > 0")
         _require(self.base_batch >= 1, "optim.base_batch", self.base_batch, "use an integer >= 1")
+        _choice("optim.scaling", self.scaling, SCALING)
         _require(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "use a value in [0, 1)")
         _require(not (self.nesterov and self.momentum == 0), "optim.nesterov", self.nesterov,
                  "Nesterov needs optim.momentum > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "use a value >= 0")
+        _require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "use a value > 0")
+        _require(isinstance(self.betas, list) and len(self.betas) == 2
+                 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                 "optim.betas", self.betas, "use two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.eps is not None:
+            _require(self.eps >= 0, "optim.eps", self.eps, "use null or a value >= 0")
 
 
 @dataclass
 class ScheduleConfig:
     warmup_epochs: float = 2.0
-    """Epochs of linear warmup from base_lr to the scaled peak (Goyal et al.: 5); 0 = none."""
+    """Epochs of linear warmup from warmup_start_lr to the scaled peak (Goyal et al.: 5); 0 = none."""
+    warmup_start_lr: Optional[float] = None
+    """Learning rate at the first warmup step; null = base_lr (Goyal et al.), or the peak when the
+    peak is lower (a global batch below base_batch)."""
     decay: str = "cosine"
-    """Decay after warmup: 'constant', 'step', 'poly' or 'cosine'."""
+    """Decay after warmup: 'constant', 'step', 'poly', 'cosine' or 'onecycle' (linear down to end_lr,
+    the fast.ai/Myrtle one-cycle shape with the warmup as its rising half)."""
     milestones: list = field(default_factory=lambda: [30, 60, 80])
     """'step' only: epochs (from the start of training) at which the lr is multiplied by gamma."""
     gamma: float = 0.1
@@ -150,10 +180,13 @@ class ScheduleConfig:
     power: float = 2.0
     """'poly' only: exponent of (1 - progress)."""
     end_lr: float = 0.0
-    """'poly' and 'cosine': learning rate reached at the last step."""
+    """'poly', 'cosine' and 'onecycle': learning rate reached at the last step."""
 
     def __post_init__(self):
         _require(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "use a value >= 0")
+        if self.warmup_start_lr is not None:
+            _require(self.warmup_start_lr >= 0, "schedule.warmup_start_lr", self.warmup_start_lr,
+                     "use null (base_lr) or a value >= 0")
         _choice("schedule.decay", self.decay, DECAYS)
         _require(isinstance(self.milestones, list) and all(isinstance(m, (int, float)) and m > 0
                                                            for m in self.milestones),

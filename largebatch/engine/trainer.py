@@ -83,7 +83,8 @@ class Trainer:
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
         torch.manual_seed(cfg.run.seed)
         model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
-                             norm=cfg.model.norm, width=cfg.model.width, image_size=self.info.image_size)
+                             norm=cfg.model.norm, width=cfg.model.width, image_size=self.info.image_size,
+                             zero_init_residual=cfg.model.zero_init_residual)
         self.model = self.comm.wrap_model(model.to(self.device))
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         pin = self.device.type == "cuda"
@@ -176,7 +177,8 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = k == accum_steps - 1
             with contextlib.nullcontext() if last else self.comm.no_sync(self.model):
-                loss = F.cross_entropy(self.model(x), y, reduction="sum") / per_worker_batch
+                loss = F.cross_entropy(self.model(x), y, reduction="sum",
+                                       label_smoothing=self.cfg.train.label_smoothing) / per_worker_batch
                 loss.backward()
             total += loss.detach().double()
         self.optimizer.step()

@@ -6,11 +6,17 @@ from typing import Callable
 
 from torch import nn
 
+from largebatch.models.alexnet import AlexNetBN, alexnet_bn
+from largebatch.models.resnet import ResNet, ResNet9, resnet9, resnet18, resnet50
 from largebatch.models.small import MLP, SmallCNN
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "mlp": MLP,
+    "resnet9": resnet9,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "alexnet_bn": alexnet_bn,
 }
 
 
@@ -28,4 +34,4 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **options) -
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, **options)
 
 
-__all__ = ["create_model", "available_models", "SmallCNN", "MLP"]
+__all__ = ["create_model", "available_models", "SmallCNN", "MLP", "ResNet", "ResNet9", "AlexNetBN"]

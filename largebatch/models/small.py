@@ -1,4 +1,7 @@
-"""Small models for the bundled default and for tests: a CNN for any image size >= 8, and an MLP."""
+"""Small models for the bundled default and for tests: a CNN for any image size >= 8, and an MLP.
+
+Neither has residual blocks, so both accept and ignore ``zero_init_residual``.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, norm: str = "batch",
-                 image_size: int | None = None):
+                 image_size: int | None = None, zero_init_residual: bool = False):
         super().__init__()
         if image_size is not None and image_size < 8:
             raise ValueError(f"SmallCNN needs images of at least 8x8, got {image_size}")
@@ -40,7 +43,7 @@ class MLP(nn.Module):
     """Flatten, two hidden layers of ``width`` units (BatchNorm optional), linear classifier."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 256, norm: str = "batch",
-                 image_size: int = 8):
+                 image_size: int = 8, zero_init_residual: bool = False):
         super().__init__()
         d = in_channels * image_size * image_size
 

@@ -14,9 +14,20 @@ import math
 from dataclasses import dataclass, field
 
 
-def scaled_lr(base_lr: float, global_batch: int, base_batch: int) -> float:
-    """Linear scaling rule: ``base_lr`` is quoted for ``base_batch`` images per step."""
-    return base_lr * global_batch / base_batch
+def scaled_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "linear") -> float:
+    """``base_lr`` is quoted for ``base_batch`` images per step; scale it to ``global_batch``.
+
+    'linear': Goyal et al.'s linear scaling rule; 'sqrt': square-root scaling (Krizhevsky 2014;
+    often better for LAMB); 'none': no scaling.
+    """
+    k = global_batch / base_batch
+    if rule == "linear":
+        return base_lr * k
+    if rule == "sqrt":
+        return base_lr * math.sqrt(k)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown scaling rule {rule!r}")
 
 
 @dataclass(frozen=True)
@@ -30,7 +41,7 @@ class LRSchedule:
     warmup_start_lr: float = 0.0
     """Learning rate at step 0 of warmup (Goyal et al.: the unscaled base_lr)."""
     decay: str = "constant"
-    """'constant', 'step', 'poly' or 'cosine'."""
+    """'constant', 'step', 'poly', 'cosine' or 'onecycle' (linear to end_lr)."""
     milestones: tuple = field(default_factory=tuple)
     """'step': optimizer steps (from step 0) at which the rate is multiplied by ``gamma``."""
     gamma: float = 0.1
@@ -42,7 +53,7 @@ class LRSchedule:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
         if not 0 <= self.warmup_steps <= self.total_steps:
             raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
-        if self.decay not in ("constant", "step", "poly", "cosine"):
+        if self.decay not in ("constant", "step", "poly", "cosine", "onecycle"):
             raise ValueError(f"unknown decay {self.decay!r}")
 
     def __call__(self, step: int) -> float:
@@ -57,18 +68,20 @@ class LRSchedule:
         progress = min(1.0, (step - self.warmup_steps) / span) if span > 0 else 1.0
         if self.decay == "poly":
             return self.end_lr + (self.peak_lr - self.end_lr) * (1.0 - progress) ** self.power
+        if self.decay == "onecycle":
+            return self.end_lr + (self.peak_lr - self.end_lr) * (1.0 - progress)
         return self.end_lr + (self.peak_lr - self.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_schedule(optim_cfg, sched_cfg, global_batch: int, steps_per_epoch: int, epochs: int) -> LRSchedule:
     """The run's schedule from the config: epochs are turned into optimizer steps here, once."""
-    peak = scaled_lr(optim_cfg.base_lr, global_batch, optim_cfg.base_batch)
+    peak = scaled_lr(optim_cfg.base_lr, global_batch, optim_cfg.base_batch, optim_cfg.scaling)
     total = steps_per_epoch * epochs
     warmup = min(total, round(sched_cfg.warmup_epochs * steps_per_epoch))
     milestones = tuple(sorted(round(m * steps_per_epoch) for m in sched_cfg.milestones))
     # Goyal et al. warm up from the unscaled base_lr; a global batch below base_batch has nothing to
     # warm up to, so the ramp then starts (and stays) at the peak.
-    start = min(optim_cfg.base_lr, peak)
+    start = min(optim_cfg.base_lr, peak) if sched_cfg.warmup_start_lr is None else sched_cfg.warmup_start_lr
     return LRSchedule(peak_lr=peak, total_steps=total, warmup_steps=warmup, warmup_start_lr=start,
                       decay=sched_cfg.decay, milestones=milestones, gamma=sched_cfg.gamma,
                       power=sched_cfg.power, end_lr=sched_cfg.end_lr)
