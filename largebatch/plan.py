@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from largebatch.data import build_datasets
     from largebatch.engine import make_run_plan
 
-    _, _, info = build_datasets(cfg.data)
-    for line in make_run_plan(cfg, args.world_size, info.num_train).lines():
+    if cfg.data.train_samples is not None:
+        num_train = cfg.data.train_samples  # the data need not be on this machine
+    else:
+        num_train = build_datasets(cfg.data)[2].num_train
+    for line in make_run_plan(cfg, args.world_size, num_train).lines():
         print(line)
     return 0
 

@@ -13,8 +13,8 @@ from typing import Optional
 
 from largebatch.errors import UsageError
 
-DATASETS = ("digits", "synthetic")
-MODELS = ("cnn", "mlp")
+DATASETS = ("digits", "synthetic", "imagefolder", "cifar10", "cifar100")
+MODELS = ("cnn", "mlp", "resnet9", "resnet18", "resnet50", "alexnet_bn")
 NORMS = ("batch", "none")
 OPTIMIZERS = ("sgd", "lars", "larc", "lamb")
 SCALING = ("linear", "sqrt", "none")
@@ -46,9 +46,14 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"
-    """Dataset: 'digits' (the bundled 1,797 8x8 handwritten digits) or 'synthetic'."""
+    """Dataset: 'digits' (the bundled 1,797 8x8 handwritten digits), 'synthetic', 'imagefolder'
+    (root/train/<class>/<image> and root/val/<class>/<image>), 'cifar10' or 'cifar100' (the
+    python-pickle batches)."""
     root: Optional[str] = None
-    """Folder the dataset is read from; not used by 'digits' or 'synthetic'."""
+    """Folder the dataset is read from ('imagefolder', 'cifar10', 'cifar100')."""
+    train_samples: Optional[int] = None
+    """Training images, for `python -m largebatch.plan` on a machine without the data
+    (ImageNet-1k: 1281167). Training always counts the real dataset."""
     image_size: Optional[int] = None
     """Side of the square images fed to the model, in pixels; null = the dataset's own size."""
     num_samples: int = 10000
@@ -60,11 +65,15 @@ class DataConfig:
     The split is fixed (it does not depend on run.seed)."""
     num_workers: int = 0
     """DataLoader worker processes per training worker; 0 loads in the training process."""
+    cache: bool = False
+    """'imagefolder': decode every image once at start and keep them in memory (small datasets)."""
 
     def __post_init__(self):
         _choice("data.name", self.name, DATASETS)
         if self.image_size is not None:
             _require(self.image_size >= 8, "data.image_size", self.image_size, "use null or a size >= 8 pixels")
+        if self.train_samples is not None:
+            _require(self.train_samples >= 1, "data.train_samples", self.train_samples, "use null or an integer >= 1")
         _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "use an integer >= 1")
         _require(self.num_classes >= 2, "data.num_classes", self.num_classes, "use an integer >= 2")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "use a value in (0, 1)")
@@ -74,7 +83,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "cnn"
-    """Model from the zoo: 'cnn' (small convolutional net, any image size >= 8) or 'mlp'."""
+    """Model from the zoo: 'cnn' (small convolutional net, any image size >= 8), 'mlp', 'resnet9'
+    (CIFAR-10, Myrtle.ai), 'resnet18', 'resnet50' (ImageNet, He et al.) or 'alexnet_bn'."""
     norm: str = "batch"
     """Normalisation layers: 'batch' (BatchNorm) or 'none'. BatchNorm statistics depend on the
     micro-batch, so only 'none' makes results independent of world size and accumulation."""

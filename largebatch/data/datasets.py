@@ -1,4 +1,4 @@
-"""Datasets: the bundled handwritten digits and deterministic synthetic images.
+"""Datasets behind ``data.name``: the bundled digits, synthetic images, image folders and CIFAR.
 
 Every dataset here is a map-style ``torch.utils.data.Dataset`` of ``(image, label)`` with
 float images of shape (channels, size, size), normalised, plus ``__getitems__`` so a DataLoader
@@ -7,6 +7,7 @@ fetches a whole micro-batch at once.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ class DatasetInfo:
     num_classes: int
     channels: int
     image_size: int
+    classes: tuple = ()
+    """Class names in label order, where the dataset has them."""
 
 
 class TensorImages(Dataset):
@@ -98,21 +101,59 @@ class SyntheticImages(Dataset):
         return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
 
 
+def _normalise_uint8(train_x: torch.Tensor, val_x: torch.Tensor, image_size: int | None):
+    """uint8 (N, C, H, W) -> float, normalised per channel with training-set statistics, resized."""
+    tr = train_x.float().div_(255.0)
+    mean = tr.mean(dim=(0, 2, 3), keepdim=True)
+    std = tr.std(dim=(0, 2, 3), keepdim=True)
+    va = val_x.float().div_(255.0)
+    return _resize((tr - mean) / std, image_size), _resize((va - mean) / std, image_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _decoded_imagefolder(root: str, image_size: int | None):
+    """An image folder decoded once into memory (kept for later runs in the same process)."""
+    from largebatch.data.imagefolder import load_imagefolder
+
+    train, val, names = load_imagefolder(root, image_size)
+
+    def decode(ds):
+        parts = [ds.__getitems__(list(range(i, min(i + 1024, len(ds))))) for i in range(0, len(ds), 1024)]
+        return TensorImages(torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts]))
+
+    return decode(train), decode(val), names
+
+
 def build_datasets(cfg):
-    """(train, val, info) for ``cfg`` (a DataConfig)."""
+    """(train, val, info) for ``cfg`` (a DataConfig). Bad paths and layouts raise UsageError."""
+    classes: tuple = ()
     if cfg.name == "digits":
         train, val = load_digits(cfg.image_size, cfg.val_fraction)
-        classes = 10
+        num_classes = 10
     elif cfg.name == "synthetic":
         size = cfg.image_size or 32
         num_val = max(1, int(round(cfg.num_samples * cfg.val_fraction)))
         # Validation images come from indices after the training ones: same classes, new noise.
         train = SyntheticImages(cfg.num_samples, cfg.num_classes, size, seed=_SYNTHETIC_SEED)
         val = SyntheticImages(num_val, cfg.num_classes, size, seed=_SYNTHETIC_SEED, offset=cfg.num_samples)
-        classes = cfg.num_classes
+        num_classes = cfg.num_classes
+    elif cfg.name == "imagefolder":
+        if cfg.cache:
+            train, val, names = _decoded_imagefolder(os.path.abspath(cfg.root or ""), cfg.image_size)
+        else:
+            from largebatch.data.imagefolder import load_imagefolder
+
+            train, val, names = load_imagefolder(cfg.root, cfg.image_size)
+        classes, num_classes = tuple(names), len(names)
+    elif cfg.name in ("cifar10", "cifar100"):
+        from largebatch.data.cifar import load_cifar
+
+        xtr, ytr, xva, yva, num_classes = load_cifar(cfg.name, cfg.root)
+        xtr, xva = _normalise_uint8(xtr, xva, cfg.image_size)
+        train, val = TensorImages(xtr, ytr), TensorImages(xva, yva)
     else:  # guarded by DataConfig
         raise AssertionError(cfg.name)
     x, _ = train[0]
-    info = DatasetInfo(num_train=len(train), num_val=len(val), num_classes=classes,
-                       channels=x.shape[0], image_size=x.shape[-1])
+    info = DatasetInfo(num_train=len(train), num_val=len(val), num_classes=num_classes,
+                       channels=x.shape[0], image_size=x.shape[-1], classes=classes)
     return train, val, info

@@ -9,6 +9,7 @@ the mean gradient over the whole global batch, whatever the world size and accum
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from largebatch.distributed import Communicator, Topology, cpu_threads, select_b
 from largebatch.engine.metrics import MetricsLog, Progress
 from largebatch.engine.run_plan import RunPlan, make_run_plan
 from largebatch.errors import UsageError
-from largebatch.fileio import save_torch_atomic
+from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.models import create_model
 from largebatch.optim import build_optimizer
 
@@ -82,9 +83,14 @@ class Trainer:
         self.train_set, self.val_set, self.info = build_datasets(cfg.data)
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
         torch.manual_seed(cfg.run.seed)
-        model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
-                             norm=cfg.model.norm, width=cfg.model.width, image_size=self.info.image_size,
-                             zero_init_residual=cfg.model.zero_init_residual)
+        try:
+            model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
+                                 norm=cfg.model.norm, width=cfg.model.width, image_size=self.info.image_size,
+                                 zero_init_residual=cfg.model.zero_init_residual)
+        except ValueError as exc:
+            raise UsageError(f"model.name={cfg.model.name} does not fit {cfg.data.name} images of "
+                             f"{self.info.image_size}x{self.info.image_size}: {exc}; set data.image_size "
+                             "or choose another model") from None
         self.model = self.comm.wrap_model(model.to(self.device))
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         pin = self.device.type == "cuda"
@@ -102,6 +108,8 @@ class Trainer:
         if main:
             os.makedirs(run_dir, exist_ok=True)
             write_yaml_atomic(to_dict(cfg), os.path.join(run_dir, "config.yaml"))
+            if self.info.classes:
+                write_bytes_atomic(json.dumps(list(self.info.classes)).encode(), os.path.join(run_dir, "classes.json"))
             progress.print(f"largebatch {__version__}: {cfg.model.name} on {cfg.data.name}, "
                            f"{topo.world_size} worker(s) on {self.device.type} over "
                            f"{self.comm.backend if self.comm.distributed else 'no backend'} ({topo.launcher})")

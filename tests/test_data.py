@@ -1,0 +1,135 @@
+"""Datasets read from trees and CIFAR batches that the tests write themselves."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import torchrun
+from largebatch.config import load_config
+from largebatch.data import build_datasets
+from largebatch.errors import UsageError
+
+
+def make_tree(root, classes=("cat", "dog", "eel"), per_class=(12, 4), size=16, mode="RGB", seed=0):
+    """root/{train,val}/<class>/<i>.png; class c is brighter in channel c % 3, so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+                arr[..., c % 3] += 150
+                img = Image.fromarray(arr, "RGB")
+                img = img.convert(mode) if mode != "RGB" else img
+                img.save(os.path.join(root, split, name, f"{i:04d}.png"))
+    return str(root)
+
+
+def test_imagefolder_layout_and_classes(tmp_path):
+    root = make_tree(tmp_path / "tree")
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={root}", "data.image_size=8"])
+    train, val, info = build_datasets(cfg.data)
+    assert (info.num_train, info.num_val, info.num_classes, info.channels, info.image_size) == (36, 12, 3, 3, 8)
+    assert info.classes == ("cat", "dog", "eel")
+    x, y = train.__getitems__([0, 12, 24])
+    assert x.shape == (3, 3, 8, 8) and y.tolist() == [0, 1, 2]
+    assert torch.allclose(train[12][0], x[1])
+
+
+def test_grayscale_tree_has_one_channel_and_native_size(tmp_path):
+    root = make_tree(tmp_path / "gray", mode="L", size=12)
+    _, _, info = build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={root}"]).data)
+    assert info.channels == 1 and info.image_size == 12
+
+
+def test_mixed_modes_become_rgb(tmp_path):
+    root = make_tree(tmp_path / "mixed")
+    Image.new("L", (16, 16), 40).save(os.path.join(root, "train", "cat", "0000.png"))
+    train, _, info = build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={root}"]).data)
+    assert info.channels == 3 and train[0][0].shape == (3, 16, 16)
+
+
+def test_cache_gives_the_same_images(tmp_path):
+    root = make_tree(tmp_path / "c")
+    plain, _, _ = build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={root}"]).data)
+    cached, _, _ = build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={root}",
+                                                     "data.cache=true"]).data)
+    idx = list(range(len(plain)))
+    assert torch.equal(plain.__getitems__(idx)[0], cached.__getitems__(idx)[0])
+
+
+@pytest.mark.parametrize("breakage,match", [
+    ("no_root", "does not exist"),
+    ("no_val", "no 'val' folder"),
+    ("empty_class", "holds no images"),
+    ("mismatch", "different classes"),
+    ("no_classes", "holds no class folders"),
+])
+def test_imagefolder_errors(tmp_path, breakage, match):
+    root = make_tree(tmp_path / "t")
+    if breakage == "no_root":
+        root = str(tmp_path / "missing")
+    elif breakage == "no_val":
+        import shutil
+        shutil.rmtree(os.path.join(root, "val"))
+    elif breakage == "empty_class":
+        os.makedirs(os.path.join(root, "train", "fox"))
+        os.makedirs(os.path.join(root, "val", "fox"))
+    elif breakage == "mismatch":
+        os.rename(os.path.join(root, "val", "eel"), os.path.join(root, "val", "emu"))
+    elif breakage == "no_classes":
+        import shutil
+        shutil.rmtree(os.path.join(root, "train"))
+        os.makedirs(os.path.join(root, "train"))
+    with pytest.raises(UsageError, match=match):
+        build_datasets(load_config(None, ["data.name=imagefolder", f"data.root={root}"]).data)
+
+
+def make_cifar(root, name="cifar10", n_per_batch=20, seed=0):
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        folder, files, key, classes = "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10
+    else:
+        folder, files, key, classes = "cifar-100-python", ["train", "test"], b"fine_labels", 100
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for f in files:
+        batch = {b"data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, size=n_per_batch).tolist()}
+        with open(os.path.join(root, folder, f), "wb") as fh:
+            pickle.dump(batch, fh)
+    return str(root)
+
+
+@pytest.mark.parametrize("name,train,val,classes", [("cifar10", 100, 20, 10), ("cifar100", 20, 20, 100)])
+def test_cifar_batches(tmp_path, name, train, val, classes):
+    root = make_cifar(tmp_path, name)
+    for r in (root, os.path.join(root, os.listdir(root)[0])):  # the parent or the batch folder itself
+        _, _, info = build_datasets(load_config(None, [f"data.name={name}", f"data.root={r}"]).data)
+        assert (info.num_train, info.num_val, info.num_classes, info.channels, info.image_size) == \
+            (train, val, classes, 3, 32)
+
+
+def test_cifar_errors(tmp_path):
+    with pytest.raises(UsageError, match="holds no cifar10 batches"):
+        build_datasets(load_config(None, ["data.name=cifar10", f"data.root={tmp_path}"]).data)
+    root = make_cifar(tmp_path / "x")
+    with open(os.path.join(root, "cifar-10-batches-py", "data_batch_3"), "wb") as fh:
+        fh.write(b"not a pickle")
+    with pytest.raises(UsageError, match="data_batch_3"):
+        build_datasets(load_config(None, ["data.name=cifar10", f"data.root={root}"]).data)
+
+
+def test_imagefolder_trains_on_two_workers(tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=(24, 6))
+    run_dir = tmp_path / "run"
+    r = torchrun(2, "largebatch.train", "data.name=imagefolder", f"data.root={root}", "data.num_workers=1",
+                 "train.global_batch=16", "train.epochs=6", "optim.base_lr=0.4", f"run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = [json.loads(x) for x in open(run_dir / "metrics.jsonl")][-1]
+    assert summary["best_val_acc"] > 0.6  # 3 classes: chance is 1/3
+    assert json.load(open(run_dir / "classes.json")) == ["cat", "dog", "eel"]
