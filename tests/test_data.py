@@ -128,6 +128,7 @@ def test_imagefolder_trains_on_two_workers(tmp_path):
     root = make_tree(tmp_path / "tree", per_class=(24, 6))
     run_dir = tmp_path / "run"
     r = torchrun(2, "largebatch.train", "data.name=imagefolder", f"data.root={root}", "data.num_workers=1",
+                 "train.precise_bn_images=32",
                  "train.global_batch=16", "train.epochs=6", "optim.base_lr=0.4", f"run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = [json.loads(x) for x in open(run_dir / "metrics.jsonl")][-1]

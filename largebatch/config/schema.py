@@ -111,6 +111,10 @@ class TrainConfig:
     """Passes over the training set. Each epoch has floor(train images / global batch) steps."""
     target_accuracy: Optional[float] = None
     """Validation accuracy (0..1) whose first crossing is timed (summary: time_to_target_s)."""
+    precise_bn_images: int = 0
+    """Before each validation, recompute BatchNorm statistics with the current weights over this
+    many training images (split over the workers); 0 = keep the running averages. Large global
+    batches have few steps per epoch, and BatchNorm's running averages then lag the weights."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     eval_batch: int = 1024
@@ -125,6 +129,8 @@ class TrainConfig:
         if self.target_accuracy is not None:
             _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy,
                      "use null or a fraction in (0, 1]")
+        _require(self.precise_bn_images >= 0, "train.precise_bn_images", self.precise_bn_images,
+                 "use 0 (off) or a number of images")
         _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                  "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")

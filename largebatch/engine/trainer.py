@@ -9,6 +9,7 @@ the mean gradient over the whole global batch, whatever the world size and accum
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -23,6 +24,7 @@ from largebatch.config import Config, to_dict, write_yaml_atomic
 from largebatch.data import build_datasets, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.engine.metrics import MetricsLog, Progress
+from largebatch.engine.precise_bn import recompute_batchnorm
 from largebatch.engine.run_plan import RunPlan, make_run_plan
 from largebatch.errors import UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
@@ -144,6 +146,8 @@ class Trainer:
             train_time += epoch_time
             progress.end_epoch()
             train_loss = self.comm.all_reduce_sum(loss_sum).item() / (plan.steps_per_epoch * topo.world_size)
+            if cfg.train.precise_bn_images:
+                self._precise_bn(epoch)
             result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device)
             elapsed = time.perf_counter() - start
             best_acc = max(best_acc, result.accuracy)
@@ -174,6 +178,15 @@ class Trainer:
                            f"outputs in {run_dir}")
         self.comm.barrier()
         return summary
+
+    def _precise_bn(self, epoch: int) -> None:
+        """Recompute BatchNorm statistics from this epoch's first training micro-batches."""
+        bp = self.plan.batch
+        per_worker = -(-self.cfg.train.precise_bn_images // bp.world_size)
+        count = min(-(-per_worker // bp.micro_batch), len(self.sampler))
+        self.sampler.set_epoch(epoch)
+        batches = itertools.islice(iter(self.loader), count)
+        recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
 
     def _train_step(self, batches, accum_steps: int, per_worker_batch: int) -> torch.Tensor:
         """One optimizer step over ``accum_steps`` micro-batches; returns this worker's summed loss
