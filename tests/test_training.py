@@ -81,7 +81,7 @@ def test_default_outputs(default_run):
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     epochs = [x for x in lines if x["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == list(range(1, cfg["train"]["epochs"] + 1))
-    assert set(epochs[0]) == {"event", "epoch", "step", "train_loss", "val_loss", "val_acc", "lr",
+    assert set(epochs[0]) == {"event", "epoch", "step", "train_loss", "val_loss", "val_acc", "val_acc_top5", "lr",
                               "samples_per_sec", "elapsed_s"}
     assert epochs[-1]["step"] == cfg["train"]["epochs"] * (1438 // 128)
     summary = lines[-1]

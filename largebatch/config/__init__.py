@@ -5,6 +5,7 @@ from largebatch.config.schema import (
     CommConfig,
     Config,
     DataConfig,
+    LogConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
@@ -14,5 +15,5 @@ from largebatch.config.schema import (
 
 __all__ = [
     "Config", "RunConfig", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "ScheduleConfig",
-    "CommConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
+    "CommConfig", "LogConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
 ]

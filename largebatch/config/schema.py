@@ -37,10 +37,16 @@ class RunConfig:
     """Output folder for config.yaml, metrics.jsonl and checkpoints/ (created if missing)."""
     seed: int = 0
     """Seed for model initialisation and the data order; the same seed gives the same run."""
+    cost_per_node_hour: Optional[float] = None
+    """Price of one node for one hour (any currency); the summary then gives the run's cost as
+    price x nodes x wall hours, with the node count taken from the launcher."""
 
     def __post_init__(self):
         _require(bool(self.dir), "run.dir", self.dir, "give a folder path")
         _require(self.seed >= 0, "run.seed", self.seed, "use an integer >= 0")
+        if self.cost_per_node_hour is not None:
+            _require(self.cost_per_node_hour >= 0, "run.cost_per_node_hour", self.cost_per_node_hour,
+                     "use null or a price >= 0")
 
 
 @dataclass
@@ -110,7 +116,15 @@ class TrainConfig:
     epochs: int = 30
     """Passes over the training set. Each epoch has floor(train images / global batch) steps."""
     target_accuracy: Optional[float] = None
-    """Validation accuracy (0..1) whose first crossing is timed (summary: time_to_target_s)."""
+    """Validation accuracy (0..1) whose first crossing is timed (summary: time_to_target_s and
+    epoch_to_target), e.g. 0.94 for CIFAR-10 top-1 or 0.93 for ImageNet top-5 (DAWNBench)."""
+    target_metric: str = "top1"
+    """Which accuracy target_accuracy refers to: 'top1' or 'top5' (top-5 needs more than 5 classes)."""
+    stop_at_target: bool = False
+    """End the run after the first validation that reaches target_accuracy."""
+    log_every_steps: int = 0
+    """Add a {"event": "step"} line to metrics.jsonl every this many optimizer steps (loss, lr,
+    images/s, share of time spent waiting for data); 0 = epoch lines only."""
     precise_bn_images: int = 0
     """Before each validation, recompute BatchNorm statistics with the current weights over this
     many training images (split over the workers); 0 = keep the running averages. Large global
@@ -129,6 +143,11 @@ class TrainConfig:
         if self.target_accuracy is not None:
             _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy,
                      "use null or a fraction in (0, 1]")
+        _choice("train.target_metric", self.target_metric, ("top1", "top5"))
+        _require(not (self.stop_at_target and self.target_accuracy is None), "train.stop_at_target",
+                 self.stop_at_target, "set train.target_accuracy too")
+        _require(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps,
+                 "use 0 (off) or a number of steps")
         _require(self.precise_bn_images >= 0, "train.precise_bn_images", self.precise_bn_images,
                  "use 0 (off) or a number of images")
         _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
@@ -226,6 +245,13 @@ class CommConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False
+    """Also write the metrics.jsonl scalars as TensorBoard events to run.dir/tensorboard
+    (needs the 'tensorboard' extra: pip install 'largebatch[tensorboard]')."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -234,3 +260,4 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    log: LogConfig = field(default_factory=LogConfig)

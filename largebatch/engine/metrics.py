@@ -8,15 +8,31 @@ import os
 import sys
 from typing import Any, Optional
 
+from largebatch.errors import UsageError
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, or a UsageError naming the extra to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("log.tensorboard=true needs the tensorboard package; "
+                         "pip install 'largebatch[tensorboard]' or set log.tensorboard=false") from None
+    return SummaryWriter
+
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, flushed as written. Only rank 0 opens one."""
+    """``metrics.jsonl``: one JSON object per line, flushed as written; optionally the same scalars
+    as TensorBoard events (tag ``<event>/<field>``, x-axis the optimizer step). Only rank 0 writes:
+    other ranks pass ``path=None``."""
 
-    def __init__(self, path: Optional[str]):
-        self._fh = None
+    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
+        self._fh = self._tb = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._fh = open(path, "w", buffering=1)
+            if tensorboard_dir is not None:
+                self._tb = tensorboard_writer_class()(log_dir=tensorboard_dir)
 
     def write(self, event: str, **fields: Any) -> None:
         if self._fh is None:
@@ -25,11 +41,20 @@ class MetricsLog:
         self._fh.write(json.dumps({"event": event, **clean}) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        if self._tb is not None:
+            step = clean.get("step", 0)
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self._tb.add_scalar(f"{event}/{key}", value, global_step=step)
+            self._tb.flush()
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 class Progress:

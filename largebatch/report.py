@@ -1,0 +1,209 @@
+"""Plots and a summary table for one or more runs.
+
+    python -m largebatch.report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Reads each run's ``metrics.jsonl`` and ``config.yaml`` and writes to ``--out`` (default
+``report/``):
+
+- ``accuracy.png``   validation accuracy against epochs and against wall time
+- ``loss.png``       training loss against epochs and against wall time
+- ``lr.png``         the learning-rate schedule, step by step (rebuilt from the config)
+- ``throughput.png`` training images per second, epoch by epoch
+- ``summary.md``     final and best accuracy, time to target, images/s, cost, world size, global batch
+
+Each run is labelled by the settings that differ between the runs given (e.g. optimizer and
+global batch). Needs matplotlib: ``pip install 'largebatch[report]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from largebatch.errors import UsageError, run_cli
+
+
+@dataclass
+class Run:
+    path: str
+    config: dict
+    epochs: list[dict]
+    steps: list[dict] = field(default_factory=list)
+    summary: dict | None = None
+    label: str = ""
+
+
+def load_run(path: str) -> Run:
+    metrics, config = os.path.join(path, "metrics.jsonl"), os.path.join(path, "config.yaml")
+    for f in (metrics, config):
+        if not os.path.isfile(f):
+            raise UsageError(f"'{path}' is not a run folder: {os.path.basename(f)} is missing")
+    lines = []
+    with open(metrics) as fh:
+        for n, text in enumerate(fh, 1):
+            if text.strip():
+                try:
+                    lines.append(json.loads(text))
+                except json.JSONDecodeError:
+                    raise UsageError(f"{metrics} line {n} is not JSON; the file is damaged") from None
+    with open(config) as fh:
+        cfg = yaml.safe_load(fh) or {}
+    summaries = [x for x in lines if x.get("event") == "summary"]
+    return Run(path=path, config=cfg, epochs=[x for x in lines if x.get("event") == "epoch"],
+               steps=[x for x in lines if x.get("event") == "step"], summary=summaries[-1] if summaries else None)
+
+
+def _flatten(cfg: dict) -> dict:
+    return {f"{s}.{k}": v for s, body in cfg.items() if isinstance(body, dict) for k, v in body.items()}
+
+
+def _short(key: str) -> str:
+    """'optim.base_lr' -> 'base_lr'; the ambiguous '<section>.name' -> '<section>' ('optim')."""
+    section, name = key.split(".", 1)
+    return section if name == "name" else name
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Label each run by the config keys whose values differ between the runs (run.dir excluded)."""
+    flat = [_flatten(r.config) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    differing = [k for k in keys if k != "run.dir" and len({repr(f.get(k)) for f in flat}) > 1]
+    for r, f in zip(runs, flat):
+        parts = [f"{_short(k)}={f.get(k)}" for k in differing]
+        r.label = " ".join(parts) if parts else os.path.basename(os.path.normpath(r.path))
+    seen: dict[str, int] = {}
+    for r in runs:  # identical configs: tell them apart by folder
+        seen[r.label] = seen.get(r.label, 0) + 1
+    for r in runs:
+        if seen[r.label] > 1:
+            r.label += f" ({os.path.basename(os.path.normpath(r.path))})"
+
+
+def lr_curve(run: Run) -> tuple[list[int], list[float]]:
+    """The schedule, step by step, rebuilt from the config and the steps per epoch in the metrics."""
+    from largebatch.config import from_flat
+    from largebatch.optim.schedule import build_schedule
+
+    if not run.epochs:
+        return [], []
+    cfg = from_flat(_flatten(run.config))
+    steps_per_epoch = run.epochs[0]["step"] // run.epochs[0]["epoch"]
+    sched = build_schedule(cfg.optim, cfg.schedule, cfg.train.global_batch, steps_per_epoch, cfg.train.epochs)
+    last = run.epochs[-1]["step"]
+    xs = list(range(last))
+    return xs, [sched(s) for s in xs]
+
+
+def summary_table(runs: list[Run]) -> str:
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.2f}%"
+
+    def num(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    head = ("| run | final acc | best acc | top-5 | time to target | epoch at target | images/s | cost | "
+            "world size | global batch | wall time |")
+    rows = [head, "|" + " --- |" * 11]
+    for r in runs:
+        s = r.summary or {}
+        target = s.get("time_to_target_s")
+        rows.append("| " + " | ".join([
+            r.label, pct(s.get("val_acc")), pct(s.get("best_val_acc")), pct(s.get("val_acc_top5")),
+            "—" if target is None else f"{target:.1f} s", num(s.get("epoch_to_target"), "d"),
+            num(s.get("samples_per_sec"), ",.0f"), num(s.get("cost"), ".2f"), num(s.get("world_size"), "d"),
+            num(s.get("global_batch"), "d"), "—" if s.get("elapsed_s") is None else f"{s['elapsed_s']:.1f} s",
+        ]) + " |")
+    return "\n".join(rows)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("largebatch.report draws with matplotlib; pip install 'largebatch[report]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_runs(runs: list[Run], out: str) -> list[str]:
+    plt = _pyplot()
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    for key, name, title, logy in (("val_acc", "accuracy.png", "validation accuracy", False),
+                                   ("train_loss", "loss.png", "training loss", True)):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for r in runs:
+            ys = [e[key] for e in r.epochs]
+            axes[0].plot([e["epoch"] for e in r.epochs], ys, marker=".", label=r.label)
+            axes[1].plot([e["elapsed_s"] for e in r.epochs], ys, marker=".", label=r.label)
+        for ax, xlabel in zip(axes, ("epoch", "wall time (s)")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(title)
+            ax.grid(alpha=0.3)
+            if logy:
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(title)
+        save(fig, name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in runs:
+        xs, ys = lr_curve(r)
+        ax.plot(xs, ys, label=r.label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "lr.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in runs:
+        ax.plot([e["epoch"] for e in r.epochs], [e["samples_per_sec"] for e in r.epochs], marker=".", label=r.label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training images / s")
+    ax.set_title("throughput")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "throughput.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m largebatch.report", description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--out", default="report", help="folder for the plots and summary.md (default: report)")
+    args = ap.parse_args(argv)
+    runs = [load_run(p) for p in args.runs]
+    label_runs(runs)
+    os.makedirs(args.out, exist_ok=True)
+    files = plot_runs(runs, args.out)
+    table = summary_table(runs)
+    with open(os.path.join(args.out, "summary.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+    print("\nwrote " + ", ".join(files + [os.path.join(args.out, "summary.md")]))
+    return 0
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
