@@ -17,6 +17,15 @@ class UsageError(Exception):
     """
 
 
+class RunStopped(Exception):
+    """The run ended early for a reason that is not bad input (a non-finite loss, a worker that
+    never arrived). One line on stderr, exit status ``status``, no traceback."""
+
+    def __init__(self, message: str, status: int = 3):
+        super().__init__(message)
+        self.status = status
+
+
 def run_cli(main: Callable[[], int | None], *, print_errors: Callable[[], bool] = lambda: True) -> None:
     """Run ``main`` and exit; a :class:`UsageError` becomes one line on stderr and status 2.
 
@@ -29,6 +38,10 @@ def run_cli(main: Callable[[], int | None], *, print_errors: Callable[[], bool] 
         if print_errors():
             print(f"largebatch: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
+    except RunStopped as exc:
+        if print_errors():
+            print(f"largebatch: stopped: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.status)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly

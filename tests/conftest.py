@@ -20,6 +20,8 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    seconds: float = 0.0
+    """For launch_workers: wall time from the start until this worker had exited."""
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -65,11 +67,13 @@ def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
                     "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
+    import time
+
+    results, t0 = [], time.perf_counter()
     try:
         for p in procs:
             out, err = p.communicate(timeout=timeout)
-            results.append(Result(p.returncode, out, err))
+            results.append(Result(p.returncode, out, err, time.perf_counter() - t0))
     finally:
         for p in procs:
             if p.poll() is None:

@@ -2,6 +2,7 @@
 
 from largebatch.config.loader import describe_keys, from_flat, load_config, to_dict, valid_keys, write_yaml_atomic
 from largebatch.config.schema import (
+    CheckpointConfig,
     CommConfig,
     Config,
     DataConfig,
@@ -15,5 +16,5 @@ from largebatch.config.schema import (
 
 __all__ = [
     "Config", "RunConfig", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "ScheduleConfig",
-    "CommConfig", "LogConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
+    "CommConfig", "CheckpointConfig", "LogConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
 ]

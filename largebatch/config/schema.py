@@ -122,6 +122,11 @@ class TrainConfig:
     """Which accuracy target_accuracy refers to: 'top1' or 'top5' (top-5 needs more than 5 classes)."""
     stop_at_target: bool = False
     """End the run after the first validation that reaches target_accuracy."""
+    on_nonfinite: str = "skip"
+    """A non-finite loss or gradient: 'skip' the step (counted in the metrics; the run stops after
+    max_skipped_steps in a row) or 'stop' the run at once. Checkpoints already written stay."""
+    max_skipped_steps: int = 5
+    """'skip': stop after this many non-finite steps in a row."""
     log_every_steps: int = 0
     """Add a {"event": "step"} line to metrics.jsonl every this many optimizer steps (loss, lr,
     images/s, share of time spent waiting for data); 0 = epoch lines only."""
@@ -146,6 +151,8 @@ class TrainConfig:
         _choice("train.target_metric", self.target_metric, ("top1", "top5"))
         _require(not (self.stop_at_target and self.target_accuracy is None), "train.stop_at_target",
                  self.stop_at_target, "set train.target_accuracy too")
+        _choice("train.on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", self.max_skipped_steps, "use an integer >= 1")
         _require(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps,
                  "use 0 (off) or a number of steps")
         _require(self.precise_bn_images >= 0, "train.precise_bn_images", self.precise_bn_images,
@@ -238,10 +245,31 @@ class CommConfig:
     bucket_mb: float = 25.0
     """DDP gradient bucket size in MiB: gradients are allreduced in buckets of about this size,
     overlapped with the backward pass."""
+    timeout_s: float = 600.0
+    """Longest wait for any collective, in seconds; a worker that never arrives is then named in the error."""
 
     def __post_init__(self):
         _choice("comm.backend", self.backend, BACKENDS)
         _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0")
+        _require(self.timeout_s > 0, "comm.timeout_s", self.timeout_s, "use a number of seconds > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Write a checkpoint every this many optimizer steps; 0 = only at epoch ends (if at_epoch_end)."""
+    at_epoch_end: bool = True
+    """Write a checkpoint after every epoch."""
+    keep: int = 3
+    """How many step checkpoints to keep (newest first); checkpoints/final.pt is kept as well."""
+    resume: str = "auto"
+    """'auto': continue from the newest valid checkpoint in run.dir, if any; 'never': start afresh
+    (existing checkpoints are replaced as the run goes); or the path of a checkpoint file."""
+
+    def __post_init__(self):
+        _require(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "use 0 or a number of steps")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "use an integer >= 1")
+        _require(bool(self.resume), "checkpoint.resume", self.resume, "use auto, never or a checkpoint path")
 
 
 @dataclass
@@ -260,4 +288,5 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -66,6 +66,7 @@ class Communicator:
                 torch.cuda.set_device(device)
             dist.init_process_group(backend=backend, rank=topology.rank, world_size=topology.world_size,
                                     timeout=timedelta(seconds=timeout_s))
+        self.timeout_s = timeout_s
 
     # -- models --------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -118,6 +119,47 @@ class Communicator:
             rank, message = failed[0]
             prefix = "" if rank == 0 or self.topology.world_size == 1 else f"rank {rank}: "
             raise UsageError(prefix + message)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every worker."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.topology.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every worker if ``flag`` is true on any (a signal seen by one worker, say)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    # -- who arrived -----------------------------------------------------------------------------
+    _ARRIVED = "largebatch/arrived/"
+
+    def mark_arrived(self, step: int) -> None:
+        """Record in the rendezvous store that this worker reached the gradient allreduce of ``step``."""
+        if self.distributed:
+            self._store().set(self._ARRIVED + str(self.topology.rank), str(step))
+
+    def missing_ranks(self, step: int) -> dict[int, int]:
+        """{rank: last step it reached} for the workers that did not reach ``step``."""
+        store, missing = self._store(), {}
+        for rank in range(self.topology.world_size):
+            key = self._ARRIVED + str(rank)
+            try:
+                last = int(store.get(key)) if store.check([key]) else -1
+            except Exception:  # the store itself is gone: nothing is known of that rank
+                last = -1
+            if last < step:
+                missing[rank] = last
+        return missing
+
+    @staticmethod
+    def _store():
+        return dist.distributed_c10d._get_default_store()
 
     def barrier(self) -> None:
         if self.distributed:

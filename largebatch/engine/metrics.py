@@ -9,6 +9,7 @@ import sys
 from typing import Any, Optional
 
 from largebatch.errors import UsageError
+from largebatch.fileio import write_bytes_atomic
 
 
 def tensorboard_writer_class():
@@ -21,16 +22,36 @@ def tensorboard_writer_class():
     return SummaryWriter
 
 
+def _lines_until(path: str, step: int) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash ends what is kept
+            if row.get("event") in ("epoch", "step") and row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line, flushed as written; optionally the same scalars
     as TensorBoard events (tag ``<event>/<field>``, x-axis the optimizer step). Only rank 0 writes:
     other ranks pass ``path=None``."""
 
-    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None):
+    def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None,
+                 keep_until_step: Optional[int] = None):
+        """``keep_until_step``: a resumed run keeps the epoch and step lines up to that step (those
+        after it will be written again) and appends; otherwise the file starts empty."""
         self._fh = self._tb = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._fh = open(path, "w", buffering=1)
+            kept = _lines_until(path, keep_until_step) if keep_until_step is not None else []
+            write_bytes_atomic("".join(kept).encode(), path)
+            self._fh = open(path, "a", buffering=1)
             if tensorboard_dir is not None:
                 self._tb = tensorboard_writer_class()(log_dir=tensorboard_dir)
 
@@ -74,11 +95,11 @@ class Progress:
         else:
             print(text, file=self.stream, flush=True)
 
-    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, steps: int, initial: int = 0) -> None:
         if self.bar_enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", file=self.stream,
+            self._bar = tqdm(total=steps, initial=initial, desc=f"epoch {epoch + 1}/{epochs}", file=self.stream,
                              leave=False, dynamic_ncols=True, unit="step")
 
     def step(self, **postfix) -> None:

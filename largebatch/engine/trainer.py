@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -26,7 +27,9 @@ from largebatch.distributed import Communicator, Topology, cpu_threads, select_b
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
 from largebatch.engine.precise_bn import recompute_batchnorm
 from largebatch.engine.run_plan import RunPlan, make_run_plan
-from largebatch.errors import UsageError
+from largebatch.engine import checkpoint as ckpt
+from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
+from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.models import create_model
 from largebatch.optim import build_optimizer
@@ -64,7 +67,7 @@ def evaluate(model: torch.nn.Module, loader, comm: Communicator, device: torch.d
 
 @dataclass
 class _Record:
-    """What the run has reached so far (identical on every worker)."""
+    """What the run has reached so far (identical on every worker; saved in checkpoints)."""
     best_acc: float = 0.0
     best_top5: Optional[float] = None
     time_to_target: Optional[float] = None
@@ -82,6 +85,17 @@ class _Record:
         return False
 
 
+@dataclass
+class _Position:
+    """Where the loop is: the next optimizer step to run, as a global count and inside its epoch."""
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    train_time: float = 0.0
+    elapsed: float = 0.0
+    skipped_steps: int = 0
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`Config` and a :class:`Topology`, then ``fit()``."""
 
@@ -93,7 +107,9 @@ class Trainer:
             threads = cpu_threads(topology)
             if threads:
                 torch.set_num_threads(threads)
-        self.comm = Communicator(topology, backend, self.device, cfg.comm.bucket_mb)
+        self.comm = Communicator(topology, backend, self.device, cfg.comm.bucket_mb, timeout_s=cfg.comm.timeout_s)
+        self.lock = RunLock(cfg.run.dir)
+        self.faults = FaultInjection.from_env(topology.rank)
         error: Optional[BaseException] = None
         try:
             self._build()
@@ -103,12 +119,15 @@ class Trainer:
             # A worker that failed here (a missing file on its node, say) must not leave the others
             # waiting in the first collective: every worker learns of it and stops with the same error.
             self.comm.raise_if_any_failed(error)
+            self._check_same_everywhere()
         except BaseException:
-            self.comm.close()
+            self.close()
             raise
 
     def _build(self) -> None:
         cfg, topo = self.cfg, self.topology
+        if topo.is_main:
+            self.lock.acquire()
         if cfg.log.tensorboard and topo.is_main:
             tensorboard_writer_class()
         self.train_set, self.val_set, self.info = build_datasets(cfg.data)
@@ -122,6 +141,9 @@ class Trainer:
             raise UsageError(f"model.name={cfg.model.name} does not fit {cfg.data.name} images of "
                              f"{self.info.image_size}x{self.info.image_size}: {exc}; set data.image_size "
                              "or choose another model") from None
+        self.resume_state = self._find_resume_state() if topo.is_main else None
+        if self.resume_state is not None:
+            model.load_state_dict(self.resume_state["model"])  # rank 0's weights; DDP broadcasts them
         self.model = self.comm.wrap_model(model.to(self.device))
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         pin = self.device.type == "cuda"
@@ -130,75 +152,196 @@ class Trainer:
         self.val_loader = eval_loader(self.val_set, topo.rank, topo.world_size, cfg.train.eval_batch,
                                       cfg.data.num_workers, pin)
 
+    def _find_resume_state(self) -> Optional[dict]:
+        """Rank 0: the checkpoint to continue from, checked against this run's config."""
+        cfg = self.cfg
+        state = ckpt.find_resume_state(cfg.run.dir, cfg.checkpoint.resume)
+        if state is None:
+            return None
+        differing = ckpt.config_differences(state["config"], to_dict(cfg))
+        if differing:
+            shown = ", ".join(f"{k} ({ckpt.flat_config(state['config']).get(k)!r} -> "
+                              f"{ckpt.flat_config(to_dict(cfg)).get(k)!r})" for k in differing[:6])
+            raise UsageError(f"checkpoint {state.get('path', cfg.checkpoint.resume)} was made with a different "
+                             f"config: {shown}; use the same values, another run.dir, or checkpoint.resume=never")
+        return state
+
+    def _check_same_everywhere(self) -> None:
+        """Every worker must run the same config and package version."""
+        mine = (ckpt.config_hash(to_dict(self.cfg)), __version__)
+        seen = self.comm.all_gather_object(mine)
+        odd = [rank for rank, other in enumerate(seen) if other != seen[0]]
+        if odd:
+            raise UsageError(f"workers {odd} run a different config or largebatch version than rank 0 "
+                             f"({seen[odd[0]]} vs {seen[0]}); start every worker with the same files and arguments")
+
+    # -- resume --------------------------------------------------------------------------------
+    def _restore(self, progress: Progress) -> tuple[_Position, _Record, tuple[float, float, int]]:
+        """Position, record and this worker's partial sums (epoch loss, step-line window loss,
+        steps in the window) from the checkpoint, if any."""
+        state = self.comm.broadcast_object(
+            None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
+        if state is None:
+            return _Position(), _Record(), (0.0, 0.0, 0)
+        topo, bp = self.topology, self.plan.batch
+        same_world = state["world_size"] == topo.world_size
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
+        if same_world:
+            loss_part, window_part = state["loss_parts"][topo.rank], state["window_parts"][topo.rank]
+        else:
+            loss_part = sum(state["loss_parts"]) if topo.is_main else 0.0
+            window_part = sum(state["window_parts"]) if topo.is_main else 0.0
+        pos = _Position(**state["position"])
+        where = f"epoch {pos.epoch + 1}, step {pos.step}"
+        progress.print(f"resuming from {state.get('path', 'checkpoint')} at {where}"
+                       + ("" if same_world else f" on {topo.world_size} workers instead of {state['world_size']}: "
+                          f"same global batch {bp.global_batch}, same data position"))
+        return pos, _Record(**state["record"]), (loss_part, window_part, state["window_steps"])
+
+    def _save_checkpoint(self, pos: _Position, record: _Record, loss_sum: torch.Tensor,
+                         window_loss: torch.Tensor, window_steps: int) -> None:
+        """All workers take part (their RNG states and partial sums); rank 0 writes."""
+        rngs = self.comm.all_gather_object(ckpt.rng_state(self.device))
+        parts = self.comm.all_gather_object((float(loss_sum.item()), float(window_loss.item())))
+        if not self.topology.is_main:
+            return
+        cfg = self.cfg
+        state = dict(model=self.comm.unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
+                     position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
+                     loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
+                     world_size=self.topology.world_size, global_batch=self.plan.batch.global_batch,
+                     config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
+        ckpt.save(state, cfg.run.dir, pos.step, cfg.checkpoint.keep)
+
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, topo, plan = self.cfg, self.topology, self.plan
         bp, schedule, every = plan.batch, plan.schedule, cfg.train.log_every_steps
         progress = Progress(enabled=topo.is_main)
         self._write_run_header(progress)
+        pos, record, (loss_part, window_part, window_steps) = self._restore(progress)
         metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_main else None,
-                             tensorboard_dir=os.path.join(cfg.run.dir, "tensorboard") if cfg.log.tensorboard else None)
-        record, result, step, train_time, lr = _Record(), None, 0, 0.0, schedule(0)
-        start = time.perf_counter()
-        for epoch in range(plan.epochs):
-            self.model.train()
-            self.sampler.set_epoch(epoch)
-            batches = iter(self.loader)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            window_loss = torch.zeros((), dtype=torch.float64, device=self.device)
-            window = dict(start=time.perf_counter(), wait=0.0, steps=0)
-            progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch)
-            epoch_start = time.perf_counter()
-            for _ in range(plan.steps_per_epoch):
-                lr = schedule(step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                step_loss, wait = self._train_step(batches, bp.accum_steps, bp.per_worker_batch)
-                loss_sum += step_loss
-                window_loss += step_loss
-                window["wait"] += wait
-                window["steps"] += 1
-                step += 1
-                if every and step % every == 0:
-                    self._log_steps(metrics, progress, epoch, step, lr, window_loss, window)
-                    window_loss.zero_()
-                    window = dict(start=time.perf_counter(), wait=0.0, steps=0)
-                else:
-                    progress.step(lr=f"{lr:.4g}")
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            epoch_time = time.perf_counter() - epoch_start
-            train_time += epoch_time
-            progress.end_epoch()
-            train_loss = self.comm.all_reduce_sum(loss_sum).item() / (plan.steps_per_epoch * topo.world_size)
-            if cfg.train.precise_bn_images:
-                self._precise_bn(epoch)
+                             tensorboard_dir=os.path.join(cfg.run.dir, "tensorboard") if cfg.log.tensorboard else None,
+                             keep_until_step=pos.step if self.resume_state is not None else None)
+        stop = StopSignal()
+        stop.install()
+        result, lr, in_a_row = None, schedule(pos.step), 0
+        start = time.perf_counter() - pos.elapsed
+        try:
+            while pos.epoch < plan.epochs:
+                epoch = pos.epoch
+                self.model.train()
+                self.sampler.set_epoch(epoch, pos.step_in_epoch)
+                batches = iter(self.loader)
+                loss_sum = torch.full((), loss_part, dtype=torch.float64, device=self.device)
+                window_loss = torch.full((), window_part, dtype=torch.float64, device=self.device)
+                # The step-line window (loss since the last step line) runs across epochs and resumes;
+                # its timing covers only the steps timed since `start`.
+                window = dict(start=time.perf_counter(), wait=0.0, steps=window_steps, timed=0)
+                loss_part, window_part, window_steps = 0.0, 0.0, 0
+                progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, initial=pos.step_in_epoch)
+                epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
+                while pos.step_in_epoch < plan.steps_per_epoch:
+                    lr = schedule(pos.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    step_loss, wait, finite = self._train_step(batches, bp.accum_steps, bp.per_worker_batch, pos.step)
+                    if finite:
+                        in_a_row = 0
+                        loss_sum += step_loss
+                        window_loss += step_loss
+                    else:
+                        self._nonfinite(pos, in_a_row := in_a_row + 1)
+                    window["wait"] += wait
+                    window["steps"] += 1
+                    window["timed"] += 1
+                    pos.step += 1
+                    pos.step_in_epoch += 1
+                    if every and pos.step % every == 0:
+                        self._log_steps(metrics, progress, epoch, pos.step, lr, window_loss, window)
+                        window_loss.zero_()
+                        window = dict(start=time.perf_counter(), wait=0.0, steps=0, timed=0)
+                    else:
+                        progress.step(lr=f"{lr:.4g}")
+                    stopping = self.comm.any(stop.received is not None)
+                    every_ckpt = cfg.checkpoint.every_steps
+                    if stopping or (every_ckpt and pos.step % every_ckpt == 0
+                                    and pos.step_in_epoch < plan.steps_per_epoch):
+                        now = time.perf_counter()
+                        epoch_time += now - segment
+                        pos.train_time += now - segment
+                        pos.elapsed = now - start
+                        self._save_checkpoint(pos, record, loss_sum, window_loss, window["steps"])
+                        segment = time.perf_counter()
+                    if stopping:
+                        progress.end_epoch()
+                        progress.print(f"stopping on a signal after step {pos.step}: checkpoint written to "
+                                       f"{ckpt.checkpoint_dir(cfg.run.dir)}; run the same command to resume")
+                        metrics.close()
+                        return dict(stopped_at_step=pos.step)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                epoch_time += time.perf_counter() - segment
+                pos.train_time += time.perf_counter() - segment
+                progress.end_epoch()
+                counted = plan.steps_per_epoch * topo.world_size
+                train_loss = self.comm.all_reduce_sum(loss_sum).item() / counted
+                if cfg.train.precise_bn_images:
+                    self._precise_bn(epoch)
+                result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
+                                  self.info.num_classes)
+                pos.elapsed = time.perf_counter() - start
+                reached = record.update(epoch + 1, result, pos.elapsed, cfg.train.target_accuracy,
+                                        cfg.train.target_metric)
+                sps = plan.steps_per_epoch * bp.global_batch / max(epoch_time, 1e-9)
+                top5 = {} if result.top5 is None else {"val_acc_top5": result.top5}
+                metrics.write("epoch", epoch=epoch + 1, step=pos.step, train_loss=train_loss, val_loss=result.loss,
+                              val_acc=result.accuracy, **top5, lr=lr, samples_per_sec=sps, elapsed_s=pos.elapsed,
+                              skipped_steps=pos.skipped_steps)
+                progress.print(f"epoch {epoch + 1:>3}/{plan.epochs}  step {pos.step:>6}  train_loss {train_loss:.4f}  "
+                               f"val_loss {result.loss:.4f}  val_acc {result.accuracy:.4f}"
+                               + (f"  top5 {result.top5:.4f}" if result.top5 is not None else "")
+                               + f"  lr {lr:.4g}  {sps:,.0f} img/s  {pos.elapsed:.1f}s")
+                pos.epoch, pos.step_in_epoch = epoch + 1, 0
+                window_part, window_steps = float(window_loss.item()), window["steps"]
+                if cfg.checkpoint.at_epoch_end:
+                    self._save_checkpoint(pos, record, torch.zeros((), dtype=torch.float64), window_loss,
+                                          window["steps"])
+                if reached and cfg.train.stop_at_target:
+                    progress.print(f"target {cfg.train.target_metric} {cfg.train.target_accuracy} reached at epoch "
+                                   f"{epoch + 1}: stopping (train.stop_at_target)")
+                    break
+        finally:
+            stop.uninstall()
+        if result is None:  # resumed from a checkpoint taken after the last epoch
             result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
                               self.info.num_classes)
-            elapsed = time.perf_counter() - start
-            reached = record.update(epoch + 1, result, elapsed, cfg.train.target_accuracy, cfg.train.target_metric)
-            sps = plan.steps_per_epoch * bp.global_batch / epoch_time
-            top5 = {} if result.top5 is None else {"val_acc_top5": result.top5}
-            metrics.write("epoch", epoch=epoch + 1, step=step, train_loss=train_loss, val_loss=result.loss,
-                          val_acc=result.accuracy, **top5, lr=lr, samples_per_sec=sps, elapsed_s=elapsed)
-            progress.print(f"epoch {epoch + 1:>3}/{plan.epochs}  step {step:>6}  train_loss {train_loss:.4f}  "
-                           f"val_loss {result.loss:.4f}  val_acc {result.accuracy:.4f}"
-                           + (f"  top5 {result.top5:.4f}" if result.top5 is not None else "")
-                           + f"  lr {lr:.4g}  {sps:,.0f} img/s  {elapsed:.1f}s")
-            if reached and cfg.train.stop_at_target:
-                progress.print(f"target {cfg.train.target_metric} {cfg.train.target_accuracy} reached at epoch "
-                               f"{epoch + 1}: stopping (train.stop_at_target)")
-                break
-        summary = self._summary(result, record, step, train_time, time.perf_counter() - start)
+        summary = self._summary(result, record, pos, time.perf_counter() - start)
         metrics.write("summary", **summary)
         metrics.close()
         if topo.is_main:
-            save_torch_atomic({"model": self.comm.unwrap(self.model).state_dict(), "step": step,
-                               "epoch": record_epoch(step, plan), "config": to_dict(cfg)},
+            save_torch_atomic({"model": self.comm.unwrap(self.model).state_dict(), "step": pos.step,
+                               "epoch": pos.epoch, "config": to_dict(cfg)},
                               os.path.join(cfg.run.dir, "checkpoints", "final.pt"))
             progress.print(_closing_line(summary, cfg))
         self.comm.barrier()
         return summary
+
+    def _nonfinite(self, pos: _Position, in_a_row: int) -> None:
+        """A step whose loss or gradient was not finite was not applied: count it, or stop."""
+        cfg = self.cfg
+        pos.skipped_steps += 1
+        newest = ckpt.list_checkpoints(cfg.run.dir)
+        kept = f"; the last good checkpoint is {newest[0]}" if newest else ""
+        if cfg.train.on_nonfinite == "stop":
+            raise RunStopped(f"non-finite loss or gradient at step {pos.step} (train.on_nonfinite=stop){kept}")
+        if in_a_row >= cfg.train.max_skipped_steps:
+            raise RunStopped(f"non-finite loss or gradient in {in_a_row} steps in a row, the last at step "
+                             f"{pos.step} (train.max_skipped_steps={cfg.train.max_skipped_steps}){kept}")
+        if self.topology.is_main:
+            print(f"largebatch: warning: skipped step {pos.step}: non-finite loss or gradient", flush=True,
+                  file=sys.stderr)
 
     def _write_run_header(self, progress: Progress) -> None:
         """Rank 0: the run folder, config.yaml, classes.json and the printed plan."""
@@ -220,20 +363,21 @@ class Trainer:
         """A step line: mean loss over the steps since the last one (all workers), lr, images/s and
         the share of this worker's time spent waiting for data."""
         loss = self.comm.all_reduce_sum(window_loss.clone()).item() / (window["steps"] * self.topology.world_size)
-        seconds = time.perf_counter() - window["start"]
-        sps = window["steps"] * self.plan.batch.global_batch / seconds
+        seconds = max(time.perf_counter() - window["start"], 1e-9)
+        sps = window["timed"] * self.plan.batch.global_batch / seconds
         metrics.write("step", epoch=epoch + 1, step=step, loss=loss, lr=lr, samples_per_sec=sps,
                       data_wait=window["wait"] / seconds)
-        remaining = (self.plan.total_steps - step) * seconds / window["steps"]
+        remaining = (self.plan.total_steps - step) * seconds / max(window["timed"], 1)
         progress.step(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{sps:,.0f}", eta=f"{remaining:.0f}s")
 
-    def _summary(self, result: EvalResult, record: _Record, step: int, train_time: float, elapsed: float) -> dict:
+    def _summary(self, result: EvalResult, record: _Record, pos: _Position, elapsed: float) -> dict:
         cfg, topo, bp = self.cfg, self.topology, self.plan.batch
         summary = dict(val_acc=result.accuracy, best_val_acc=record.best_acc, time_to_target_s=record.time_to_target,
-                       epoch_to_target=record.epoch_to_target, samples_per_sec=step * bp.global_batch / train_time,
-                       elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=step,
-                       target_accuracy=cfg.train.target_accuracy, target_metric=cfg.train.target_metric,
-                       nodes=topo.num_nodes)
+                       epoch_to_target=record.epoch_to_target,
+                       samples_per_sec=pos.step * bp.global_batch / max(pos.train_time, 1e-9),
+                       elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=pos.step,
+                       skipped_steps=pos.skipped_steps, target_accuracy=cfg.train.target_accuracy,
+                       target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
         if result.top5 is not None:
             summary.update(val_acc_top5=result.top5, best_val_acc_top5=record.best_top5)
         if cfg.run.cost_per_node_hour is not None:
@@ -249,10 +393,13 @@ class Trainer:
         batches = itertools.islice(iter(self.loader), count)
         recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
 
-    def _train_step(self, batches, accum_steps: int, per_worker_batch: int) -> tuple[torch.Tensor, float]:
+    def _train_step(self, batches, accum_steps: int, per_worker_batch: int,
+                    step: int) -> tuple[torch.Tensor, float, bool]:
         """One optimizer step over ``accum_steps`` micro-batches. Returns this worker's summed loss
-        share (sum of per-image losses / per_worker_batch, detached) and the seconds spent waiting
-        for data."""
+        share (sum of per-image losses / per_worker_batch, detached), the seconds spent waiting for
+        data, and whether the step was applied (False: a non-finite loss or gradient; the update is
+        skipped on every worker alike, since the allreduced gradient is the same everywhere)."""
+        self.faults.at_step_start(step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         wait = 0.0
@@ -265,14 +412,41 @@ class Trainer:
             with contextlib.nullcontext() if last else self.comm.no_sync(self.model):
                 loss = F.cross_entropy(self.model(x), y, reduction="sum",
                                        label_smoothing=self.cfg.train.label_smoothing) / per_worker_batch
-                loss.backward()
+                if self.faults.poison(step):
+                    loss = loss * float("nan")
+                if last:
+                    self.faults.before_allreduce(step)
+                    self.comm.mark_arrived(step)
+                    self._backward_with_timeout(loss, step)
+                else:
+                    loss.backward()
             total += loss.detach().double()
-        self.optimizer.step()
-        return total, wait
+        # Decided from the allreduced gradient, which is the same on every worker, so all agree; a
+        # non-finite loss on any worker makes it non-finite. One host read per step.
+        grads = [p.grad for p in self.comm.unwrap(self.model).parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if finite:
+            self.optimizer.step()
+        return total, wait, finite
+
+    def _backward_with_timeout(self, loss: torch.Tensor, step: int) -> None:
+        """The backward pass that carries the gradient allreduce; a timeout names the missing workers."""
+        try:
+            loss.backward()
+        except RuntimeError as exc:
+            if not self.comm.distributed:
+                raise
+            missing = self.comm.missing_ranks(step)
+            if not missing:
+                raise
+            seen = ", ".join(f"rank {r} (last at step {s})" if s >= 0 else f"rank {r} (never)"
+                             for r, s in missing.items())
+            raise RunStopped(f"gradient allreduce of step {step} failed after up to comm.timeout_s="
+                             f"{self.cfg.comm.timeout_s:g}s: workers missing: {seen}") from None
 
     def close(self) -> None:
         self.comm.close()
-
+        self.lock.release()
 
 
 def record_epoch(step: int, plan: RunPlan) -> int:

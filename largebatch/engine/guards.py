@@ -1,0 +1,134 @@
+"""What keeps a long run safe: the run-folder lock, the stop signal, and fault injection for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+
+from largebatch.errors import UsageError
+
+
+class RunLock:
+    """``run.dir/.lock`` holding the owner's host and pid, so two runs never share a folder.
+
+    A lock whose owner is a dead process on this host is taken over with a warning; a lock held by
+    a live process, or by another host, is refused.
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.held = False
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                    print(f"largebatch: warning: taking over the lock of dead process {owner.get('pid')} "
+                          f"in {self.path}", file=sys.stderr, flush=True)
+                    os.unlink(self.path)
+                    continue
+                where = f"pid {owner.get('pid')} on {owner.get('host')}"
+                raise UsageError(f"run.dir '{os.path.dirname(self.path)}' is in use by {where}; choose another "
+                                 f"run.dir, or delete {self.path} if that run is gone") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return
+
+    def _owner(self) -> dict:
+        try:
+            with open(self.path) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StopSignal:
+    """SIGTERM (what Slurm sends before a job's time limit) and SIGUSR1 set a flag; the training loop
+    checks it after every step, agrees on it across workers, writes a checkpoint and exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class FaultInjection:
+    """Faults for testing the guards, read from ``LARGEBATCH_FAULT`` (comma-separated):
+
+    - ``nan@STEP``               the loss of optimizer step STEP (0-based) becomes NaN on rank 0
+    - ``sleep@STEP:RANK:SECONDS`` rank RANK sleeps that long inside step STEP, before its allreduce
+    - ``exit@STEP:RANK``          rank RANK dies (os._exit) at the start of step STEP
+    """
+
+    def __init__(self, spec: str | None, rank: int):
+        self.nan_steps: set[int] = set()
+        self.sleeps: dict[int, float] = {}
+        self.exits: set[int] = set()
+        for item in filter(None, (spec or "").split(",")):
+            kind, _, arg = item.partition("@")
+            parts = arg.split(":")
+            if kind == "nan":
+                self.nan_steps.add(int(parts[0]))
+            elif kind == "sleep" and int(parts[1]) == rank:
+                self.sleeps[int(parts[0])] = float(parts[2])
+            elif kind == "exit" and int(parts[1]) == rank:
+                self.exits.add(int(parts[0]))
+        self.rank = rank
+
+    @classmethod
+    def from_env(cls, rank: int) -> "FaultInjection":
+        return cls(os.environ.get("LARGEBATCH_FAULT"), rank)
+
+    def at_step_start(self, step: int) -> None:
+        if step in self.exits:
+            os._exit(137)
+
+    def before_allreduce(self, step: int) -> None:
+        if step in self.sleeps:
+            time.sleep(self.sleeps[step])
+
+    def poison(self, step: int) -> bool:
+        return self.rank == 0 and step in self.nan_steps

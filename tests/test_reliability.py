@@ -1,0 +1,198 @@
+"""Checkpoints, exact resume, a killed worker, divergence guards, timeouts, signals and the lock."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, _env, launch_workers, load_weights, max_abs_diff, run_module, torchrun
+from largebatch.engine import checkpoint as ckpt
+
+TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost")
+BASE = ["train.epochs=4", "checkpoint.every_steps=7", "train.log_every_steps=3"]
+
+
+def _metrics(run_dir):
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def _same_weights(a, b):
+    wa, wb = load_weights(a), load_weights(b)
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_2w(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("plain") / "run")
+    r = torchrun(2, "largebatch.train", *BASE, f"run.dir={d}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d
+
+
+def test_stopped_and_resumed_is_bit_identical_on_2_workers(uninterrupted_2w, tmp_path):
+    d = str(tmp_path / "run")
+    # Both workers die at the start of step 20; the newest checkpoint is step 14.
+    os.environ["LARGEBATCH_FAULT"] = "exit@20:0,exit@20:1"
+    try:
+        first = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")
+    finally:
+        del os.environ["LARGEBATCH_FAULT"]
+    assert [r.returncode for r in first] == [137, 137]
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)][0] == "step-000000014.pt"
+    second = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")
+    assert [r.returncode for r in second] == [0, 0], second[0].stderr[-2000:]
+    assert "resuming from" in second[0].stderr and "taking over the lock" in second[0].stderr
+    assert _same_weights(uninterrupted_2w, d)
+    assert _metrics(uninterrupted_2w) == _metrics(d)
+
+
+def _children(pid):
+    kids = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.split("/")[2]))
+    return kids
+
+
+def test_worker_sigkilled_under_torchrun_restarts_and_matches(uninterrupted_2w, tmp_path):
+    d = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "-m", "largebatch.train", *BASE, "train.epochs=4", "comm.timeout_s=30", f"run.dir={d}"]
+    # Slow each step a little so that the kill lands mid-run.
+    agent = subprocess.Popen(cmd, env=_env({"LARGEBATCH_FAULT": ",".join(f"sleep@{s}:1:0.15" for s in range(44))}),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ckpt.list_checkpoints(d) and time.time() < deadline:
+            time.sleep(0.05)
+        assert ckpt.list_checkpoints(d), "no checkpoint appeared"
+        workers = _children(agent.pid)
+        assert len(workers) == 2
+        victim = max(workers)
+        os.kill(victim, signal.SIGKILL)
+        out, err = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    assert _same_weights(uninterrupted_2w, d)
+
+
+def test_resume_two_worker_checkpoint_on_one_worker(tmp_path):
+    args = ["model.name=mlp", "model.norm=none", "train.epochs=3", "train.global_batch=64", "checkpoint.every_steps=10"]
+    ref = str(tmp_path / "ref")
+    assert run_module("largebatch.train", *args, f"run.dir={ref}").returncode == 0
+    d = str(tmp_path / "run")
+    os.environ["LARGEBATCH_FAULT"] = "exit@25:0,exit@25:1"
+    try:
+        launch_workers(2, "largebatch.train", *args, f"run.dir={d}")
+    finally:
+        del os.environ["LARGEBATCH_FAULT"]
+    r = run_module("largebatch.train", *args, f"run.dir={d}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "on 1 workers instead of 2: same global batch 64, same data position" in r.stderr
+    assert max_abs_diff(load_weights(ref), load_weights(d)) <= 1e-4
+
+
+def test_truncated_newest_falls_back_and_code_is_refused(tmp_path):
+    d = str(tmp_path / "run")
+    assert run_module("largebatch.train", "train.epochs=2", "checkpoint.every_steps=5", f"run.dir={d}").returncode == 0
+    newest, older = ckpt.list_checkpoints(d)[:2]
+    with open(newest, "r+b") as fh:
+        fh.truncate(os.path.getsize(newest) // 2)
+    warnings = []
+    state = ckpt.find_resume_state(d, "auto", warn=warnings.append)
+    assert state["path"] == older and "skipping checkpoint" in warnings[0]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = str(tmp_path / "evil.pt")
+    torch.save({"format": ckpt.FORMAT, "model": {}, "hook": Evil()}, evil)
+    with pytest.raises(ValueError, match="Unpickling|weights_only|Weights only"):
+        ckpt.load(evil)
+    r = run_module("largebatch.train", f"checkpoint.resume={evil}", f"run.dir={tmp_path / 'x'}")
+    assert r.returncode == 2 and "cannot be loaded" in r.stderr and "pwned" not in r.stdout
+
+
+def test_forced_nan_is_skipped_or_stops(tmp_path):
+    d = str(tmp_path / "skip")
+    env = {"LARGEBATCH_FAULT": "nan@5"}
+    r = run_module("largebatch.train", "train.epochs=2", f"run.dir={d}", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped step 5" in r.stderr
+    assert json.loads(open(os.path.join(d, "metrics.jsonl")).readlines()[-1])["skipped_steps"] == 1
+
+    d = str(tmp_path / "stop")
+    r = run_module("largebatch.train", "train.epochs=3", "train.on_nonfinite=stop", f"run.dir={d}",
+                   env={"LARGEBATCH_FAULT": "nan@15"})
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("largebatch: stopped:")][0]
+    assert "step 15" in line and "step-000000011.pt" in line
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)] == ["step-000000011.pt"]
+    assert not os.path.exists(os.path.join(d, "checkpoints", "final.pt"))
+
+    r = run_module("largebatch.train", "train.epochs=2", "train.max_skipped_steps=2", f"run.dir={tmp_path / 'n'}",
+                   env={"LARGEBATCH_FAULT": "nan@3,nan@4"})
+    assert r.returncode == 3 and "2 steps in a row" in r.stderr
+
+
+def test_sleeping_worker_triggers_named_timeout(tmp_path):
+    os.environ["LARGEBATCH_FAULT"] = "sleep@3:1:20"
+    try:
+        results = launch_workers(2, "largebatch.train", "train.epochs=2", "comm.timeout_s=5", f"run.dir={tmp_path}",
+                                 timeout=120)
+    finally:
+        del os.environ["LARGEBATCH_FAULT"]
+    lines = [x for x in results[0].stderr.splitlines() if x.startswith("largebatch: stopped:")]
+    assert results[0].returncode == 3 and lines, results[0].stderr[-2000:]
+    assert "step 3" in lines[0] and "rank 1 (last at step 2)" in lines[0]
+    # rank 0 gave up within the timeout plus start-up (imports, data, rendezvous), not after the sleep
+    assert results[0].seconds < 20
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+    d = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-m", "largebatch.train", "train.epochs=30", f"run.dir={d}"], cwd=REPO,
+                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ckpt.list_checkpoints(d) and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "stopping on a signal" in err, err[-2000:]
+    stopped = int(err.split("stopping on a signal after step ")[1].split(":")[0])
+    assert os.path.basename(ckpt.list_checkpoints(d)[0]) == f"step-{stopped:09d}.pt"
+    r = run_module("largebatch.train", "train.epochs=30", f"run.dir={d}")
+    assert r.returncode == 0 and f"step {stopped}" in r.stderr
+
+
+def test_changed_config_is_refused_but_safe_keys_pass(tmp_path):
+    d = str(tmp_path / "run")
+    assert run_module("largebatch.train", "train.epochs=1", f"run.dir={d}").returncode == 0
+    r = run_module("largebatch.train", "train.epochs=2", "optim.base_lr=0.3", f"run.dir={d}")
+    assert r.returncode == 2 and "optim.base_lr (0.2 -> 0.3)" in r.stderr
+    r = run_module("largebatch.train", "train.epochs=2", f"run.dir={d}")
+    assert r.returncode == 0 and "resuming from" in r.stderr
+    r = run_module("largebatch.train", "train.epochs=2", "optim.base_lr=0.3", "checkpoint.resume=never", f"run.dir={d}")
+    assert r.returncode == 0 and "resuming" not in r.stderr
+
+
+def test_live_lock_is_refused(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    r = run_module("largebatch.train", f"run.dir={d}")
+    assert r.returncode == 2 and f"is in use by pid {os.getpid()}" in r.stderr
