@@ -119,3 +119,9 @@ def test_shipped_configs_load():
 def test_digits_yaml_is_the_embedded_default():
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.yaml")
     assert load_config(path) == Config()
+
+
+def test_seed_range():
+    load_config(None, ["run.seed=4294967295"])
+    with pytest.raises(UsageError, match="run.seed"):
+        load_config(None, ["run.seed=4294967296"])

@@ -196,3 +196,31 @@ def test_live_lock_is_refused(tmp_path):
     (d / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
     r = run_module("largebatch.train", f"run.dir={d}")
     assert r.returncode == 2 and f"is in use by pid {os.getpid()}" in r.stderr
+
+
+def test_fresh_start_moves_old_checkpoints_aside(tmp_path):
+    d = str(tmp_path / "run")
+    assert run_module("largebatch.train", "train.epochs=2", f"run.dir={d}").returncode == 0
+    old = ckpt.list_checkpoints(d)
+    r = run_module("largebatch.train", "train.epochs=1", "optim.base_lr=0.3", "checkpoint.resume=never", f"run.dir={d}")
+    assert r.returncode == 0 and "moved 2 earlier checkpoint(s)" in r.stderr
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)] == ["step-000000011.pt"]
+    replaced = glob.glob(os.path.join(d, "checkpoints", "replaced-*", "*.pt"))
+    assert sorted(map(os.path.basename, replaced)) == sorted(map(os.path.basename, old))
+
+
+def test_every_steps_at_epoch_end_without_epoch_checkpoints(tmp_path):
+    d = str(tmp_path / "run")
+    r = run_module("largebatch.train", "train.epochs=2", "checkpoint.every_steps=11", "checkpoint.at_epoch_end=false",
+                   f"run.dir={d}")
+    assert r.returncode == 0
+    assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)] == ["step-000000022.pt", "step-000000011.pt"]
+
+
+def test_two_workers_refuse_a_live_lock_in_one_line(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    results = launch_workers(2, "largebatch.train", f"run.dir={d}")
+    assert [r.returncode for r in results] == [2, 2]
+    assert "is in use by" in results[0].stderr and "Traceback" not in results[0].stderr + results[1].stderr

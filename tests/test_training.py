@@ -82,6 +82,7 @@ def test_default_outputs(default_run):
     epochs = [x for x in lines if x["event"] == "epoch"]
     assert [e["epoch"] for e in epochs] == list(range(1, cfg["train"]["epochs"] + 1))
     assert set(epochs[0]) == {"event", "epoch", "step", "train_loss", "val_loss", "val_acc", "val_acc_top5", "lr",
+                              "skipped_steps",
                               "samples_per_sec", "elapsed_s"}
     assert epochs[-1]["step"] == cfg["train"]["epochs"] * (1438 // 128)
     summary = lines[-1]

@@ -43,7 +43,7 @@ class RunConfig:
 
     def __post_init__(self):
         _require(bool(self.dir), "run.dir", self.dir, "give a folder path")
-        _require(self.seed >= 0, "run.seed", self.seed, "use an integer >= 0")
+        _require(0 <= self.seed < 2**32, "run.seed", self.seed, "use an integer in [0, 2**32)")
         if self.cost_per_node_hour is not None:
             _require(self.cost_per_node_hour >= 0, "run.cost_per_node_hour", self.cost_per_node_hour,
                      "use null or a price >= 0")

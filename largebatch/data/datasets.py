@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from largebatch.errors import UsageError
+
 DIGITS_FILE = os.path.join(os.path.dirname(__file__), "digits.npz")
 _SPLIT_SEED = 20170608  # fixed: the validation split does not move with run.seed
 _SYNTHETIC_SEED = 1234  # fixed: synthetic images are the same data whatever run.seed
@@ -139,7 +141,9 @@ def build_datasets(cfg):
         num_classes = cfg.num_classes
     elif cfg.name == "imagefolder":
         if cfg.cache:
-            train, val, names = _decoded_imagefolder(os.path.abspath(cfg.root or ""), cfg.image_size)
+            if not cfg.root:
+                raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
+            train, val, names = _decoded_imagefolder(os.path.abspath(cfg.root), cfg.image_size)
         else:
             from largebatch.data.imagefolder import load_imagefolder
 

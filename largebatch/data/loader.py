@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from largebatch.batching import BatchPlan
@@ -14,9 +15,11 @@ def _as_batch(fetched):
 
 
 def _loader(dataset: Dataset, batch_sampler, num_workers: int, pin_memory: bool) -> DataLoader:
+    # Its own generator: creating an iterator then draws no number from the global RNG, which a
+    # resumed run restores exactly (dropout masks would otherwise shift).
     return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=_as_batch, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0,
-                      prefetch_factor=4 if num_workers > 0 else None)
+                      prefetch_factor=4 if num_workers > 0 else None, generator=torch.Generator().manual_seed(0))
 
 
 def train_loader(dataset: Dataset, plan: BatchPlan, rank: int, seed: int, num_workers: int = 0,

@@ -51,6 +51,23 @@ def cpu_threads(topology: Topology, environ=os.environ) -> Optional[int]:
     return max(1, cores // topology.local_world_size)
 
 
+def _rendezvous_store(topology: Topology, timeout_s: float):
+    """The key-value store the workers meet in, with keys scoped to this launch attempt.
+
+    torchrun's agent keeps one store across ``--max-restarts`` attempts; without a per-attempt
+    prefix a restarted worker can read the address of a dead worker of the previous attempt and
+    fail to connect. Without an agent, rank 0 hosts the store.
+    """
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        raise UsageError("MASTER_ADDR and MASTER_PORT must be set for several workers; launch with torchrun")
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, int(port), world_size=topology.world_size, is_master=not agent and topology.rank == 0,
+                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=not agent)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"largebatch/attempt-{attempt}/", store)
+
+
 class Communicator:
     """Owns the process group (when there is more than one worker) and DDP wrapping."""
 
@@ -61,11 +78,13 @@ class Communicator:
         self.device = device
         self.bucket_mb = bucket_mb
         self.distributed = topology.world_size > 1
+        self.store = None
         if self.distributed and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
+            self.store = _rendezvous_store(topology, timeout_s)
             dist.init_process_group(backend=backend, rank=topology.rank, world_size=topology.world_size,
-                                    timeout=timedelta(seconds=timeout_s))
+                                    timeout=timedelta(seconds=timeout_s), store=self.store)
         self.timeout_s = timeout_s
 
     # -- models --------------------------------------------------------------------------------
@@ -105,8 +124,8 @@ class Communicator:
         dist.all_gather_object(out, obj)
         return out
 
-    def raise_if_any_failed(self, error: Optional[BaseException]) -> None:
-        """Agree on failure: if any worker hit a :class:`UsageError`, every worker raises it.
+    def raise_if_any_failed(self, error: Optional[BaseException], kind: type = UsageError) -> None:
+        """Agree on failure: if any worker hit an error of ``kind``, every worker raises it.
 
         Called after set-up steps that may fail on one worker only (a missing file on one node),
         so that no worker goes on into a collective the failed one will never join.
@@ -114,11 +133,11 @@ class Communicator:
         messages = self.all_gather_object(None if error is None else str(error))
         failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
         if failed:
-            if error is not None and not isinstance(error, UsageError):
+            if error is not None and not isinstance(error, kind):
                 raise error
             rank, message = failed[0]
             prefix = "" if rank == 0 or self.topology.world_size == 1 else f"rank {rank}: "
-            raise UsageError(prefix + message)
+            raise kind(prefix + message)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every worker."""
@@ -157,9 +176,8 @@ class Communicator:
                 missing[rank] = last
         return missing
 
-    @staticmethod
-    def _store():
-        return dist.distributed_c10d._get_default_store()
+    def _store(self):
+        return self.store if self.store is not None else dist.distributed_c10d._get_default_store()
 
     def barrier(self) -> None:
         if self.distributed:

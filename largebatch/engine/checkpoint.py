@@ -13,6 +13,7 @@ import json
 import os
 import re
 import sys
+import time
 from typing import Any, Optional
 
 import torch
@@ -60,6 +61,21 @@ def list_checkpoints(run_dir: str) -> list[str]:
         if m:
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def move_aside(run_dir: str) -> Optional[str]:
+    """Move the step checkpoints of an earlier run into ``checkpoints/replaced-<time>/`` (kept, but
+    no longer found by ``resume: auto``). Returns that folder, or None when there was nothing."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    folder = os.path.join(checkpoint_dir(run_dir), f"replaced-{int(time.time())}")
+    os.makedirs(folder, exist_ok=True)
+    for path in found:
+        os.replace(path, os.path.join(folder, os.path.basename(path)))
+    fsync_dir(checkpoint_dir(run_dir))
+    print(f"largebatch: warning: moved {len(found)} earlier checkpoint(s) to {folder}", file=sys.stderr, flush=True)
+    return folder
 
 
 def save(state: dict, run_dir: str, step: int, keep: int) -> str:

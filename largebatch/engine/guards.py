@@ -24,25 +24,36 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
-                    print(f"largebatch: warning: taking over the lock of dead process {owner.get('pid')} "
-                          f"in {self.path}", file=sys.stderr, flush=True)
-                    os.unlink(self.path)
-                    continue
-                where = f"pid {owner.get('pid')} on {owner.get('host')}"
-                raise UsageError(f"run.dir '{os.path.dirname(self.path)}' is in use by {where}; choose another "
-                                 f"run.dir, or delete {self.path} if that run is gone") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
-            return
+        # The content is written first and linked into place: a lock is never seen half-written.
+        tmp = f"{self.path}.{me['pid']}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(me, fh)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    self.held = True
+                    return
+                except FileExistsError:
+                    owner = self._owner()
+                    if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                        print(f"largebatch: warning: taking over the lock of dead process {owner.get('pid')} "
+                              f"in {self.path}", file=sys.stderr, flush=True)
+                        try:  # only one of several takers wins the rename; the others retry the link
+                            os.rename(self.path, f"{self.path}.stale.{me['pid']}")
+                            os.unlink(f"{self.path}.stale.{me['pid']}")
+                        except FileNotFoundError:
+                            pass
+                        continue
+                    where = f"pid {owner.get('pid')} on {owner.get('host')}"
+                    raise UsageError(f"run.dir '{folder}' is in use by {where}; choose another run.dir, or "
+                                     f"delete {self.path} if that run is gone") from None
+            raise UsageError(f"could not take the lock {self.path}; delete it if no run uses {folder}")
+        finally:
+            os.unlink(tmp)
 
     def _owner(self) -> dict:
         try:

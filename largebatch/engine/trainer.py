@@ -94,6 +94,8 @@ class _Position:
     train_time: float = 0.0
     elapsed: float = 0.0
     skipped_steps: int = 0
+    skipped_in_epoch: int = 0
+    nonfinite_in_a_row: int = 0
 
 
 class Trainer:
@@ -120,31 +122,48 @@ class Trainer:
             # waiting in the first collective: every worker learns of it and stops with the same error.
             self.comm.raise_if_any_failed(error)
             self._check_same_everywhere()
+            self._connect()
         except BaseException:
             self.close()
             raise
 
     def _build(self) -> None:
+        """Everything that may fail on some workers only; nothing here runs a collective."""
         cfg, topo = self.cfg, self.topology
         if topo.is_main:
-            self.lock.acquire()
+            try:
+                self.lock.acquire()
+            except OSError as exc:
+                raise UsageError(f"run.dir '{cfg.run.dir}' cannot be written ({exc.strerror}); "
+                                 "choose a writable folder") from None
         if cfg.log.tensorboard and topo.is_main:
             tensorboard_writer_class()
         self.train_set, self.val_set, self.info = build_datasets(cfg.data)
+        if cfg.train.target_metric == "top5" and self.info.num_classes <= 5:
+            raise UsageError(f"train.target_metric=top5 needs more than 5 classes; {cfg.data.name} has "
+                             f"{self.info.num_classes}: use top1")
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
         torch.manual_seed(cfg.run.seed)
         try:
-            model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
-                                 norm=cfg.model.norm, width=cfg.model.width, image_size=self.info.image_size,
-                                 zero_init_residual=cfg.model.zero_init_residual)
+            self.bare_model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
+                                           norm=cfg.model.norm, width=cfg.model.width,
+                                           image_size=self.info.image_size,
+                                           zero_init_residual=cfg.model.zero_init_residual)
         except ValueError as exc:
             raise UsageError(f"model.name={cfg.model.name} does not fit {cfg.data.name} images of "
                              f"{self.info.image_size}x{self.info.image_size}: {exc}; set data.image_size "
                              "or choose another model") from None
         self.resume_state = self._find_resume_state() if topo.is_main else None
+        if topo.is_main and cfg.checkpoint.resume != "auto":
+            ckpt.move_aside(cfg.run.dir)  # a fresh start must not later resume an older run's checkpoint
+
+    def _connect(self) -> None:
+        """After every worker built without error: DDP (which broadcasts rank 0's weights), the
+        optimizer and the loaders."""
+        cfg, topo = self.cfg, self.topology
         if self.resume_state is not None:
-            model.load_state_dict(self.resume_state["model"])  # rank 0's weights; DDP broadcasts them
-        self.model = self.comm.wrap_model(model.to(self.device))
+            self.bare_model.load_state_dict(self.resume_state["model"])
+        self.model = self.comm.wrap_model(self.bare_model.to(self.device))
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         pin = self.device.type == "cuda"
         self.loader, self.sampler = train_loader(self.train_set, self.plan.batch, topo.rank, cfg.run.seed,
@@ -189,9 +208,10 @@ class Trainer:
         ckpt.set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
         if same_world:
             loss_part, window_part = state["loss_parts"][topo.rank], state["window_parts"][topo.rank]
-        else:
-            loss_part = sum(state["loss_parts"]) if topo.is_main else 0.0
-            window_part = sum(state["window_parts"]) if topo.is_main else 0.0
+        else:  # each part is a sum of per-worker means: rescale to the new number of workers
+            scale = topo.world_size / state["world_size"]
+            loss_part = sum(state["loss_parts"]) * scale if topo.is_main else 0.0
+            window_part = sum(state["window_parts"]) * scale if topo.is_main else 0.0
         pos = _Position(**state["position"])
         where = f"epoch {pos.epoch + 1}, step {pos.step}"
         progress.print(f"resuming from {state.get('path', 'checkpoint')} at {where}"
@@ -204,8 +224,17 @@ class Trainer:
         """All workers take part (their RNG states and partial sums); rank 0 writes."""
         rngs = self.comm.all_gather_object(ckpt.rng_state(self.device))
         parts = self.comm.all_gather_object((float(loss_sum.item()), float(window_loss.item())))
-        if not self.topology.is_main:
-            return
+        error = None
+        if self.topology.is_main:
+            try:
+                self._write_checkpoint(pos, record, rngs, parts, window_steps)
+            except OSError as exc:
+                error = RunStopped(f"cannot write a checkpoint to {ckpt.checkpoint_dir(self.cfg.run.dir)} "
+                                   f"({exc.strerror}); free space or fix permissions, then run again to resume")
+        # every worker learns whether rank 0 managed, so none waits for a rank 0 that has stopped
+        self.comm.raise_if_any_failed(error, kind=RunStopped)
+
+    def _write_checkpoint(self, pos: _Position, record: _Record, rngs: list, parts: list, window_steps: int) -> None:
         cfg = self.cfg
         state = dict(model=self.comm.unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
@@ -226,10 +255,11 @@ class Trainer:
                              keep_until_step=pos.step if self.resume_state is not None else None)
         stop = StopSignal()
         stop.install()
-        result, lr, in_a_row = None, schedule(pos.step), 0
+        result, lr = None, schedule(pos.step)
+        finished = cfg.train.stop_at_target and record.epoch_to_target is not None  # resumed after the target
         start = time.perf_counter() - pos.elapsed
         try:
-            while pos.epoch < plan.epochs:
+            while pos.epoch < plan.epochs and not finished:
                 epoch = pos.epoch
                 self.model.train()
                 self.sampler.set_epoch(epoch, pos.step_in_epoch)
@@ -242,20 +272,24 @@ class Trainer:
                 loss_part, window_part, window_steps = 0.0, 0.0, 0
                 progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, initial=pos.step_in_epoch)
                 epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
+                steps_run = 0  # in this process: a resumed epoch runs only part of its steps
                 while pos.step_in_epoch < plan.steps_per_epoch:
                     lr = schedule(pos.step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     step_loss, wait, finite = self._train_step(batches, bp.accum_steps, bp.per_worker_batch, pos.step)
                     if finite:
-                        in_a_row = 0
+                        pos.nonfinite_in_a_row = 0
                         loss_sum += step_loss
                         window_loss += step_loss
+                        window["steps"] += 1  # finite steps: the denominator of the window's mean loss
                     else:
-                        self._nonfinite(pos, in_a_row := in_a_row + 1)
+                        pos.skipped_in_epoch += 1
+                        pos.nonfinite_in_a_row += 1
+                        self._nonfinite(pos)
                     window["wait"] += wait
-                    window["steps"] += 1
                     window["timed"] += 1
+                    steps_run += 1
                     pos.step += 1
                     pos.step_in_epoch += 1
                     if every and pos.step % every == 0:
@@ -266,8 +300,8 @@ class Trainer:
                         progress.step(lr=f"{lr:.4g}")
                     stopping = self.comm.any(stop.received is not None)
                     every_ckpt = cfg.checkpoint.every_steps
-                    if stopping or (every_ckpt and pos.step % every_ckpt == 0
-                                    and pos.step_in_epoch < plan.steps_per_epoch):
+                    epoch_end_covered = pos.step_in_epoch == plan.steps_per_epoch and cfg.checkpoint.at_epoch_end
+                    if stopping or (every_ckpt and pos.step % every_ckpt == 0 and not epoch_end_covered):
                         now = time.perf_counter()
                         epoch_time += now - segment
                         pos.train_time += now - segment
@@ -285,7 +319,7 @@ class Trainer:
                 epoch_time += time.perf_counter() - segment
                 pos.train_time += time.perf_counter() - segment
                 progress.end_epoch()
-                counted = plan.steps_per_epoch * topo.world_size
+                counted = max(plan.steps_per_epoch - pos.skipped_in_epoch, 1) * topo.world_size
                 train_loss = self.comm.all_reduce_sum(loss_sum).item() / counted
                 if cfg.train.precise_bn_images:
                     self._precise_bn(epoch)
@@ -294,7 +328,7 @@ class Trainer:
                 pos.elapsed = time.perf_counter() - start
                 reached = record.update(epoch + 1, result, pos.elapsed, cfg.train.target_accuracy,
                                         cfg.train.target_metric)
-                sps = plan.steps_per_epoch * bp.global_batch / max(epoch_time, 1e-9)
+                sps = steps_run * bp.global_batch / max(epoch_time, 1e-9)
                 top5 = {} if result.top5 is None else {"val_acc_top5": result.top5}
                 metrics.write("epoch", epoch=epoch + 1, step=pos.step, train_loss=train_loss, val_loss=result.loss,
                               val_acc=result.accuracy, **top5, lr=lr, samples_per_sec=sps, elapsed_s=pos.elapsed,
@@ -303,7 +337,7 @@ class Trainer:
                                f"val_loss {result.loss:.4f}  val_acc {result.accuracy:.4f}"
                                + (f"  top5 {result.top5:.4f}" if result.top5 is not None else "")
                                + f"  lr {lr:.4g}  {sps:,.0f} img/s  {pos.elapsed:.1f}s")
-                pos.epoch, pos.step_in_epoch = epoch + 1, 0
+                pos.epoch, pos.step_in_epoch, pos.skipped_in_epoch = epoch + 1, 0, 0
                 window_part, window_steps = float(window_loss.item()), window["steps"]
                 if cfg.checkpoint.at_epoch_end:
                     self._save_checkpoint(pos, record, torch.zeros((), dtype=torch.float64), window_loss,
@@ -320,15 +354,21 @@ class Trainer:
         summary = self._summary(result, record, pos, time.perf_counter() - start)
         metrics.write("summary", **summary)
         metrics.close()
+        error = None
         if topo.is_main:
-            save_torch_atomic({"model": self.comm.unwrap(self.model).state_dict(), "step": pos.step,
-                               "epoch": pos.epoch, "config": to_dict(cfg)},
-                              os.path.join(cfg.run.dir, "checkpoints", "final.pt"))
-            progress.print(_closing_line(summary, cfg))
+            final = os.path.join(cfg.run.dir, "checkpoints", "final.pt")
+            try:
+                save_torch_atomic({"model": self.comm.unwrap(self.model).state_dict(), "step": pos.step,
+                                   "epoch": pos.epoch, "config": to_dict(cfg)}, final)
+            except OSError as exc:
+                error = RunStopped(f"cannot write {final} ({exc.strerror}); the last step checkpoint holds the run")
+            else:
+                progress.print(_closing_line(summary, cfg))
+        self.comm.raise_if_any_failed(error, kind=RunStopped)
         self.comm.barrier()
         return summary
 
-    def _nonfinite(self, pos: _Position, in_a_row: int) -> None:
+    def _nonfinite(self, pos: _Position) -> None:
         """A step whose loss or gradient was not finite was not applied: count it, or stop."""
         cfg = self.cfg
         pos.skipped_steps += 1
@@ -336,8 +376,8 @@ class Trainer:
         kept = f"; the last good checkpoint is {newest[0]}" if newest else ""
         if cfg.train.on_nonfinite == "stop":
             raise RunStopped(f"non-finite loss or gradient at step {pos.step} (train.on_nonfinite=stop){kept}")
-        if in_a_row >= cfg.train.max_skipped_steps:
-            raise RunStopped(f"non-finite loss or gradient in {in_a_row} steps in a row, the last at step "
+        if pos.nonfinite_in_a_row >= cfg.train.max_skipped_steps:
+            raise RunStopped(f"non-finite loss or gradient in {pos.nonfinite_in_a_row} steps in a row, the last at step "
                              f"{pos.step} (train.max_skipped_steps={cfg.train.max_skipped_steps}){kept}")
         if self.topology.is_main:
             print(f"largebatch: warning: skipped step {pos.step}: non-finite loss or gradient", flush=True,
@@ -362,7 +402,8 @@ class Trainer:
                    window_loss: torch.Tensor, window: dict) -> None:
         """A step line: mean loss over the steps since the last one (all workers), lr, images/s and
         the share of this worker's time spent waiting for data."""
-        loss = self.comm.all_reduce_sum(window_loss.clone()).item() / (window["steps"] * self.topology.world_size)
+        finite_steps = window["steps"] * self.topology.world_size
+        loss = self.comm.all_reduce_sum(window_loss.clone()).item() / finite_steps if finite_steps else float("nan")
         seconds = max(time.perf_counter() - window["start"], 1e-9)
         sps = window["timed"] * self.plan.batch.global_batch / seconds
         metrics.write("step", epoch=epoch + 1, step=step, loss=loss, lr=lr, samples_per_sec=sps,
@@ -388,8 +429,8 @@ class Trainer:
         """Recompute BatchNorm statistics from this epoch's first training micro-batches."""
         bp = self.plan.batch
         per_worker = -(-self.cfg.train.precise_bn_images // bp.world_size)
-        count = min(-(-per_worker // bp.micro_batch), len(self.sampler))
         self.sampler.set_epoch(epoch)
+        count = min(-(-per_worker // bp.micro_batch), len(self.sampler))
         batches = itertools.islice(iter(self.loader), count)
         recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
 
