@@ -86,8 +86,11 @@ def _lamb_single(params, grads, states, group) -> None:
 
 
 def _lamb_foreach(params, grads, states, group) -> None:
-    """Multi-tensor path: the same arithmetic with ``torch._foreach_*`` kernels.
+    """Multi-tensor path: the same update with ``torch._foreach_*`` kernels and fewer passes.
 
+    With c = sqrt(1 - beta2^t) / (1 - beta1^t), r = c * m / (sqrt(v) + eps * sqrt(1 - beta2^t)). The
+    kernels compute u' = m / (sqrt(v) + eps') + (weight_decay / c) * p, so that u = c * u'; in an
+    adapt group the trust ratio ||p|| / ||u|| then cancels c: p -= lr * (||p|| / ||u'||) * u'.
     Tensors are grouped by step count so that bias corrections are shared (they normally all match).
     """
     beta1, beta2 = group["betas"]
@@ -97,21 +100,26 @@ def _lamb_foreach(params, grads, states, group) -> None:
     for t, idx in by_step.items():
         ps, gs = [params[i] for i in idx], [grads[i] for i in idx]
         ms, vs = [states[i]["exp_avg"] for i in idx], [states[i]["exp_avg_sq"] for i in idx]
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1 - beta1)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
         bc1, bc2_sqrt = _direction_scale(t, group)
+        c = bc2_sqrt / bc1
         denom = torch._foreach_sqrt(vs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
-        u = torch._foreach_div(ms, denom)
-        torch._foreach_div_(u, bc1)
+        torch._foreach_add_(denom, group["eps"] * bc2_sqrt)
         if group["weight_decay"] != 0:
-            torch._foreach_add_(u, ps, alpha=group["weight_decay"])
+            u = torch._foreach_mul(ps, group["weight_decay"] / c)
+            torch._foreach_addcdiv_(u, ms, denom)
+        else:
+            u = torch._foreach_div(ms, denom)
+        del denom
         if group["adapt"]:
             p_norm = torch.stack(torch._foreach_norm([wide(p) for p in ps]))
             u_norm = torch.stack(torch._foreach_norm([wide(x) for x in u]))
-            trust = _trust(p_norm, u_norm)
-            torch._foreach_mul_(u, [s.to(x.dtype) for s, x in zip(trust.unbind(), u)])
-        torch._foreach_add_(ps, u, alpha=-group["lr"])
+            ok = (p_norm > 0) & (u_norm > 0)
+            scale = torch.where(ok, p_norm / torch.where(ok, u_norm, torch.ones_like(u_norm)),
+                                torch.full_like(p_norm, c)) * -group["lr"]
+            torch._foreach_mul_(u, [x.to(y.dtype) for x, y in zip(scale.unbind(), u)])
+            torch._foreach_add_(ps, u)
+        else:
+            torch._foreach_add_(ps, u, alpha=-group["lr"] * c)
