@@ -171,6 +171,24 @@ def main() -> None:
     print(text)
     if plot(results, args.small_batch, args.factors, os.path.join(args.out, "batch_scaling.png")):
         print(f"plot: {os.path.join(args.out, 'batch_scaling.png')}")
+        curves(args, jobs)
+
+
+def curves(args, jobs) -> None:
+    """Per-run curves (accuracy, loss, lr, throughput) of the first seed, drawn by largebatch.report:
+    the baseline and every method at the largest batch."""
+    from largebatch import report
+
+    largest = args.small_batch * max(args.factors)
+    chosen = [(m, b) for m, b in jobs if b == largest or (m == "sgd" and b == args.small_batch)]
+    runs = [report.load_run(os.path.join(args.out, "runs", f"{m}-b{b}-s{args.seeds[0]}")) for m, b in chosen]
+    report.label_runs(runs)
+    folder = os.path.join(args.out, "curves")
+    os.makedirs(folder, exist_ok=True)
+    report.plot_runs(runs, folder)
+    with open(os.path.join(folder, "summary.md"), "w") as fh:
+        fh.write(report.summary_table(runs) + "\n")
+    print(f"curves: {folder}/")
 
 
 if __name__ == "__main__":

@@ -224,3 +224,20 @@ def test_two_workers_refuse_a_live_lock_in_one_line(tmp_path):
     results = launch_workers(2, "largebatch.train", f"run.dir={d}")
     assert [r.returncode for r in results] == [2, 2]
     assert "is in use by" in results[0].stderr and "Traceback" not in results[0].stderr + results[1].stderr
+
+
+def test_workers_with_different_configs_are_stopped(tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    procs = []
+    for rank, lr in ((0, "0.2"), (1, "0.3")):
+        env = _env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, "-m", "largebatch.train", f"optim.base_lr={lr}",
+                                       f"run.dir={tmp_path}"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "workers [1] run a different config or largebatch version" in outs[0][1]
+    assert "Traceback" not in outs[0][1] + outs[1][1]
