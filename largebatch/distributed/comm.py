@@ -7,6 +7,7 @@ the optimizers call :class:`Communicator` and never touch a collective themselve
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Optional
@@ -186,3 +187,7 @@ class Communicator:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+        # Release the store here, not at interpreter exit, where destroying its client threads
+        # can abort the process.
+        self.store = None
+        gc.collect()
