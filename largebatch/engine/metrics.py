@@ -86,6 +86,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.bar_enabled = enabled and self.stream.isatty()
         self._bar = None
+        self._postfix: dict = {}
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -103,10 +104,12 @@ class Progress:
                              leave=False, dynamic_ncols=True, unit="step")
 
     def step(self, **postfix) -> None:
+        """Advance the bar; ``postfix`` values (loss, lr, img_s, eta) replace those of the same name."""
         if self._bar is not None:
             self._bar.update(1)
             if postfix:
-                self._bar.set_postfix(postfix, refresh=False)
+                self._postfix.update(postfix)
+                self._bar.set_postfix(self._postfix, refresh=False)
 
     def end_epoch(self) -> None:
         if self._bar is not None:
