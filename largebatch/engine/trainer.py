@@ -474,7 +474,7 @@ class Trainer:
         """The backward pass that carries the gradient allreduce; a timeout names the missing workers."""
         try:
             loss.backward()
-        except RuntimeError as exc:
+        except RuntimeError:
             if not self.comm.distributed:
                 raise
             missing = self.comm.missing_ranks(step)
@@ -488,11 +488,6 @@ class Trainer:
     def close(self) -> None:
         self.comm.close()
         self.lock.release()
-
-
-def record_epoch(step: int, plan: RunPlan) -> int:
-    """Epochs completed after ``step`` optimizer steps."""
-    return step // plan.steps_per_epoch
 
 
 def _closing_line(summary: dict, cfg: Config) -> str:
