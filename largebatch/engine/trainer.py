@@ -213,7 +213,8 @@ class Trainer:
             loss_part = sum(state["loss_parts"]) * scale if topo.is_main else 0.0
             window_part = sum(state["window_parts"]) * scale if topo.is_main else 0.0
         pos = _Position(**state["position"])
-        where = f"epoch {pos.epoch + 1}, step {pos.step}"
+        where = (f"epoch {pos.epoch + 1}, step {pos.step}" if pos.epoch < self.plan.epochs
+                 else f"the end of the run (step {pos.step}): nothing left to train")
         progress.print(f"resuming from {state.get('path', 'checkpoint')} at {where}"
                        + ("" if same_world else f" on {topo.world_size} workers instead of {state['world_size']}: "
                           f"same global batch {bp.global_batch}, same data position"))
