@@ -38,15 +38,15 @@ def flat_config(cfg_dict: dict) -> dict:
     return {f"{s}.{k}": v for s, body in cfg_dict.items() for k, v in body.items()}
 
 
-def config_hash(cfg_dict: dict, *, ignore: frozenset = frozenset()) -> str:
-    flat = {k: v for k, v in flat_config(cfg_dict).items() if k not in ignore}
-    return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def config_hash(cfg_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(flat_config(cfg_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ, other than the safe ones."""
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for the keys that differ, other than the safe ones."""
     a, b = flat_config(saved), flat_config(current)
-    return sorted(k for k in set(a) | set(b) if k not in SAFE_TO_CHANGE and a.get(k) != b.get(k))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in SAFE_TO_CHANGE and a.get(k) != b.get(k)]
 
 
 def checkpoint_dir(run_dir: str) -> str:

@@ -179,8 +179,7 @@ class Trainer:
             return None
         differing = ckpt.config_differences(state["config"], to_dict(cfg))
         if differing:
-            shown = ", ".join(f"{k} ({ckpt.flat_config(state['config']).get(k)!r} -> "
-                              f"{ckpt.flat_config(to_dict(cfg)).get(k)!r})" for k in differing[:6])
+            shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in differing[:6])
             raise UsageError(f"checkpoint {state.get('path', cfg.checkpoint.resume)} was made with a different "
                              f"config: {shown}; use the same values, another run.dir, or checkpoint.resume=never")
         return state
@@ -259,6 +258,10 @@ class Trainer:
         result, lr = None, schedule(pos.step)
         finished = cfg.train.stop_at_target and record.epoch_to_target is not None  # resumed after the target
         start = time.perf_counter() - pos.elapsed
+        # The step-line window (mean loss since the last step line) runs across epochs and resumes;
+        # its timing fields are reset each epoch, so they cover training time only.
+        window_loss = torch.full((), window_part, dtype=torch.float64, device=self.device)
+        window = dict(steps=window_steps)
         try:
             while pos.epoch < plan.epochs and not finished:
                 epoch = pos.epoch
@@ -266,11 +269,8 @@ class Trainer:
                 self.sampler.set_epoch(epoch, pos.step_in_epoch)
                 batches = iter(self.loader)
                 loss_sum = torch.full((), loss_part, dtype=torch.float64, device=self.device)
-                window_loss = torch.full((), window_part, dtype=torch.float64, device=self.device)
-                # The step-line window (loss since the last step line) runs across epochs and resumes;
-                # its timing covers only the steps timed since `start`.
-                window = dict(start=time.perf_counter(), wait=0.0, steps=window_steps, timed=0)
-                loss_part, window_part, window_steps = 0.0, 0.0, 0
+                loss_part = 0.0
+                window.update(start=time.perf_counter(), wait=0.0, timed=0)
                 progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, initial=pos.step_in_epoch)
                 epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
                 steps_run = 0  # in this process: a resumed epoch runs only part of its steps
@@ -339,7 +339,6 @@ class Trainer:
                                + (f"  top5 {result.top5:.4f}" if result.top5 is not None else "")
                                + f"  lr {lr:.4g}  {sps:,.0f} img/s  {pos.elapsed:.1f}s")
                 pos.epoch, pos.step_in_epoch, pos.skipped_in_epoch = epoch + 1, 0, 0
-                window_part, window_steps = float(window_loss.item()), window["steps"]
                 if cfg.checkpoint.at_epoch_end:
                     self._save_checkpoint(pos, record, torch.zeros((), dtype=torch.float64), window_loss,
                                           window["steps"])
@@ -373,13 +372,16 @@ class Trainer:
         """A step whose loss or gradient was not finite was not applied: count it, or stop."""
         cfg = self.cfg
         pos.skipped_steps += 1
-        newest = ckpt.list_checkpoints(cfg.run.dir)
-        kept = f"; the last good checkpoint is {newest[0]}" if newest else ""
+
+        def kept() -> str:
+            newest = ckpt.list_checkpoints(cfg.run.dir)
+            return f"; the last good checkpoint is {newest[0]}" if newest else ""
+
         if cfg.train.on_nonfinite == "stop":
-            raise RunStopped(f"non-finite loss or gradient at step {pos.step} (train.on_nonfinite=stop){kept}")
+            raise RunStopped(f"non-finite loss or gradient at step {pos.step} (train.on_nonfinite=stop){kept()}")
         if pos.nonfinite_in_a_row >= cfg.train.max_skipped_steps:
             raise RunStopped(f"non-finite loss or gradient in {pos.nonfinite_in_a_row} steps in a row, the last at step "
-                             f"{pos.step} (train.max_skipped_steps={cfg.train.max_skipped_steps}){kept}")
+                             f"{pos.step} (train.max_skipped_steps={cfg.train.max_skipped_steps}){kept()}")
         if self.topology.is_main:
             print(f"largebatch: warning: skipped step {pos.step}: non-finite loss or gradient", flush=True,
                   file=sys.stderr)
