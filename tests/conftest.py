@@ -26,8 +26,12 @@ class Result:
 
 def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    # Whatever launched pytest (torchrun, mpirun, an sbatch script) must not leak into the runs.
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                     "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID", "SLURM_LOCALID")
+    for k in list(env):
+        if k in launcher_vars or k.startswith(("OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "MPI_LOCAL")):
+            env.pop(k)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})

@@ -19,7 +19,7 @@ NORMS = ("batch", "none")
 OPTIMIZERS = ("sgd", "lars", "larc", "lamb")
 SCALING = ("linear", "sqrt", "none")
 DECAYS = ("constant", "step", "poly", "cosine", "onecycle")
-BACKENDS = ("auto", "nccl", "gloo")
+BACKENDS = ("auto", "nccl", "gloo", "mpi")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -241,12 +241,16 @@ class ScheduleConfig:
 @dataclass
 class CommConfig:
     backend: str = "auto"
-    """Gradient allreduce backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    """Gradient allreduce backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl', 'gloo', or 'mpi'
+    (CPU: MPI's allreduce through mpi4py inside DDP; needs an MPI launch and the 'mpi' extra)."""
     bucket_mb: float = 25.0
     """DDP gradient bucket size in MiB: gradients are allreduced in buckets of about this size,
     overlapped with the backward pass."""
     timeout_s: float = 600.0
     """Longest wait for any collective, in seconds; a worker that never arrives is then named in the error."""
+    master_addr: Optional[str] = None
+    """Address of rank 0 for the rendezvous under mpirun or srun (torchrun brings its own); null:
+    MASTER_ADDR if set, else rank 0's own address (MPI) or the first host of the node list (srun)."""
 
     def __post_init__(self):
         _choice("comm.backend", self.backend, BACKENDS)

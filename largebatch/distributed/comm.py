@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from largebatch.distributed.rendezvous import endpoint
 from largebatch.distributed.topology import Topology
 from largebatch.errors import UsageError
 
@@ -33,11 +34,17 @@ def select_device(topology: Topology) -> torch.device:
 
 
 def select_backend(requested: str, device: torch.device) -> str:
-    """nccl on CUDA and gloo on CPU, unless ``comm.backend`` names one."""
+    """nccl on CUDA and gloo on CPU, unless ``comm.backend`` names one.
+
+    ``mpi`` averages gradients with MPI (a DDP communication hook over mpi4py); the few control
+    collectives then go through gloo.
+    """
     if requested == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if requested == "nccl" and device.type != "cuda":
         raise UsageError("comm.backend=nccl needs CUDA GPUs and none is visible; use comm.backend=gloo on CPU")
+    if requested == "mpi" and device.type != "cpu":
+        raise UsageError("comm.backend=mpi averages CPU gradients; on GPUs use comm.backend=nccl")
     return requested
 
 
@@ -52,53 +59,77 @@ def cpu_threads(topology: Topology, environ=os.environ) -> Optional[int]:
     return max(1, cores // topology.local_world_size)
 
 
-def _rendezvous_store(topology: Topology, timeout_s: float):
+def _rendezvous_store(topology: Topology, timeout_s: float, master_addr: Optional[str]):
     """The key-value store the workers meet in, with keys scoped to this launch attempt.
 
     torchrun's agent keeps one store across ``--max-restarts`` attempts; without a per-attempt
     prefix a restarted worker can read the address of a dead worker of the previous attempt and
-    fail to connect. Without an agent, rank 0 hosts the store.
+    fail to connect. Without an agent, rank 0 hosts the store at the endpoint
+    :func:`largebatch.distributed.rendezvous.endpoint` finds for the launcher.
     """
-    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
-    if not host or not port:
-        raise UsageError("MASTER_ADDR and MASTER_PORT must be set for several workers; launch with torchrun")
+    host, port = endpoint(topology, os.environ, master_addr)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(host, int(port), world_size=topology.world_size, is_master=not agent and topology.rank == 0,
+    store = dist.TCPStore(host, port, world_size=topology.world_size, is_master=not agent and topology.rank == 0,
                           timeout=timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=not agent)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"largebatch/attempt-{attempt}/", store)
+
+
+def _check_mpi_world(topology: Topology) -> None:
+    """comm.backend=mpi needs MPI_COMM_WORLD to be the job's world, which only an MPI launch gives."""
+    from largebatch.distributed import mpi
+
+    size = mpi.size()
+    if size != topology.world_size:
+        raise UsageError(f"comm.backend=mpi: MPI sees {size} process(es) but {topology.launcher} started "
+                         f"{topology.world_size} workers; launch with mpirun/mpiexec (or srun --mpi=pmix), "
+                         "or use comm.backend=gloo")
 
 
 class Communicator:
     """Owns the process group (when there is more than one worker) and DDP wrapping."""
 
     def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: float,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 600.0, master_addr: Optional[str] = None):
         self.topology = topology
         self.backend = backend
         self.device = device
         self.bucket_mb = bucket_mb
         self.distributed = topology.world_size > 1
         self.store = None
+        self.hook = None
+        if self.distributed and backend == "mpi":
+            _check_mpi_world(topology)
         if self.distributed and not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
-            self.store = _rendezvous_store(topology, timeout_s)
-            dist.init_process_group(backend=backend, rank=topology.rank, world_size=topology.world_size,
-                                    timeout=timedelta(seconds=timeout_s), store=self.store)
+            self.store = _rendezvous_store(topology, timeout_s, master_addr)
+            dist.init_process_group(backend="gloo" if backend == "mpi" else backend, rank=topology.rank,
+                                    world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
+                                    store=self.store)
         self.timeout_s = timeout_s
 
     # -- models --------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """DDP for several workers (rank 0's weights are broadcast); the bare model for one."""
+        """DDP for several workers (rank 0's weights are broadcast); the bare model for one.
+
+        With ``comm.backend=mpi`` the gradient buckets are averaged by MPI through
+        :class:`largebatch.distributed.mpi.AllreduceHook`.
+        """
         if not self.distributed:
             return model
-        return DistributedDataParallel(
+        ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=self.bucket_mb,
             gradient_as_bucket_view=True,
         )
+        if self.backend == "mpi":
+            from largebatch.distributed import mpi
+
+            self.hook = self.hook or mpi.AllreduceHook()
+            ddp.register_comm_hook(state=None, hook=self.hook.allreduce)
+        return ddp
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
@@ -185,6 +216,9 @@ class Communicator:
             dist.barrier()
 
     def close(self) -> None:
+        if self.hook is not None:
+            self.hook.close()
+            self.hook = None
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
         # Release the store here, not at interpreter exit, where destroying its client threads

@@ -109,7 +109,8 @@ class Trainer:
             threads = cpu_threads(topology)
             if threads:
                 torch.set_num_threads(threads)
-        self.comm = Communicator(topology, backend, self.device, cfg.comm.bucket_mb, timeout_s=cfg.comm.timeout_s)
+        self.comm = Communicator(topology, backend, self.device, cfg.comm.bucket_mb, timeout_s=cfg.comm.timeout_s,
+                                 master_addr=cfg.comm.master_addr)
         self.lock = RunLock(cfg.run.dir)
         self.faults = FaultInjection.from_env(topology.rank)
         error: Optional[BaseException] = None
