@@ -3,15 +3,30 @@
 #
 # USAGE
 #   launch/torchrun.sh [--nnodes N] [--nproc-per-node P] [--rdzv-endpoint HOST:PORT] [--dry-run]
-#                      [--config FILE] [key=value ...]
+#                      [other torchrun options] [--config FILE] [section.key=value ...]
 #
 #   One node, 2 CPU workers (gloo):
 #       launch/torchrun.sh --nproc-per-node 2
+#   One node, all its GPUs (nccl):
+#       launch/torchrun.sh --nproc-per-node 8 --config configs/cifar10_resnet9.yaml
 #   16 nodes x 8 GPUs at a global batch of 8192 (run the same line on every node):
 #       launch/torchrun.sh --nnodes 16 --nproc-per-node 8 --rdzv-endpoint node001:29500 \
-#           --config configs/X.yaml train.global_batch=8192
-#   Print the plan only:
+#           --config configs/imagenet_resnet50_goyal_8k.yaml train.global_batch=8192
+#   Elastic: restart the workers up to 3 times after a failure (they resume from the newest
+#   checkpoint in run.dir); every other torchrun option passes through the same way:
+#       launch/torchrun.sh --nnodes 16 --nproc-per-node 8 --rdzv-endpoint node001:29500 \
+#           --max-restarts 3 --rdzv-id job42 --config configs/X.yaml
+#   Print the plan and the torchrun command only:
 #       launch/torchrun.sh --nnodes 16 --nproc-per-node 8 --dry-run train.global_batch=8192
+#
+# ARGUMENTS
+#   --nnodes N            nodes (default 1); an elastic range MIN:MAX is planned for MAX
+#   --nproc-per-node P    workers per node: GPUs per node on GPU nodes, 1-2 per socket on CPU (default 1)
+#   --rdzv-endpoint H:P   rendezvous host:port (c10d backend); needed for more than one node
+#   --dry-run             print the plan and the command, start nothing
+#   --config FILE, section.key=value
+#                         go to the trainer (`python -m largebatch.train --help-config`)
+#   anything else         goes to torchrun (--max-restarts 3, --rdzv-id ID, --node-rank R, ...)
 #
 # WHAT IT DOES
 #   Computes world size = nnodes x nproc-per-node, prints the batch plan with
@@ -24,37 +39,55 @@
 #   PYTHON            interpreter to use (default: python3)
 #   OMP_NUM_THREADS   CPU threads per worker; default here: cores / nproc-per-node
 #                     (torchrun alone would set 1)
+#   NCCL_*, GLOO_SOCKET_IFNAME
+#                     passed through to the workers (pick the network interface on multi-NIC nodes)
+#
+# FAILURE MODES
+#   exit 2 before anything starts: a bad argument, or a plan the world cannot run.
+#   A worker that exits with an error: torchrun stops the others and reports the failed rank;
+#     with --max-restarts the group restarts and resumes from the newest checkpoint.
+#   A node that never joins: the other nodes wait at the rendezvous (torchrun's --rdzv-conf
+#     join_timeout, 600 s by default), then exit naming the rendezvous.
 #
 # EXIT STATUS
 #   2 on a bad argument or a plan the world cannot run; otherwise torchrun's status.
 set -euo pipefail
-PYTHON=${PYTHON:-python3}
-nnodes=1; nproc=1; endpoint=""; dry=0; passthrough=()
+LB_NAME=launch/torchrun.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+nnodes=1; nproc=1; endpoint=""; dry=0; trainer=(); torchrun_opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nnodes) nnodes=$2; shift 2 ;;
     --nproc-per-node|--nproc_per_node) nproc=$2; shift 2 ;;
     --rdzv-endpoint|--rdzv_endpoint) endpoint=$2; shift 2 ;;
     --dry-run) dry=1; shift ;;
+    --config) trainer+=("$1" "$2"); shift 2 ;;
+    --) shift; trainer+=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    *) passthrough+=("$1"); shift ;;
+    -*)
+      torchrun_opts+=("$1")
+      if [[ "$1" != *=* && $# -gt 1 && "$2" != -* ]] && ! lb_is_override "$2"; then
+        torchrun_opts+=("$2"); shift
+      fi
+      shift ;;
+    *) lb_is_override "$1" || lb_die "'$1' is neither an option nor a section.key=value override"
+       trainer+=("$1"); shift ;;
   esac
 done
-[[ "$nnodes" =~ ^[1-9][0-9]*$ && "$nproc" =~ ^[1-9][0-9]*$ ]] || {
-  echo "launch/torchrun.sh: error: --nnodes and --nproc-per-node take integers >= 1" >&2; exit 2; }
-world=$((nnodes * nproc))
-"$PYTHON" -m largebatch.plan --world-size "$world" "${passthrough[@]}" || exit $?
-if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
-  export OMP_NUM_THREADS=$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))
-fi
-echo "OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
-if [[ $nnodes -eq 1 && -z "$endpoint" ]]; then
+max_nodes=${nnodes##*:}
+lb_positive_int --nnodes "$max_nodes"
+lb_positive_int --nproc-per-node "$nproc"
+world=$((max_nodes * nproc))
+[[ "$nnodes" == *:* ]] && echo "elastic --nnodes $nnodes: planned for $max_nodes nodes; the trainer checks the plan again for the world it starts with" >&2
+if [[ "$nnodes" == 1 && -z "$endpoint" ]]; then
   rdzv=(--standalone)
 else
-  [[ -n "$endpoint" ]] || { echo "launch/torchrun.sh: error: --nnodes $nnodes needs --rdzv-endpoint HOST:PORT" >&2; exit 2; }
+  [[ -n "$endpoint" ]] || lb_die "--nnodes $nnodes needs --rdzv-endpoint HOST:PORT"
   rdzv=(--rdzv-backend c10d --rdzv-endpoint "$endpoint")
 fi
+lb_plan "$world" "${trainer[@]}"
+lb_omp_threads "$nproc"
 cmd=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" "${rdzv[@]}"
-     -m largebatch.train "${passthrough[@]}")
+     "${torchrun_opts[@]}" -m largebatch.train "${trainer[@]}")
 if [[ $dry -eq 1 ]]; then echo "would run: ${cmd[*]}"; exit 0; fi
 exec "${cmd[@]}"

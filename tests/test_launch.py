@@ -1,0 +1,132 @@
+"""The launch wrappers: the plan they print, the commands they build, and their refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, _env, load_weights
+from test_mpi import MPIEXEC, HAVE_MPI4PY
+
+
+def wrapper(script: str, *args: str, extra_env: dict | None = None, timeout: float = 120):
+    env = _env({"PYTHON": sys.executable, **(extra_env or {})})
+    env.pop("OMP_NUM_THREADS", None)
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)
+    env.update(extra_env or {})
+    return subprocess.run(["bash", os.path.join(REPO, "launch", script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def plan_of(stdout: str) -> dict:
+    rows = {}
+    for line in stdout.splitlines():
+        key, _, value = line.partition("  ")
+        if value.strip():
+            rows[key.strip()] = value.split()[0]
+    return rows
+
+
+def command_of(stdout: str) -> list[str]:
+    line = next(line for line in stdout.splitlines() if line.startswith("would run: "))
+    return line[len("would run: "):].split()
+
+
+GOYAL = ["--config", "configs/imagenet_resnet50_goyal_8k.yaml", "train.global_batch=8192"]
+LARS = ["--config", "configs/imagenet_resnet50_lars_32k.yaml", "train.global_batch=32768"]
+
+
+def test_torchrun_16_nodes_of_8_gpus_at_8192():
+    r = wrapper("torchrun.sh", "--nnodes", "16", "--nproc-per-node", "8", "--rdzv-endpoint", "node001:29500",
+                "--max-restarts", "3", "--dry-run", *GOYAL)
+    assert r.returncode == 0, r.stderr
+    plan = plan_of(r.stdout)
+    assert (plan["workers (world size)"], plan["global batch"], plan["per-worker batch"], plan["micro-batch"],
+            plan["accumulation steps"]) == ("128", "8192", "64", "64", "1")
+    assert plan["scaled lr (peak)"] == "3.2" and plan["warmup steps"] == str(5 * (1281167 // 8192))
+    cmd = command_of(r.stdout)
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--nnodes"] and cmd[4] == "16"
+    assert ["--rdzv-endpoint", "node001:29500"] == cmd[cmd.index("--rdzv-endpoint"):][:2]
+    assert ["--max-restarts", "3"] == cmd[cmd.index("--max-restarts"):][:2]  # elastic options pass through
+    assert cmd[cmd.index("largebatch.train") + 1:] == GOYAL
+    assert "OMP_NUM_THREADS=" in r.stderr
+
+
+def test_mpirun_512_cpu_ranks_at_32768():
+    r = wrapper("mpirun.sh", "-np", "512", "--ranks-per-node", "2", "--hostfile", "hosts.txt", "--bind-to",
+                "socket", "--dry-run", *LARS)
+    assert r.returncode == 0, r.stderr
+    plan = plan_of(r.stdout)
+    assert (plan["workers (world size)"], plan["global batch"], plan["per-worker batch"],
+            plan["accumulation steps"]) == ("512", "32768", "64", "1")
+    cmd = command_of(r.stdout)
+    assert cmd[1:3] == ["-np", "512"]
+    assert ("-ppn" in cmd and cmd[cmd.index("-ppn") + 1] == "2") or "ppr:2:node" in cmd
+    assert ["--bind-to", "socket"] == cmd[cmd.index("--bind-to"):][:2]  # mapping options pass through
+    assert cmd[cmd.index("largebatch.train") + 1:] == LARS
+    assert "2 worker(s) per node" in r.stderr
+
+
+def test_slurm_shapes():
+    r = wrapper("slurm.sbatch", "--nodes", "16", "--ntasks-per-node", "8", "--dry-run", *GOYAL)
+    assert r.returncode == 0, r.stderr
+    assert plan_of(r.stdout)["workers (world size)"] == "128" and plan_of(r.stdout)["per-worker batch"] == "64"
+    assert command_of(r.stdout)[:8] == ["srun", "--kill-on-bad-exit=1", "--nodes", "16", "--ntasks", "128",
+                                        "--ntasks-per-node", "8"]
+    # Inside an allocation the shape is Slurm's: 512 tasks on 256 nodes, threads from --cpus-per-task.
+    inside = {"SLURM_NTASKS": "512", "SLURM_NNODES": "256", "SLURM_CPUS_PER_TASK": "32"}
+    r = wrapper("slurm.sbatch", "--dry-run", "--srun-args", "--mpi=pmix --cpu-bind=sockets", *LARS,
+                extra_env=inside)
+    assert r.returncode == 0, r.stderr
+    assert plan_of(r.stdout)["workers (world size)"] == "512" and plan_of(r.stdout)["per-worker batch"] == "64"
+    assert command_of(r.stdout)[:4] == ["srun", "--kill-on-bad-exit=1", "--mpi=pmix", "--cpu-bind=sockets"]
+    assert "OMP_NUM_THREADS=32, 512 tasks, 2 per node" in r.stderr
+
+
+@pytest.mark.parametrize("script,world", [
+    ("torchrun.sh", ["--nnodes", "16", "--nproc-per-node", "8", "--rdzv-endpoint", "node001:29500"]),
+    ("mpirun.sh", ["-np", "128"]),
+    ("slurm.sbatch", ["--nodes", "16", "--ntasks-per-node", "8"]),
+])
+def test_wrappers_refuse_a_batch_the_world_does_not_divide(script, world):
+    r = wrapper(script, *world, "--dry-run", "train.global_batch=8000")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("largebatch: error: train.global_batch=8000 is not divisible by "
+                                                 "the world size 128; use a multiple of 128, e.g. 7936 or 8064")
+    assert "would run" not in r.stdout
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("torchrun.sh", ["--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint"),
+    ("torchrun.sh", ["--nproc-per-node", "0"], "--nproc-per-node takes an integer >= 1, got '0'"),
+    ("mpirun.sh", ["--ranks-per-node", "2"], "give the number of ranks with -np N"),
+    ("mpirun.sh", ["-np", "4", "epochs=3"], "'epochs=3' is neither an option nor a section.key=value override"),
+    ("mpirun.sh", ["-np", "4", "--hostfile", "/nonexistent/hosts"], "--hostfile '/nonexistent/hosts' does not exist"),
+    ("slurm.sbatch", [], "the world is unknown"),
+])
+def test_wrapper_argument_errors(script, args, message):
+    r = wrapper(script, *args)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "slurm.sbatch"])
+def test_wrappers_document_themselves(script):
+    r = wrapper(script, "--help")
+    assert r.returncode == 0
+    for section in ("USAGE", "ENVIRONMENT", "FAILURE MODES", "EXIT STATUS", "--dry-run"):
+        assert section in r.stdout, section
+
+
+@pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py: pip install -e '.[mpi]'")
+def test_mpirun_wrapper_trains(tmp_path):
+    out = str(tmp_path / "run")
+    r = wrapper("mpirun.sh", "-np", "2", "train.epochs=2", "comm.backend=mpi", f"run.dir={out}",
+                extra_env={"MPIRUN": MPIEXEC})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OMP_NUM_THREADS=" in r.stderr and "2 worker(s) on cpu over mpi (hydra)" in r.stdout + r.stderr
+    assert load_weights(out)
