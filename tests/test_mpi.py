@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,12 +20,8 @@ def _mpiexec() -> str | None:
 
 
 MPIEXEC = _mpiexec()
-try:
-    import mpi4py  # noqa: F401  (only checks it is installed; importing mpi4py.MPI here would init MPI)
-
-    HAVE_MPI4PY = True
-except ImportError:
-    HAVE_MPI4PY = False
+# Only whether it is installed: importing mpi4py.MPI here would initialise MPI in the test process.
+HAVE_MPI4PY = importlib.util.find_spec("mpi4py") is not None
 
 pytestmark = pytest.mark.skipif(
     MPIEXEC is None or not HAVE_MPI4PY,
