@@ -4,8 +4,9 @@
 
 Uses the model's real parameter tensors (ResNet-50: 161 tensors, 25.6M values) with random
 gradients, split into the usual two groups (weights with a trust ratio; biases and BatchNorm
-without). Steps of the optimizers are interleaved, round after round, so that the ratios hold on a
-noisy machine; reports the median step time of each and its ratio to SGD.
+without). Steps of the optimizers are interleaved, round after round (the order rotating from round
+to round), so that the ratios hold on a noisy machine; reports the median step time of each, its
+interquartile range and the ratio of medians to SGD.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def main() -> None:
     }
     opts = {k: f() for k, f in make.items()}
     times: dict[str, list[float]] = {k: [] for k in opts}
+    names = list(opts)
 
     def sync():
         if dev.type == "cuda":
@@ -48,7 +50,9 @@ def main() -> None:
 
     with torch.no_grad():
         for rnd in range(args.repeats + 3):
-            for name, opt in opts.items():
+            # Rotate the order so that no optimizer always runs first or right after the same one.
+            for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+                opt = opts[name]
                 sync()
                 t0 = time.perf_counter()
                 opt.step()
@@ -59,10 +63,11 @@ def main() -> None:
     print(f"{args.model}: {len(list(model.parameters()))} tensors, {n / 1e6:.1f}M parameters, "
           f"device {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     base = statistics.median(times["sgd (foreach)"])
-    print(f"{'optimizer':<16} {'median step':>12} {'vs SGD':>8}")
+    print(f"{'optimizer':<16} {'median step':>12} {'p25-p75 (ms)':>16} {'vs SGD':>8}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:<16} {med * 1e3:>9.2f} ms {med / base:>7.2f}x")
+        q1, _, q3 = statistics.quantiles(ts, n=4)
+        print(f"{name:<16} {med * 1e3:>9.2f} ms {q1 * 1e3:>7.2f}-{q3 * 1e3:<8.2f} {med / base:>7.2f}x")
 
 
 if __name__ == "__main__":

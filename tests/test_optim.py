@@ -47,8 +47,11 @@ def _reference_lars(params, grads, lr, momentum, wd, tc, eps, nesterov, clip, ad
     return ps
 
 
-def _run(opt_cls, params, grads, groups_spec, lr_of_step=None, **kw):
-    ps = [nn.Parameter(p.clone()) for p in params]
+def _run(opt_cls, params, grads, groups_spec, lr_of_step=None, layout=None, **kw):
+    """Steps an optimizer through ``grads`` (a ``None`` gradient leaves that tensor out of a step).
+    ``layout(t)`` may give each parameter and gradient another memory layout with the same values."""
+    layout = layout or torch.clone
+    ps = [nn.Parameter(layout(p)) for p in params]
     groups = [dict(params=[ps[i] for i in idx], **extra) for idx, extra in groups_spec]
     opt = opt_cls(groups, **kw)
     for t, step in enumerate(grads):
@@ -56,7 +59,7 @@ def _run(opt_cls, params, grads, groups_spec, lr_of_step=None, **kw):
             for grp in opt.param_groups:
                 grp["lr"] = lr_of_step(t)
         for p, g in zip(ps, step):
-            p.grad = g.clone()
+            p.grad = None if g is None else layout(g)
         opt.step()
     return [p.detach() for p in ps], opt
 
@@ -100,11 +103,17 @@ def test_lars_paths_agree_in_float32():
 
 
 def _reference_lamb(params, grads, lr, b1, b2, eps, wd, adapt):
+    """The LAMB rule tensor by tensor; a ``None`` gradient skips the tensor (its step count stays)."""
     ps = [p.clone() for p in params]
     m = [torch.zeros_like(p) for p in ps]
     v = [torch.zeros_like(p) for p in ps]
-    for t, step in enumerate(grads, start=1):
+    steps = [0] * len(ps)
+    for step in grads:
         for i, (p, g) in enumerate(zip(ps, step)):
+            if g is None:
+                continue
+            steps[i] += 1
+            t = steps[i]
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
             r = (m[i] / (1 - b1 ** t)) / (torch.sqrt(v[i] / (1 - b2 ** t)) + eps)
@@ -124,6 +133,58 @@ def test_lamb_matches_update_rule(foreach):
                            [True, False, True, True, True])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _transposed(t):
+    """The same values with the last two dimensions stored transposed (not contiguous)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() >= 2 else t.clone()
+
+
+def _channels_last(t):
+    return t.clone(memory_format=torch.channels_last) if t.dim() == 4 else t.clone()
+
+
+@pytest.mark.parametrize("layout,fused", [(None, True), (_channels_last, True), (_transposed, False)])
+def test_lamb_foreach_layouts(layout, fused):
+    """The multi-tensor path on contiguous and channels-last tensors (fused Adam kernel) and on
+    strided ones (plain foreach kernels), with tensors missing gradients at some steps so that step
+    counts in a group differ."""
+    from largebatch.optim import lamb
+
+    make = layout or torch.clone
+    params, grads = _tensors(seed=5)
+    for t, step in enumerate(grads):
+        if t % 3 == 1:
+            step[0] = None  # the 4-d weight (adapt group) lags behind
+        if t % 4 == 2:
+            step[1] = None  # and so does the bias (adapt=False group)
+    assert lamb._fusable(make(params[0]), make(grads[0][0])) == (fused and lamb._has_fused_kernel("cpu"))
+    got, _ = _run(LAMB, params, grads, GROUPS, layout=make, lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                  weight_decay=1e-2, foreach=True)
+    want = _reference_lamb(params, grads, 0.01, 0.8, 0.99, 1e-6, [1e-2, 0.0, 1e-2, 1e-2, 1e-2],
+                           [True, False, True, True, True])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_lamb_paths_agree(device, dtype, tol):
+    """foreach and single-tensor paths in lower precision against the rule in float64 from the same
+    rounded values (the tolerance covers rounding of the parameters themselves)."""
+    params, grads = _tensors(seed=6)
+    low = lambda t: t.to(device, dtype)  # noqa: E731
+    lp = [low(p) for p in params]
+    lg = [[low(g) for g in s] for s in grads]
+    kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2)
+    want = _reference_lamb([p.double() for p in lp], [[g.double() for g in s] for s in lg], 0.01, 0.9, 0.99, 1e-6,
+                           [1e-2, 0.0, 1e-2, 1e-2, 1e-2], [True, False, True, True, True])
+    for foreach in (True, False):
+        got, _ = _run(LAMB, lp, lg, GROUPS, foreach=foreach, **kw)
+        for a, b in zip(got, want):
+            assert a.dtype == dtype and a.device.type == device
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("opt_cls,kw", [(LARS, dict(lr=0.3, nesterov=True)), (LAMB, dict(lr=0.01))])
