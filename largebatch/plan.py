@@ -3,7 +3,8 @@
     python -m largebatch.plan --world-size 512 --config configs/X.yaml [key=value ...]
 
 Shows the workers, per-worker batch, micro-batch, accumulation steps, scaled learning rate,
-warmup and total steps: the same lines rank 0 of a training run prints when it starts.
+warmup and total steps (with train.phases, a table of them per phase): the same lines rank 0 of a
+training run prints when it starts.
 """
 
 from __future__ import annotations

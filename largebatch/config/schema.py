@@ -13,7 +13,9 @@ from typing import Optional
 
 from largebatch.errors import UsageError
 
-DATASETS = ("digits", "synthetic", "imagefolder", "cifar10", "cifar100")
+DATASETS = ("digits", "synthetic", "imagefolder", "cifar10", "cifar100", "packed")
+AUGMENTATIONS = ("none", "auto", "crop_flip", "pad_crop_flip")
+PHASE_KEYS = ("epochs", "image_size", "global_batch")
 MODELS = ("cnn", "mlp", "resnet9", "resnet18", "resnet50", "alexnet_bn")
 NORMS = ("batch", "none")
 OPTIMIZERS = ("sgd", "lars", "larc", "lamb")
@@ -25,6 +27,10 @@ BACKENDS = ("auto", "nccl", "gloo", "mpi")
 def _require(ok: bool, key: str, value, allowed: str) -> None:
     if not ok:
         raise UsageError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _choice(key: str, value, choices) -> None:
@@ -54,14 +60,15 @@ class DataConfig:
     name: str = "digits"
     """Dataset: 'digits' (the bundled 1,797 8x8 handwritten digits), 'synthetic', 'imagefolder'
     (root/train/<class>/<image> and root/val/<class>/<image>), 'cifar10' or 'cifar100' (the
-    python-pickle batches)."""
+    python-pickle batches), or 'packed' (a file made by python -m largebatch.data.pack)."""
     root: Optional[str] = None
-    """Folder the dataset is read from ('imagefolder', 'cifar10', 'cifar100')."""
+    """Folder the dataset is read from ('imagefolder', 'cifar10', 'cifar100'), or the packed file ('packed')."""
     train_samples: Optional[int] = None
     """Training images, for `python -m largebatch.plan` on a machine without the data
     (ImageNet-1k: 1281167). Training always counts the real dataset."""
     image_size: Optional[int] = None
-    """Side of the square images fed to the model, in pixels; null = the dataset's own size."""
+    """Side of the square images fed to the model, in pixels; null = the dataset's own size (a packed
+    file's: the size it was packed at). train.phases may set other sizes per phase."""
     num_samples: int = 10000
     """'synthetic' only: number of training images (the validation set is val_fraction of this)."""
     num_classes: int = 10
@@ -70,9 +77,26 @@ class DataConfig:
     """Share of the data held out for validation, where the dataset has no split of its own.
     The split is fixed (it does not depend on run.seed)."""
     num_workers: int = 0
-    """DataLoader worker processes per training worker; 0 loads in the training process."""
+    """DataLoader worker processes per training worker; 0 loads in the training process. Workers
+    persist across epochs and each keeps 4 batches ready."""
     cache: bool = False
     """'imagefolder': decode every image once at start and keep them in memory (small datasets)."""
+    augment: str = "none"
+    """Training-image augmentation, drawn from (run.seed, epoch, image index) so that it does not
+    depend on the world size or the micro-batch: 'none'; 'crop_flip' (random-resized crop and
+    horizontal flip, the ImageNet recipe); 'pad_crop_flip' (pad by crop_padding, random crop back
+    to size, horizontal flip: the CIFAR recipe); or 'auto' ('pad_crop_flip' for CIFAR, 'crop_flip'
+    for image folders, 'none' for digits and synthetic; a packed file follows its source).
+    Validation images are never augmented."""
+    crop_min_area: float = 0.08
+    """'crop_flip': smallest crop, as a fraction of the image's area, in (0, 1] (Szegedy et al.:
+    0.08). Raise it for small images, where a tiny crop keeps too little of the object."""
+    crop_padding: int = 4
+    """'pad_crop_flip': pixels of reflection padding on each side before the random crop."""
+    on_corrupt: str = "skip"
+    """An image file that cannot be read: 'skip' it (a warning names the file; it counts in
+    skipped_files in the metrics and contributes nothing to the step) or 'error' (stop with a
+    message naming the file)."""
 
     def __post_init__(self):
         _choice("data.name", self.name, DATASETS)
@@ -84,6 +108,11 @@ class DataConfig:
         _require(self.num_classes >= 2, "data.num_classes", self.num_classes, "use an integer >= 2")
         _require(0.0 < self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "use a value in (0, 1)")
         _require(self.num_workers >= 0, "data.num_workers", self.num_workers, "use an integer >= 0")
+        _choice("data.augment", self.augment, AUGMENTATIONS)
+        _require(0.0 < self.crop_min_area <= 1.0, "data.crop_min_area", self.crop_min_area,
+                 "use a fraction of the image area in (0, 1], e.g. 0.08")
+        _require(self.crop_padding >= 1, "data.crop_padding", self.crop_padding, "use a number of pixels >= 1")
+        _choice("data.on_corrupt", self.on_corrupt, ("skip", "error"))
 
 
 @dataclass
@@ -138,6 +167,13 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     eval_batch: int = 1024
     """Images per validation forward pass on one worker (memory only; results do not depend on it)."""
+    phases: list = field(default_factory=list)
+    """Progressive resizing and batch-size phases, in order, e.g. [{epochs: 6, image_size: 128,
+    global_batch: 1024}, {epochs: 3, image_size: 224, global_batch: 512}]: each phase trains its
+    epochs at its image size (null or left out: data.image_size) and global batch (left out:
+    train.global_batch); the batch plan and the scaled lr are recomputed at each boundary and
+    validation uses the last phase's size. The epochs must add up to train.epochs. Empty: one
+    phase of train.epochs at data.image_size and train.global_batch."""
 
     def __post_init__(self):
         _require(self.global_batch >= 1, "train.global_batch", self.global_batch, "use an integer >= 1")
@@ -160,6 +196,29 @@ class TrainConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                  "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")
+        self._check_phases()
+
+    def _check_phases(self) -> None:
+        example = "e.g. [{epochs: 5, image_size: 128, global_batch: 512}]"
+        _require(isinstance(self.phases, list), "train.phases", self.phases, "use a list of phases, " + example)
+        for i, phase in enumerate(self.phases):
+            key = f"train.phases[{i}]"
+            _require(isinstance(phase, dict), key, phase,
+                     "use a mapping with epochs, image_size, global_batch, " + example)
+            unknown = sorted(set(phase) - set(PHASE_KEYS))
+            _require(not unknown, key, phase, f"unknown key(s) {unknown}; a phase takes {', '.join(PHASE_KEYS)}")
+            epochs = phase.get("epochs")
+            _require(_is_int(epochs) and epochs >= 1, f"{key}.epochs", epochs, "use an integer >= 1")
+            size = phase.get("image_size")
+            _require(size is None or (_is_int(size) and size >= 8), f"{key}.image_size", size,
+                     "use null (data.image_size) or a size >= 8 pixels")
+            batch = phase.get("global_batch")
+            _require(batch is None or (_is_int(batch) and batch >= 1), f"{key}.global_batch", batch,
+                     "use null (train.global_batch) or an integer >= 1")
+        if self.phases:
+            total = sum(p["epochs"] for p in self.phases)
+            _require(total == self.epochs, "train.phases", self.phases,
+                     f"their epochs add up to {total} but train.epochs={self.epochs}; make them agree")
 
 
 @dataclass

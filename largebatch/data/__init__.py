@@ -1,8 +1,8 @@
-"""Datasets, world-size-invariant batch sampling and loaders."""
+"""Datasets, augmentation, world-size-invariant batch sampling, loaders and the packed format."""
 
-from largebatch.data.datasets import DatasetInfo, build_datasets
-from largebatch.data.loader import eval_loader, train_loader
-from largebatch.data.sampler import MicroBatchSampler, global_batches, shard_range, steps_per_epoch
+from largebatch.data.datasets import IGNORE, DatasetInfo, Samples, build_datasets
+from largebatch.data.loader import Batches, eval_loader, train_loader
+from largebatch.data.sampler import MicroBatchSampler, Request, global_batches, shard_range, steps_per_epoch
 
-__all__ = ["DatasetInfo", "build_datasets", "train_loader", "eval_loader", "MicroBatchSampler",
-           "global_batches", "shard_range", "steps_per_epoch"]
+__all__ = ["DatasetInfo", "Samples", "IGNORE", "build_datasets", "train_loader", "eval_loader", "Batches",
+           "MicroBatchSampler", "Request", "global_batches", "shard_range", "steps_per_epoch"]

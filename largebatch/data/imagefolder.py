@@ -4,16 +4,24 @@ Images are decoded with Pillow when fetched (in DataLoader worker processes when
 ``data.num_workers > 0``), converted to one colour mode for the whole dataset (grayscale when every
 sampled image is grayscale, else RGB), resized to a square ``image_size`` and normalised with
 per-channel statistics measured on a fixed sample of training images.
+
+A file that cannot be decoded (truncated, empty, not an image) does not stop the run by default
+(``data.on_corrupt: skip``): its place in the batch gets a zero image and the label
+:data:`~largebatch.data.datasets.IGNORE`, so it adds nothing to the loss or to the validation
+counts, and the process that met it prints one warning naming the file.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from largebatch.data.augment import Augment, flips, to_float, transform_uint8
+from largebatch.data.datasets import IGNORE, ImageDataset
 from largebatch.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -26,6 +34,28 @@ def _pil():
     except ImportError:  # pragma: no cover - Pillow is a core dependency
         raise UsageError("data.name=imagefolder needs Pillow; pip install pillow") from None
     return Image
+
+
+def unreadable_message(name: str, reason: str) -> str:
+    return (f"cannot read image '{name}' ({reason}); replace or delete the file, or set data.on_corrupt=skip "
+            "to train without it")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def decode(path: str, mode: str, size: int, aug: Optional[Augment] = None,
+           u: Optional[np.ndarray] = None) -> np.ndarray:
+    """The image at ``path`` as uint8 (size, size, C) in ``mode`` ('L' or 'RGB'), decoded by Pillow:
+    the whole image resized (bilinear, antialiased when shrinking), or augmented by ``aug`` with the
+    uniforms ``u`` (the crop taken from the full-resolution image). Raises whatever Pillow raises
+    for a bad file."""
+    Image = _pil()
+    with Image.open(path) as img:
+        arr = np.array(img.convert(mode))  # writable: torch reads it without a copy
+    return transform_uint8(arr[..., None] if arr.ndim == 2 else arr, size, aug, u)
 
 
 def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -47,37 +77,59 @@ def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]
     return classes, samples
 
 
-class ImageFolder(Dataset):
+class ImageFolder(ImageDataset):
     def __init__(self, samples: list[tuple[str, int]], image_size: int, mode: str, mean: torch.Tensor,
-                 std: torch.Tensor):
+                 std: torch.Tensor, warn: bool = True):
         self.samples, self.image_size, self.mode = samples, image_size, mode
-        self.mean, self.std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+        self.channels = 1 if mode == "L" else 3
+        self.mean, self.std = mean.flatten(), std.flatten()
+        self.warn = warn
+        """Print a warning naming each unreadable file (once per process)."""
+        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def describe(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def read(self, i: int, size: Optional[int] = None, aug: Optional[Augment] = None,
+             u: Optional[np.ndarray] = None) -> np.ndarray:
+        """Image ``i`` as uint8 (size, size, C); raises for an unreadable file."""
+        return decode(self.samples[i][0], self.mode, size or self.image_size, aug, u)
+
     def load(self, i: int) -> torch.Tensor:
         """Image ``i`` as float in [0, 1], shape (C, S, S), before normalisation."""
-        Image = _pil()
-        with Image.open(self.samples[i][0]) as img:
-            img = img.convert(self.mode)
-            if img.size != (self.image_size, self.image_size):
-                img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-        t = torch.from_numpy(arr.copy()).float().div_(255.0)
-        return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        return torch.from_numpy(self.read(i).transpose(2, 0, 1).copy()).float().div_(255.0)
 
-    def __getitem__(self, i: int):
-        return (self.load(i) - self.mean) / self.std, torch.tensor(self.samples[i][1])
+    def _load(self, indices, size, aug, draws):
+        batch = np.zeros((len(indices), size, size, self.channels), dtype=np.uint8)
+        labels = torch.tensor([self.samples[i][1] for i in indices], dtype=torch.long)
+        skipped = []
+        for k, i in enumerate(indices):
+            try:
+                image = self.read(i, size, aug, None if draws is None else draws[k])
+            except Exception as exc:  # Pillow raises many types for a damaged file
+                skipped.append([i, _reason(exc)])
+                labels[k] = IGNORE
+                self._warn(i, skipped[-1][1])
+                continue
+            batch[k] = image
+        x = to_float(batch, self.mean, self.std, flips(draws))
+        if skipped:
+            x[labels == IGNORE] = 0.0
+        return x, labels, skipped
 
-    def __getitems__(self, indices: list[int]):
-        x = torch.stack([self.load(i) for i in indices])
-        y = torch.tensor([self.samples[i][1] for i in indices], dtype=torch.long)
-        return (x - self.mean) / self.std, y
+    def _warn(self, i: int, reason: str) -> None:
+        if self.warn and i not in self._warned:
+            self._warned.add(i)
+            print(f"largebatch: warning: skipping unreadable image '{self.samples[i][0]}' ({reason}); it counts in "
+                  "skipped_files (data.on_corrupt=error stops instead)", file=sys.stderr, flush=True)
 
 
-def load_imagefolder(root: str | None, image_size: int | None):
-    """(train, val, classes) for the tree at ``root``."""
+def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str = "skip"):
+    """(train, val, classes) for the tree at ``root``. Unreadable files met while measuring the
+    statistics are left out of them (``on_corrupt='error'``: a UsageError naming the file)."""
     if not root:
         raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
     if not os.path.isdir(root):
@@ -92,15 +144,40 @@ def load_imagefolder(root: str | None, image_size: int | None):
     Image = _pil()
     step = max(1, len(train) // _STATS_SAMPLE)
     sample = list(range(0, len(train), step))[:_STATS_SAMPLE]
+    bad: dict[int, str] = {}
+
+    def unreadable(i: int, exc: BaseException) -> None:
+        if on_corrupt == "error":
+            raise UsageError(unreadable_message(train[i][0], _reason(exc))) from None
+        bad[i] = _reason(exc)
+
     modes = set()
     for i in sample[:64]:
-        with Image.open(train[i][0]) as img:
-            modes.add(img.mode)
-            if image_size is None:
-                image_size = img.size[0]
-    mode = "L" if modes <= {"L", "1", "I;16", "I"} else "RGB"
+        try:
+            with Image.open(train[i][0]) as img:
+                modes.add(img.mode)
+                if image_size is None:
+                    image_size = img.size[0]
+        except Exception as exc:
+            unreadable(i, exc)
+    if image_size is None:
+        raise UsageError(f"none of the first images under '{root}/train' can be read; check the files, or set "
+                         "data.image_size")
+    mode = "L" if modes and modes <= {"L", "1", "I;16", "I"} else "RGB"
     probe = ImageFolder(train, image_size, mode, torch.zeros(1), torch.ones(1))
-    pixels = torch.stack([probe.load(i) for i in sample])
+    pixels = []
+    for i in sample:
+        if i in bad:
+            continue
+        try:
+            pixels.append(probe.load(i))
+        except Exception as exc:
+            unreadable(i, exc)
+    if not pixels:
+        raise UsageError(f"no image under '{root}/train' can be read; check the files")
+    pixels = torch.stack(pixels)
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return ImageFolder(train, image_size, mode, mean, std), ImageFolder(val, image_size, mode, mean, std), classes
+    warn = on_corrupt == "skip"
+    return (ImageFolder(train, image_size, mode, mean, std, warn), ImageFolder(val, image_size, mode, mean, std, warn),
+            classes)

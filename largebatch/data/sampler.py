@@ -11,7 +11,7 @@ the epoch and the global batch size, never on the world size or the micro-batch,
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -38,19 +38,38 @@ def global_batches(num_samples: int, global_batch: int, seed: int, epoch: int,
         yield perm[step * global_batch:(step + 1) * global_batch]
 
 
+class Request(list):
+    """The indices of one batch, with what the dataset needs to produce it.
+
+    ``epoch``: set for training batches, where it seeds the augmentation with the index; None for
+    validation (never augmented). ``size``: the side of the images to return (progressive
+    resizing); None = the dataset's own. It travels to DataLoader worker processes with the
+    indices, so persistent workers need no message when the epoch or the phase changes.
+    """
+
+    def __init__(self, indices, epoch: Optional[int] = None, size: Optional[int] = None):
+        super().__init__(indices)
+        self.epoch, self.size = epoch, size
+
+
 class MicroBatchSampler:
-    """Yields this worker's micro-batches (lists of indices) for one epoch, in step order.
+    """Yields this worker's micro-batches (:class:`Request` lists of indices) for one epoch, in step order.
 
     Usable as a DataLoader ``batch_sampler``. Micro-batch ``k`` of step ``s`` is item
-    ``s * accum_steps + k``; ``start_step`` resumes in the middle of an epoch.
+    ``s * accum_steps + k``; ``start_step`` resumes in the middle of an epoch. ``set_phase``
+    changes the batch plan and image size between epochs (train.phases).
     """
 
     def __init__(self, num_samples: int, plan: BatchPlan, rank: int, seed: int, epoch: int = 0,
-                 start_step: int = 0):
-        if num_samples < plan.global_batch:
-            raise ValueError(f"{num_samples} samples < one global batch of {plan.global_batch}")
-        self.num_samples, self.plan, self.rank, self.seed = num_samples, plan, rank, seed
+                 start_step: int = 0, image_size: Optional[int] = None):
+        self.num_samples, self.rank, self.seed = num_samples, rank, seed
+        self.set_phase(plan, image_size)
         self.epoch, self.start_step = epoch, start_step
+
+    def set_phase(self, plan: BatchPlan, image_size: Optional[int] = None) -> None:
+        if self.num_samples < plan.global_batch:
+            raise ValueError(f"{self.num_samples} samples < one global batch of {plan.global_batch}")
+        self.plan, self.image_size = plan, image_size
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
@@ -64,7 +83,7 @@ class MicroBatchSampler:
         for batch in global_batches(self.num_samples, p.global_batch, self.seed, self.epoch, self.start_step):
             mine = batch[lo:lo + p.per_worker_batch]
             for k in range(p.accum_steps):
-                yield mine[k * p.micro_batch:(k + 1) * p.micro_batch].tolist()
+                yield Request(mine[k * p.micro_batch:(k + 1) * p.micro_batch].tolist(), self.epoch, self.image_size)
 
 
 def shard_range(num_samples: int, rank: int, world_size: int) -> range:

@@ -28,7 +28,8 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 SAFE_TO_CHANGE = frozenset({
     "run.dir", "run.cost_per_node_hour", "train.epochs", "train.target_accuracy", "train.target_metric",
     "train.stop_at_target", "train.log_every_steps", "train.eval_batch", "train.max_micro_batch",
-    "data.root", "data.num_workers", "data.cache", "data.train_samples", "comm.backend", "comm.bucket_mb",
+    "data.root", "data.num_workers", "data.cache", "data.train_samples", "data.on_corrupt", "comm.backend",
+    "comm.bucket_mb",
     "comm.timeout_s", "checkpoint.every_steps", "checkpoint.at_epoch_end", "checkpoint.keep",
     "checkpoint.resume", "log.tensorboard",
 })

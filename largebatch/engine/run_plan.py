@@ -2,50 +2,168 @@
 
 One implementation, used by the trainer (rank 0 prints it at start) and by
 ``python -m largebatch.plan`` (which prints it without training).
+
+A run is a sequence of phases (``train.phases``; without it, one phase of ``train.epochs`` at
+``train.global_batch``). Each phase has its own batch plan, image size and steps per epoch; the
+position of a run (optimizer step) maps to (phase, epoch, step in the epoch) through
+:meth:`RunPlan.locate`, which is how a checkpoint's step places a resumed run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Union
 
 from largebatch.batching import BatchPlan, plan
 from largebatch.data.sampler import steps_per_epoch
 from largebatch.errors import UsageError
-from largebatch.optim.schedule import LRSchedule, build_schedule
+from largebatch.optim.schedule import LRSchedule, PhasedSchedule, build_phased_schedule, build_schedule, scaled_lr
+
+
+@dataclass(frozen=True)
+class Phase:
+    index: int
+    """0-based position in the run."""
+    first_epoch: int
+    epochs: int
+    first_step: int
+    steps_per_epoch: int
+    batch: BatchPlan
+    image_size: Optional[int]
+    """Side of the training images; None = the dataset's own."""
+    peak_lr: float
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def end_epoch(self) -> int:
+        return self.first_epoch + self.epochs
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    batch: BatchPlan
-    schedule: LRSchedule
+    phases: tuple
+    """:class:`Phase` per phase, in order (one without train.phases)."""
+    schedule: Union[LRSchedule, PhasedSchedule]
     num_train: int
-    steps_per_epoch: int
     epochs: int
+    phased: bool = False
+    """train.phases was given."""
+    eval_size: Optional[int] = None
+    """Side of the validation images: the last phase's; None = the dataset's own."""
+
+    @property
+    def batch(self) -> BatchPlan:
+        """The first phase's batch plan (the only one without train.phases)."""
+        return self.phases[0].batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """The first phase's steps per epoch (the only one without train.phases)."""
+        return self.phases[0].steps_per_epoch
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.epochs
+        return sum(p.steps for p in self.phases)
+
+    def phase_of(self, epoch: int) -> Phase:
+        """The phase that trains ``epoch`` (0-based); the last one for epochs past the end."""
+        for p in self.phases:
+            if epoch < p.end_epoch:
+                return p
+        return self.phases[-1]
+
+    def locate(self, step: int) -> tuple[Phase, int, int]:
+        """(phase, epoch, step inside the epoch) of optimizer step ``step``; past the end: the end."""
+        for p in self.phases:
+            if step < p.first_step + p.steps:
+                epoch, inside = divmod(step - p.first_step, p.steps_per_epoch)
+                return p, p.first_epoch + epoch, inside
+        return self.phases[-1], self.epochs, 0
+
+    def images_before(self, step: int) -> int:
+        """Training images in the first ``step`` optimizer steps."""
+        return sum(min(max(step - p.first_step, 0), p.steps) * p.batch.global_batch for p in self.phases)
 
     def lines(self) -> list[str]:
         b, s = self.batch, self.schedule
-        return [
+        if not self.phased:
+            return [
+                f"workers (world size)   {b.world_size}",
+                f"global batch           {b.global_batch}",
+                f"per-worker batch       {b.per_worker_batch}",
+                f"micro-batch            {b.micro_batch}",
+                f"accumulation steps     {b.accum_steps}",
+                f"scaled lr (peak)       {s.peak_lr:.6g}  (from {s.warmup_start_lr:.6g}, {s.decay} decay)",
+                f"warmup steps           {s.warmup_steps}",
+                f"steps per epoch        {self.steps_per_epoch}  ({self.num_train} training images)",
+                f"total steps            {self.total_steps}  ({self.epochs} epochs)",
+            ]
+        size = "the dataset's own size" if self.eval_size is None else f"{self.eval_size} px"
+        lines = [
             f"workers (world size)   {b.world_size}",
-            f"global batch           {b.global_batch}",
-            f"per-worker batch       {b.per_worker_batch}",
-            f"micro-batch            {b.micro_batch}",
-            f"accumulation steps     {b.accum_steps}",
-            f"scaled lr (peak)       {s.peak_lr:.6g}  (from {s.warmup_start_lr:.6g}, {s.decay} decay)",
+            f"phases                 {len(self.phases)}  (validation at {size}; lr from {s.warmup_start_lr:.6g}, "
+            f"{s.decay} decay over epochs)",
+        ]
+        lines += ["  " + line for line in phase_table(self.phases)]
+        lines += [
             f"warmup steps           {s.warmup_steps}",
-            f"steps per epoch        {self.steps_per_epoch}  ({self.num_train} training images)",
+            f"training images        {self.num_train}",
             f"total steps            {self.total_steps}  ({self.epochs} epochs)",
         ]
+        return lines
+
+
+def phase_table(phases) -> list[str]:
+    cols = ("phase", "epochs", "image", "global batch", "per-worker", "micro", "accum", "peak lr", "steps/epoch",
+            "steps")
+    rows = [cols]
+    for p in phases:
+        b = p.batch
+        rows.append((str(p.index + 1), _epochs(p), str(p.image_size or "own"),
+                     str(b.global_batch), str(b.per_worker_batch), str(b.micro_batch), str(b.accum_steps),
+                     f"{p.peak_lr:.6g}", str(p.steps_per_epoch), str(p.steps)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+
+
+def _epochs(p: Phase) -> str:
+    return f"{p.first_epoch + 1}-{p.end_epoch}" if p.epochs > 1 else str(p.end_epoch)
+
+
+def phase_line(p: Phase, count: int) -> str:
+    """What rank 0 prints when a phase starts."""
+    b = p.batch
+    size = f"{p.image_size} px" if p.image_size else "the dataset's own size"
+    return (f"phase {p.index + 1}/{count} (epoch{'s' if p.epochs > 1 else ''} {_epochs(p)}): images at {size}, "
+            f"global batch {b.global_batch} = {b.world_size} x {b.per_worker_batch} per worker, micro-batch "
+            f"{b.micro_batch} x {b.accum_steps} accumulation step(s), peak lr {p.peak_lr:.6g}, "
+            f"{p.steps_per_epoch} steps per epoch")
 
 
 def make_run_plan(cfg, world_size: int, num_train: int) -> RunPlan:
-    batch = plan(cfg.train.global_batch, world_size, cfg.train.max_micro_batch)
-    if num_train < batch.global_batch:
-        raise UsageError(f"the training set has {num_train} images, fewer than one global batch "
-                         f"(train.global_batch={batch.global_batch}); lower train.global_batch")
-    spe = steps_per_epoch(num_train, batch.global_batch)
-    schedule = build_schedule(cfg.optim, cfg.schedule, batch.global_batch, spe, cfg.train.epochs)
-    return RunPlan(batch=batch, schedule=schedule, num_train=num_train, steps_per_epoch=spe, epochs=cfg.train.epochs)
+    phases_cfg = cfg.train.phases or [dict(epochs=cfg.train.epochs)]
+    phases, step, epoch = [], 0, 0
+    for i, spec in enumerate(phases_cfg):
+        global_batch = spec.get("global_batch") or cfg.train.global_batch
+        batch = plan(global_batch, world_size, cfg.train.max_micro_batch)
+        if num_train < batch.global_batch:
+            where = f"train.phases[{i}].global_batch" if spec.get("global_batch") else "train.global_batch"
+            raise UsageError(f"the training set has {num_train} images, fewer than one global batch "
+                             f"({where}={batch.global_batch}); lower {where}")
+        spe = steps_per_epoch(num_train, batch.global_batch)
+        size = spec.get("image_size") or cfg.data.image_size
+        peak = scaled_lr(cfg.optim.base_lr, batch.global_batch, cfg.optim.base_batch, cfg.optim.scaling)
+        phases.append(Phase(index=i, first_epoch=epoch, epochs=spec["epochs"], first_step=step, steps_per_epoch=spe,
+                            batch=batch, image_size=size, peak_lr=peak))
+        step, epoch = step + spe * spec["epochs"], epoch + spec["epochs"]
+    if cfg.train.phases:
+        schedule = build_phased_schedule(cfg.optim, cfg.schedule,
+                                         [(p.epochs, p.steps_per_epoch, p.batch.global_batch) for p in phases])
+    else:
+        p = phases[0]
+        schedule = build_schedule(cfg.optim, cfg.schedule, p.batch.global_batch, p.steps_per_epoch, cfg.train.epochs)
+    return RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
+                   phased=bool(cfg.train.phases), eval_size=phases[-1].image_size)

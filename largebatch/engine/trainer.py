@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,11 +22,11 @@ import torch.nn.functional as F
 
 from largebatch import __version__
 from largebatch.config import Config, to_dict, write_yaml_atomic
-from largebatch.data import build_datasets, eval_loader, train_loader
+from largebatch.data import IGNORE, build_datasets, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
 from largebatch.engine.precise_bn import recompute_batchnorm
-from largebatch.engine.run_plan import RunPlan, make_run_plan
+from largebatch.engine.run_plan import Phase, RunPlan, make_run_plan, phase_line
 from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
 from largebatch.errors import RunStopped, UsageError
@@ -54,15 +54,15 @@ def evaluate(model: torch.nn.Module, loader, comm: Communicator, device: torch.d
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
-            totals[0] += F.cross_entropy(out, y, reduction="sum").double()
+            totals[0] += F.cross_entropy(out, y, reduction="sum", ignore_index=IGNORE).double()
             totals[1] += (out.argmax(1) == y).sum()
             if num_classes > 5:
                 totals[2] += (out.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
-            totals[3] += y.numel()
+            totals[3] += (y != IGNORE).sum()  # an unreadable image is left out of the counts
     comm.all_reduce_sum(totals)
     loss, top1, top5, count = totals.tolist()
-    return EvalResult(loss=loss / count, accuracy=top1 / count,
-                      top5=top5 / count if num_classes > 5 else None, count=int(count))
+    n = max(count, 1.0)
+    return EvalResult(loss=loss / n, accuracy=top1 / n, top5=top5 / n if num_classes > 5 else None, count=int(count))
 
 
 @dataclass
@@ -72,6 +72,14 @@ class _Record:
     best_top5: Optional[float] = None
     time_to_target: Optional[float] = None
     epoch_to_target: Optional[int] = None
+    skipped_train: list = field(default_factory=list)
+    """Indices of the training images found unreadable so far (all workers), sorted."""
+    skipped_val: list = field(default_factory=list)
+    """Indices of the validation images found unreadable so far (all workers), sorted."""
+
+    @property
+    def skipped_files(self) -> int:
+        return len(self.skipped_train) + len(self.skipped_val)
 
     def update(self, epoch: int, result: EvalResult, elapsed: float, target: Optional[float], metric: str) -> bool:
         """Fold in one validation; True when the target was reached for the first time."""
@@ -139,20 +147,28 @@ class Trainer:
                                  "choose a writable folder") from None
         if cfg.log.tensorboard and topo.is_main:
             tensorboard_writer_class()
-        self.train_set, self.val_set, self.info = build_datasets(cfg.data)
+        self.train_set, self.val_set, self.info = build_datasets(cfg.data, seed=cfg.run.seed, verbose=topo.is_main)
         if cfg.train.target_metric == "top5" and self.info.num_classes <= 5:
             raise UsageError(f"train.target_metric=top5 needs more than 5 classes; {cfg.data.name} has "
                              f"{self.info.num_classes}: use top1")
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
+        sizes = sorted({p.image_size or self.info.image_size for p in self.plan.phases})
+        limit = self.info.max_image_size
+        if limit is not None and sizes[-1] > limit:
+            raise UsageError(f"train.phases ask for {sizes[-1]}-pixel images but '{cfg.data.root}' was packed at "
+                             f"{limit}; re-pack it with --size {sizes[-1]} or use sizes <= {limit}")
+        if len(sizes) > 1 and cfg.model.name == "mlp":
+            raise UsageError(f"model.name=mlp takes images of one size, and train.phases use {sizes}; give every "
+                             "phase the same image_size or use a convolutional model")
         torch.manual_seed(cfg.run.seed)
         try:
             self.bare_model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
                                            norm=cfg.model.norm, width=cfg.model.width,
-                                           image_size=self.info.image_size,
+                                           image_size=sizes[0],
                                            zero_init_residual=cfg.model.zero_init_residual)
         except ValueError as exc:
             raise UsageError(f"model.name={cfg.model.name} does not fit {cfg.data.name} images of "
-                             f"{self.info.image_size}x{self.info.image_size}: {exc}; set data.image_size "
+                             f"{sizes[0]}x{sizes[0]}: {exc}; set data.image_size "
                              "or choose another model") from None
         self.resume_state = self._find_resume_state() if topo.is_main else None
         if topo.is_main and cfg.checkpoint.resume != "auto":
@@ -167,10 +183,11 @@ class Trainer:
         self.model = self.comm.wrap_model(self.bare_model.to(self.device))
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         pin = self.device.type == "cuda"
-        self.loader, self.sampler = train_loader(self.train_set, self.plan.batch, topo.rank, cfg.run.seed,
-                                                 cfg.data.num_workers, pin)
+        first = self.plan.phases[0]
+        self.loader, self.sampler = train_loader(self.train_set, first.batch, topo.rank, cfg.run.seed,
+                                                 cfg.data.num_workers, pin, first.image_size, cfg.data.on_corrupt)
         self.val_loader = eval_loader(self.val_set, topo.rank, topo.world_size, cfg.train.eval_batch,
-                                      cfg.data.num_workers, pin)
+                                      cfg.data.num_workers, pin, self.plan.eval_size, cfg.data.on_corrupt)
 
     def _find_resume_state(self) -> Optional[dict]:
         """Rank 0: the checkpoint to continue from, checked against this run's config."""
@@ -202,7 +219,7 @@ class Trainer:
             None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
         if state is None:
             return _Position(), _Record(), (0.0, 0.0, 0)
-        topo, bp = self.topology, self.plan.batch
+        topo = self.topology
         same_world = state["world_size"] == topo.world_size
         self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
@@ -215,6 +232,7 @@ class Trainer:
         pos = _Position(**state["position"])
         where = (f"epoch {pos.epoch + 1}, step {pos.step}" if pos.epoch < self.plan.epochs
                  else f"the end of the run (step {pos.step}): nothing left to train")
+        bp = self.plan.phase_of(pos.epoch).batch
         progress.print(f"resuming from {state.get('path', 'checkpoint')} at {where}"
                        + ("" if same_world else f" on {topo.world_size} workers instead of {state['world_size']}: "
                           f"same global batch {bp.global_batch}, same data position"))
@@ -222,7 +240,8 @@ class Trainer:
 
     def _save_checkpoint(self, pos: _Position, record: _Record, loss_sum: torch.Tensor,
                          window_loss: torch.Tensor, window_steps: int) -> None:
-        """All workers take part (their RNG states and partial sums); rank 0 writes."""
+        """All workers take part (their RNG states, partial sums and unreadable files); rank 0 writes."""
+        self._gather_skipped(record)
         rngs = self.comm.all_gather_object(ckpt.rng_state(self.device))
         parts = self.comm.all_gather_object((float(loss_sum.item()), float(window_loss.item())))
         error = None
@@ -240,14 +259,14 @@ class Trainer:
         state = dict(model=self.comm.unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
-                     world_size=self.topology.world_size, global_batch=self.plan.batch.global_batch,
+                     world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
                      config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
         ckpt.save(state, cfg.run.dir, pos.step, cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, topo, plan = self.cfg, self.topology, self.plan
-        bp, schedule, every = plan.batch, plan.schedule, cfg.train.log_every_steps
+        schedule, every = plan.schedule, cfg.train.log_every_steps
         progress = Progress(enabled=topo.is_main)
         self._write_run_header(progress)
         pos, record, (loss_part, window_part, window_steps) = self._restore(progress)
@@ -263,19 +282,26 @@ class Trainer:
         # its timing fields are reset each epoch, so they cover training time only.
         window_loss = torch.full((), window_part, dtype=torch.float64, device=self.device)
         window = dict(steps=window_steps)
+        phase: Optional[Phase] = None
         try:
             while pos.epoch < plan.epochs and not finished:
                 epoch = pos.epoch
+                if plan.phase_of(epoch) is not phase:  # the batch plan and image size change here
+                    phase = plan.phase_of(epoch)
+                    self.sampler.set_phase(phase.batch, phase.image_size)
+                    if plan.phased:
+                        progress.print(phase_line(phase, len(plan.phases)))
+                bp = phase.batch
                 self.model.train()
                 self.sampler.set_epoch(epoch, pos.step_in_epoch)
                 batches = iter(self.loader)
                 loss_sum = torch.full((), loss_part, dtype=torch.float64, device=self.device)
                 loss_part = 0.0
                 window.update(start=time.perf_counter(), wait=0.0, timed=0)
-                progress.start_epoch(epoch, plan.epochs, plan.steps_per_epoch, initial=pos.step_in_epoch)
+                progress.start_epoch(epoch, plan.epochs, phase.steps_per_epoch, initial=pos.step_in_epoch)
                 epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
                 steps_run = 0  # in this process: a resumed epoch runs only part of its steps
-                while pos.step_in_epoch < plan.steps_per_epoch:
+                while pos.step_in_epoch < phase.steps_per_epoch:
                     lr = schedule(pos.step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
@@ -295,14 +321,14 @@ class Trainer:
                     pos.step += 1
                     pos.step_in_epoch += 1
                     if every and pos.step % every == 0:
-                        self._log_steps(metrics, progress, epoch, pos.step, lr, window_loss, window)
+                        self._log_steps(metrics, progress, epoch, pos.step, lr, window_loss, window, bp.global_batch)
                         window_loss.zero_()
                         window = dict(start=time.perf_counter(), wait=0.0, steps=0, timed=0)
                     else:
                         progress.step(lr=f"{lr:.4g}")
-                    stopping = self.comm.any(stop.received is not None)
+                    stopping = self._agree_after_step(stop)
                     every_ckpt = cfg.checkpoint.every_steps
-                    epoch_end_covered = pos.step_in_epoch == plan.steps_per_epoch and cfg.checkpoint.at_epoch_end
+                    epoch_end_covered = pos.step_in_epoch == phase.steps_per_epoch and cfg.checkpoint.at_epoch_end
                     if stopping or (every_ckpt and pos.step % every_ckpt == 0 and not epoch_end_covered):
                         now = time.perf_counter()
                         epoch_time += now - segment
@@ -321,19 +347,24 @@ class Trainer:
                 epoch_time += time.perf_counter() - segment
                 pos.train_time += time.perf_counter() - segment
                 progress.end_epoch()
-                counted = max(plan.steps_per_epoch - pos.skipped_in_epoch, 1) * topo.world_size
+                counted = max(phase.steps_per_epoch - pos.skipped_in_epoch, 1) * topo.world_size
                 train_loss = self.comm.all_reduce_sum(loss_sum).item() / counted
                 if cfg.train.precise_bn_images:
-                    self._precise_bn(epoch)
+                    self._precise_bn(epoch, phase)
                 result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
                                   self.info.num_classes)
+                self._gather_skipped(record)
                 pos.elapsed = time.perf_counter() - start
                 reached = record.update(epoch + 1, result, pos.elapsed, cfg.train.target_accuracy,
                                         cfg.train.target_metric)
                 sps = steps_run * bp.global_batch / max(epoch_time, 1e-9)
-                top5 = {} if result.top5 is None else {"val_acc_top5": result.top5}
+                extra = {} if result.top5 is None else {"val_acc_top5": result.top5}
+                if plan.phased:
+                    extra.update(global_batch=bp.global_batch, image_size=phase.image_size or self.info.image_size)
+                if self.info.reads_files:
+                    extra["skipped_files"] = record.skipped_files
                 metrics.write("epoch", epoch=epoch + 1, step=pos.step, train_loss=train_loss, val_loss=result.loss,
-                              val_acc=result.accuracy, **top5, lr=lr, samples_per_sec=sps, elapsed_s=pos.elapsed,
+                              val_acc=result.accuracy, **extra, lr=lr, samples_per_sec=sps, elapsed_s=pos.elapsed,
                               skipped_steps=pos.skipped_steps)
                 progress.print(f"epoch {epoch + 1:>3}/{plan.epochs}  step {pos.step:>6}  train_loss {train_loss:.4f}  "
                                f"val_loss {result.loss:.4f}  val_acc {result.accuracy:.4f}"
@@ -352,6 +383,7 @@ class Trainer:
         if result is None:  # resumed from a checkpoint taken after the last epoch
             result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
                               self.info.num_classes)
+            self._gather_skipped(record)
         summary = self._summary(result, record, pos, time.perf_counter() - start)
         metrics.write("summary", **summary)
         metrics.close()
@@ -368,6 +400,30 @@ class Trainer:
         self.comm.raise_if_any_failed(error, kind=RunStopped)
         self.comm.barrier()
         return summary
+
+    def _agree_after_step(self, stop: StopSignal) -> bool:
+        """Whether to stop on a signal, agreed by every worker (one small allreduce per step). An
+        unreadable image met with data.on_corrupt=error stops every worker here with its message."""
+        error = self.loader.error
+        if not self.comm.any(stop.received is not None or error is not None):
+            return False
+        self.comm.raise_if_any_failed(error)
+        return True
+
+    def _gather_skipped(self, record: _Record) -> None:
+        """Fold every worker's unreadable images into ``record`` (image folders only); an unreadable
+        image under data.on_corrupt=error (met in validation, say) stops every worker here."""
+        if not self.info.reads_files:
+            return
+        error = self.loader.error or self.val_loader.error
+        seen = self.comm.all_gather_object((None if error is None else str(error), sorted(self.loader.skipped),
+                                            sorted(self.val_loader.skipped)))
+        failed = [(rank, message) for rank, (message, _, _) in enumerate(seen) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise UsageError(("" if rank == 0 else f"rank {rank}: ") + message)
+        record.skipped_train = sorted(set(record.skipped_train).union(*(train for _, train, _ in seen)))
+        record.skipped_val = sorted(set(record.skipped_val).union(*(val for _, _, val in seen)))
 
     def _nonfinite(self, pos: _Position) -> None:
         """A step whose loss or gradient was not finite was not applied: count it, or stop."""
@@ -401,42 +457,50 @@ class Trainer:
                        f"worker(s) on {self.device.type} over {backend} ({topo.launcher})")
         for line in self.plan.lines():
             progress.print("  " + line)
+        if self.info.augment != "none":
+            progress.print(f"  augmentation           {self.info.augment} (training images only)")
 
     def _log_steps(self, metrics: MetricsLog, progress: Progress, epoch: int, step: int, lr: float,
-                   window_loss: torch.Tensor, window: dict) -> None:
+                   window_loss: torch.Tensor, window: dict, global_batch: int) -> None:
         """A step line: mean loss over the steps since the last one (all workers), lr, images/s and
         the share of this worker's time spent waiting for data."""
         finite_steps = window["steps"] * self.topology.world_size
         loss = self.comm.all_reduce_sum(window_loss.clone()).item() / finite_steps if finite_steps else float("nan")
         seconds = max(time.perf_counter() - window["start"], 1e-9)
-        sps = window["timed"] * self.plan.batch.global_batch / seconds
+        sps = window["timed"] * global_batch / seconds
         metrics.write("step", epoch=epoch + 1, step=step, loss=loss, lr=lr, samples_per_sec=sps,
                       data_wait=window["wait"] / seconds)
         remaining = (self.plan.total_steps - step) * seconds / max(window["timed"], 1)
         progress.step(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{sps:,.0f}", eta=f"{remaining:.0f}s")
 
     def _summary(self, result: EvalResult, record: _Record, pos: _Position, elapsed: float) -> dict:
-        cfg, topo, bp = self.cfg, self.topology, self.plan.batch
+        cfg, topo = self.cfg, self.topology
+        bp = self.plan.locate(max(pos.step - 1, 0))[0].batch  # the phase the run ended in
         summary = dict(val_acc=result.accuracy, best_val_acc=record.best_acc, time_to_target_s=record.time_to_target,
                        epoch_to_target=record.epoch_to_target,
-                       samples_per_sec=pos.step * bp.global_batch / max(pos.train_time, 1e-9),
+                       samples_per_sec=self.plan.images_before(pos.step) / max(pos.train_time, 1e-9),
                        elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=pos.step,
                        skipped_steps=pos.skipped_steps, target_accuracy=cfg.train.target_accuracy,
                        target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
         if result.top5 is not None:
             summary.update(val_acc_top5=result.top5, best_val_acc_top5=record.best_top5)
+        if self.info.reads_files:
+            summary["skipped_files"] = record.skipped_files
         if cfg.run.cost_per_node_hour is not None:
             summary["cost"] = cfg.run.cost_per_node_hour * topo.num_nodes * elapsed / 3600.0
         return summary
 
-    def _precise_bn(self, epoch: int) -> None:
-        """Recompute BatchNorm statistics from this epoch's first training micro-batches."""
-        bp = self.plan.batch
+    def _precise_bn(self, epoch: int, phase: Phase) -> None:
+        """Recompute BatchNorm statistics from this epoch's first training micro-batches, at the
+        validation image size (the statistics serve validation)."""
+        bp = phase.batch
         per_worker = -(-self.cfg.train.precise_bn_images // bp.world_size)
+        self.sampler.set_phase(bp, self.plan.eval_size)
         self.sampler.set_epoch(epoch)
         count = min(-(-per_worker // bp.micro_batch), len(self.sampler))
         batches = itertools.islice(iter(self.loader), count)
         recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
+        self.sampler.set_phase(bp, phase.image_size)
 
     def _train_step(self, batches, accum_steps: int, per_worker_batch: int,
                     step: int) -> tuple[torch.Tensor, float, bool]:

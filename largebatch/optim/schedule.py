@@ -85,3 +85,104 @@ def build_schedule(optim_cfg, sched_cfg, global_batch: int, steps_per_epoch: int
     return LRSchedule(peak_lr=peak, total_steps=total, warmup_steps=warmup, warmup_start_lr=start,
                       decay=sched_cfg.decay, milestones=milestones, gamma=sched_cfg.gamma,
                       power=sched_cfg.power, end_lr=sched_cfg.end_lr)
+
+
+@dataclass(frozen=True)
+class SchedulePhase:
+    first_step: int
+    """Optimizer step at which the phase starts."""
+    first_epoch: int
+    """Epoch at which the phase starts."""
+    steps_per_epoch: int
+    """Optimizer steps in each of the phase's epochs (its global batch sets it)."""
+    peak_lr: float
+    """The phase's scaled lr: base_lr scaled to the phase's global batch."""
+
+
+@dataclass(frozen=True)
+class PhasedSchedule:
+    """The learning rate of a run whose global batch changes between phases (train.phases).
+
+    Still a pure function of the optimizer step. A step is first mapped to the epochs done so far,
+    ``t = first_epoch + (step - first_step) / steps_per_epoch`` within its phase, and the warmup
+    and decay shapes are functions of ``t``, so they follow the data seen rather than the step
+    count, which changes meaning when the batch does. The peak is the current phase's scaled lr
+    (the linear scaling rule applied per phase, as in fast.ai's DAWNBench ImageNet run). The epoch
+    quantities of the config (warmup_epochs, milestones) become steps by rounding inside the phase
+    where they fall, as :func:`build_schedule` rounds them for one phase.
+    """
+
+    phases: tuple
+    """:class:`SchedulePhase` per phase, in order."""
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_start_lr: float = 0.0
+    decay: str = "constant"
+    milestones: tuple = field(default_factory=tuple)
+    """'step': optimizer steps at which the rate is multiplied by ``gamma``."""
+    gamma: float = 0.1
+    power: float = 2.0
+    end_lr: float = 0.0
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
+        if self.decay not in ("constant", "step", "poly", "cosine", "onecycle"):
+            raise ValueError(f"unknown decay {self.decay!r}")
+
+    @property
+    def peak_lr(self) -> float:
+        """The highest phase peak."""
+        return max(p.peak_lr for p in self.phases)
+
+    def _phase(self, step: int) -> SchedulePhase:
+        starts = [p.first_step for p in self.phases]
+        return self.phases[max(0, bisect.bisect_right(starts, step) - 1)]
+
+    def epochs_at(self, step: int) -> float:
+        """Epochs of data behind ``step`` optimizer steps."""
+        p = self._phase(step)
+        return p.first_epoch + (step - p.first_step) / p.steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        peak = self._phase(step).peak_lr
+        t = self.epochs_at(step)
+        if step < self.warmup_steps:
+            return self.warmup_start_lr + (peak - self.warmup_start_lr) * t / self.epochs_at(self.warmup_steps)
+        if self.decay == "constant":
+            return peak
+        if self.decay == "step":
+            return peak * self.gamma ** bisect.bisect_right(self.milestones, step)
+        t_warm, t_end = self.epochs_at(self.warmup_steps), self.epochs_at(self.total_steps)
+        progress = min(1.0, (t - t_warm) / (t_end - t_warm)) if t_end > t_warm else 1.0
+        if self.decay == "poly":
+            return self.end_lr + (peak - self.end_lr) * (1.0 - progress) ** self.power
+        if self.decay == "onecycle":
+            return self.end_lr + (peak - self.end_lr) * (1.0 - progress)
+        return self.end_lr + (peak - self.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_phased_schedule(optim_cfg, sched_cfg, phases: list[tuple[int, int, int]]) -> PhasedSchedule:
+    """The schedule for phases given as (epochs, steps per epoch, global batch), in order."""
+    pieces, step, epoch = [], 0, 0
+    for epochs, spe, batch in phases:
+        peak = scaled_lr(optim_cfg.base_lr, batch, optim_cfg.base_batch, optim_cfg.scaling)
+        pieces.append(SchedulePhase(first_step=step, first_epoch=epoch, steps_per_epoch=spe, peak_lr=peak))
+        step, epoch = step + epochs * spe, epoch + epochs
+
+    def step_at(e: float) -> int:
+        """The optimizer step at which ``e`` epochs are done (rounded inside the phase holding ``e``)."""
+        for p, (epochs, spe, _) in zip(pieces, phases):
+            if e < p.first_epoch + epochs:
+                return p.first_step + round((e - p.first_epoch) * spe)
+        return step
+
+    start = pieces[0].peak_lr
+    start = min(optim_cfg.base_lr, start) if sched_cfg.warmup_start_lr is None else sched_cfg.warmup_start_lr
+    return PhasedSchedule(phases=tuple(pieces), total_steps=step,
+                          warmup_steps=min(step, step_at(sched_cfg.warmup_epochs)),
+                          warmup_start_lr=start, decay=sched_cfg.decay,
+                          milestones=tuple(sorted(step_at(m) for m in sched_cfg.milestones)), gamma=sched_cfg.gamma,
+                          power=sched_cfg.power, end_lr=sched_cfg.end_lr)

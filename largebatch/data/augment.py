@@ -1,0 +1,190 @@
+"""Training-image augmentation, reproducible and independent of how the batch is split.
+
+Every random number used for sample ``i`` in epoch ``e`` is a hash of (seed, e, i) (splitmix64),
+never a draw from a shared generator stream. The same image therefore gets the same crop and
+flip whatever the world size, micro-batch, loader worker or order of fetching, and a resumed run
+sees the same pixels as an uninterrupted one.
+
+- ``crop_flip`` (the ImageNet recipe, Szegedy et al. 2015 as used by Goyal et al. 2017): a crop
+  of area fraction in ``[min_area, 1]`` of the source image and aspect ratio in ``[3/4, 4/3]``
+  (log-uniform), resized to the output size, then a horizontal flip with probability 1/2. The crop
+  is taken from the image at the resolution the dataset holds (the decoded file for image
+  folders, the packed size for packed files).
+- ``pad_crop_flip`` (the CIFAR recipe): reflection padding of ``padding`` pixels on each side, a
+  random crop back to the output size, then a horizontal flip with probability 1/2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import get_worker_info
+
+KINDS = ("crop_flip", "pad_crop_flip")
+DRAWS = 5  # uniforms per sample: area, aspect ratio, x, y, flip
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
+
+Box = tuple[float, float, float, float]
+"""(left, top, right, bottom) in pixels of the source image."""
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, epoch: int, indices: Sequence[int], count: int) -> np.ndarray:
+    """(len(indices), count) floats in [0, 1), each a function of (seed, epoch, index, column) only."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.array([(seed * _GOLDEN + 1) & _MASK], dtype=np.uint64))
+        key = _mix(key ^ np.uint64((epoch * _GOLDEN + 2) & _MASK))
+        idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+        h = _mix(key ^ _mix(idx + np.uint64(_GOLDEN)))
+        cols = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(_GOLDEN)
+        bits = _mix(h[:, None] + cols[None, :]) >> np.uint64(11)
+    return bits.astype(np.float64) / float(1 << 53)
+
+
+def crop_box(u: np.ndarray, width: int, height: int, min_area: float) -> Box:
+    """The random-resized crop for one sample's uniforms ``u`` on a ``width`` x ``height`` image."""
+    area = width * height * (min_area + (1.0 - min_area) * u[0])
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    ratio = math.exp(log_lo + (log_hi - log_lo) * u[1])
+    w = min(float(width), math.sqrt(area * ratio))
+    h = min(float(height), math.sqrt(area / ratio))
+    left = (width - w) * u[2]
+    top = (height - h) * u[3]
+    return (left, top, left + w, top + h)
+
+
+def crop_resize(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """Crop a float (C, H, W) image to the pixel-aligned hull of ``box`` and resize to (size, size)."""
+    left, top = int(math.floor(box[0])), int(math.floor(box[1]))
+    right = max(left + 1, min(image.shape[-1], int(math.ceil(box[2]))))
+    bottom = max(top + 1, min(image.shape[-2], int(math.ceil(box[3]))))
+    part = image[:, top:bottom, left:right]
+    return resize(part.unsqueeze(0), size)[0]
+
+
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear (antialiased when shrinking) resize of float (N, C, H, W) images to (size, size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def transform_uint8(image: np.ndarray, size: int, aug: Optional["Augment"] = None,
+                    u: Optional[np.ndarray] = None) -> np.ndarray:
+    """One uint8 (H, W, C) image to uint8 (size, size, C): the random crop of ``crop_flip`` (the
+    pixel-aligned hull of its box) or the whole image, resized bilinearly (antialiased when
+    shrinking), then the pad-and-crop of ``pad_crop_flip``. The flip is left to :func:`to_float`,
+    where it costs nothing. Works on uint8 with torch's vectorised channels-last kernels, which
+    keeps the per-image cost of augmenting data read from files or packed files small."""
+    height, width = image.shape[:2]
+    top, bottom, left, right = 0, height, 0, width
+    if aug is not None and aug.kind == "crop_flip":
+        box = crop_box(u, width, height, aug.min_area)
+        left, top = int(math.floor(box[0])), int(math.floor(box[1]))
+        right = max(left + 1, min(width, int(math.ceil(box[2]))))
+        bottom = max(top + 1, min(height, int(math.ceil(box[3]))))
+    arr = image[top:bottom, left:right]
+    if arr.shape[:2] != (size, size):
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
+        shrink = arr.shape[0] > size or arr.shape[1] > size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+        arr = x[0].permute(1, 2, 0).numpy()
+    if aug is not None and aug.kind == "pad_crop_flip":
+        p = min(aug.padding, size - 1)
+        dx, dy = _shift(u, p)
+        arr = np.pad(arr, ((p, p), (p, p), (0, 0)), mode="reflect")[dy:dy + size, dx:dx + size]
+    return arr
+
+
+def flips(draws: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Which images of a batch to flip horizontally (probability 1/2 each); None without augmentation."""
+    return None if draws is None else draws[:, 4] < 0.5
+
+
+def _shift(u: np.ndarray, padding: int) -> tuple[int, int]:
+    """'pad_crop_flip': the crop's offsets (x, y) into the padded image, each in [0, 2 * padding]."""
+    span = 2 * padding + 1
+    return min(int(u[2] * span), span - 1), min(int(u[3] * span), span - 1)
+
+
+def _output(shape) -> torch.Tensor:
+    """An empty float tensor; in a DataLoader worker, allocated in shared memory (as torch's own
+    collate does) so that handing it to the training process costs no extra copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    numel = math.prod(shape)
+    storage = torch.empty(0)._typed_storage()._new_shared(numel)
+    return torch.empty(0).new(storage).view(shape)
+
+
+def to_float(batch: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
+             flip: Optional[np.ndarray] = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W), ``(x / 255 - mean) / std`` per channel, the images
+    marked in ``flip`` mirrored: a uint8 transpose (which takes the flip for free), one conversion
+    pass and two in-place passes."""
+    n, h, w, c = batch.shape
+    chw = np.empty((n, c, h, w), dtype=np.uint8)
+    for k in range(n):
+        chw[k] = (batch[k, :, ::-1] if flip is not None and flip[k] else batch[k]).transpose(2, 0, 1)
+    x = torch.from_numpy(chw)
+    out = _output(x.shape)
+    out.copy_(x)
+    return out.mul_((1.0 / (255.0 * std)).view(-1, 1, 1)).sub_((mean / std).view(-1, 1, 1))
+
+
+@dataclass(frozen=True)
+class Augment:
+    kind: str
+    """'crop_flip' or 'pad_crop_flip'."""
+    seed: int
+    """run.seed: with the epoch and the image index, it fixes every random choice."""
+    min_area: float = 0.08
+    """'crop_flip': smallest crop as a fraction of the image area."""
+    padding: int = 4
+    """'pad_crop_flip': reflection padding on each side, in pixels."""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown augmentation {self.kind!r}")
+
+    def draws(self, epoch: int, indices: Sequence[int]) -> np.ndarray:
+        return uniforms(self.seed, epoch, indices, DRAWS)
+
+    def apply(self, images: torch.Tensor, draws: np.ndarray, size: int) -> torch.Tensor:
+        """Augment float (N, C, H, W) images held in memory and return them at ``size``."""
+        if self.kind == "crop_flip":
+            h, w = images.shape[-2:]
+            images = torch.stack([crop_resize(images[k], crop_box(draws[k], w, h, self.min_area), size)
+                                  for k in range(images.shape[0])])
+        else:
+            images = resize(images, size)
+            p = min(self.padding, size - 1)
+            padded = F.pad(images, (p, p, p, p), mode="reflect")
+            shifts = [_shift(u, p) for u in draws]
+            images = torch.stack([padded[k, :, y:y + size, x:x + size] for k, (x, y) in enumerate(shifts)])
+        flips = torch.from_numpy(draws[:, 4] < 0.5).view(-1, 1, 1, 1)
+        return torch.where(flips, images.flip(-1), images)
+
+
+def resolve(kind: str, dataset: str, source: Optional[str] = None) -> str:
+    """``data.augment`` with 'auto' made concrete for ``dataset`` (a packed file: its ``source``)."""
+    if kind != "auto":
+        return kind
+    name = source if dataset == "packed" else dataset
+    if name in ("cifar10", "cifar100"):
+        return "pad_crop_flip"
+    if name == "imagefolder":
+        return "crop_flip"
+    return "none"
