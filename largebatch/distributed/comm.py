@@ -98,6 +98,7 @@ class Communicator:
         self.distributed = topology.world_size > 1
         self.store = None
         self.hook = None
+        self.owns_group = False  # started the process group here, so close() ends it
         if self.distributed and backend == "mpi":
             _check_mpi_world(topology)
         if self.distributed and not dist.is_initialized():
@@ -107,6 +108,7 @@ class Communicator:
             dist.init_process_group(backend="gloo" if backend == "mpi" else backend, rank=topology.rank,
                                     world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
                                     store=self.store)
+            self.owns_group = True
         self.timeout_s = timeout_s
 
     # -- models --------------------------------------------------------------------------------
@@ -219,8 +221,9 @@ class Communicator:
         if self.hook is not None:
             self.hook.close()
             self.hook = None
-        if self.distributed and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+            self.owns_group = False
         # Release the store here, not at interpreter exit, where destroying its client threads
         # can abort the process.
         self.store = None

@@ -302,10 +302,7 @@ class Trainer:
                 epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
                 steps_run = 0  # in this process: a resumed epoch runs only part of its steps
                 while pos.step_in_epoch < phase.steps_per_epoch:
-                    lr = schedule(pos.step)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    step_loss, wait, finite = self._train_step(batches, bp.accum_steps, bp.per_worker_batch, pos.step)
+                    lr, step_loss, wait, finite, stopping = self.run_step(batches, bp, pos.step, stop)
                     if finite:
                         pos.nonfinite_in_a_row = 0
                         loss_sum += step_loss
@@ -326,7 +323,6 @@ class Trainer:
                         window = dict(start=time.perf_counter(), wait=0.0, steps=0, timed=0)
                     else:
                         progress.step(lr=f"{lr:.4g}")
-                    stopping = self._agree_after_step(stop)
                     every_ckpt = cfg.checkpoint.every_steps
                     epoch_end_covered = pos.step_in_epoch == phase.steps_per_epoch and cfg.checkpoint.at_epoch_end
                     if stopping or (every_ckpt and pos.step % every_ckpt == 0 and not epoch_end_covered):
@@ -400,6 +396,16 @@ class Trainer:
         self.comm.raise_if_any_failed(error, kind=RunStopped)
         self.comm.barrier()
         return summary
+
+    def run_step(self, batches, bp, step: int, stop: StopSignal) -> tuple[float, torch.Tensor, float, bool, bool]:
+        """One optimizer step as ``fit`` runs it: the schedule's lr for ``step``, the micro-batches of
+        ``bp`` (a BatchPlan) from ``batches``, the update, and the agreement on stopping.
+        Returns (lr, this worker's loss share, seconds waiting for data, applied, stopping)."""
+        lr = self.plan.schedule(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, wait, finite = self._train_step(batches, bp.accum_steps, bp.per_worker_batch, step)
+        return lr, loss, wait, finite, self._agree_after_step(stop)
 
     def _agree_after_step(self, stop: StopSignal) -> bool:
         """Whether to stop on a signal, agreed by every worker (one small allreduce per step). An

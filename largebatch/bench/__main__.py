@@ -1,0 +1,140 @@
+"""Benchmarks of the engine against its baselines, side by side.
+
+    python -m largebatch.bench [step allreduce overlap optim memory] [--workers 2] [--out DIR]
+
+With no names, runs them all. Started on its own, it starts ``--workers`` gloo workers on this
+machine through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
+torchrun or mpirun, it uses the workers it was given. Each sub-benchmark prints a table on rank 0
+and writes ``DIR/bench-<name>.json``:
+
+  step       the engine's training step against a plain DistributedDataParallel loop with the
+             same model, micro-batch, data and workers (target: ratio <= 1.03)
+  allreduce  bus bandwidth of the gradient allreduce as the engine runs it against one flat
+             allreduce of the same bytes (target: >= 0.9 of that ceiling)
+  overlap    compute only against the full synchronised step: the share of communication hidden
+  optim      LARS and LAMB step time against SGD(foreach) on ResNet-50's parameters (target <= 2x)
+  memory     peak resident memory of the engine against the plain loop (target <= 1.05x), and at
+             global batches 1K to 32K at a fixed micro-batch (accumulation keeps it flat)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from largebatch.errors import UsageError, run_cli
+
+NAMES = ("step", "allreduce", "overlap", "optim", "memory")
+
+
+@dataclass
+class Context:
+    """What a sub-benchmark needs: the workers, the communicator, the arguments."""
+    args: argparse.Namespace
+    comm: object
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    def mean_over_workers(self, seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        return self.comm.all_reduce_sum(t).item() / self.world_size
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m largebatch.bench", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 2)[2])
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"sub-benchmarks: {', '.join(NAMES)} (default: all)")
+    ap.add_argument("--workers", type=int, default=2, help="workers to start when not under a launcher (default 2)")
+    ap.add_argument("--rounds", type=int, default=10, help="timed rounds per sub-benchmark (default 10)")
+    ap.add_argument("--backend", default="auto", help="comm.backend: auto, gloo, nccl or mpi (default auto)")
+    ap.add_argument("--bucket-mb", type=float, default=25.0, help="comm.bucket_mb (default 25)")
+    ap.add_argument("--model", default="resnet50", help="model whose gradients allreduce moves (default resnet50)")
+    ap.add_argument("--optim-model", default="resnet50", help="model whose parameters optim steps (default resnet50)")
+    ap.add_argument("--step-model", default="resnet18", help="model for overlap (default resnet18)")
+    ap.add_argument("--image-size", type=int, default=64, help="synthetic image size for overlap (default 64)")
+    ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch for overlap (default 32)")
+    ap.add_argument("--out", default="bench", help="folder for the JSON files (default ./bench)")
+    return ap
+
+
+def _relaunch(args, argv: list[str]) -> int:
+    """Start ``--workers`` copies of this command under torchrun on this machine."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
+           "-m", "largebatch.bench", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    unknown = [n for n in args.names if n not in NAMES]
+    if unknown:
+        raise UsageError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    if args.workers < 1 or args.rounds < 1:
+        raise UsageError(f"--workers {args.workers} and --rounds {args.rounds} must be integers >= 1")
+    from largebatch.distributed import Communicator, discover, select_backend, select_device
+
+    topo = discover()
+    if topo.world_size == 1 and args.workers > 1:
+        return _relaunch(args, argv)
+    device = select_device(topo)
+    backend = select_backend(args.backend, device)
+    comm = Communicator(topo, backend, device, args.bucket_mb, timeout_s=3600)
+    ctx = Context(args, comm, topo.rank, topo.world_size, device, backend if comm.distributed else "no backend")
+    names = args.names or list(NAMES)
+    if topo.is_main:
+        print(f"largebatch.bench: {', '.join(names)} on {topo.world_size} worker(s), {device}, torch "
+              f"{torch.__version__}, {platform.processor() or platform.machine()} with {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} threads per worker; medians of {args.rounds} rounds", flush=True)
+        os.makedirs(args.out, exist_ok=True)
+    try:
+        for name in names:
+            result = _run(name, ctx)
+            if topo.is_main and result is not None:
+                print(f"\n== {name} ==")
+                print("\n".join(result["lines"]), flush=True)
+                with open(os.path.join(args.out, f"bench-{name}.json"), "w") as f:
+                    json.dump({k: v for k, v in result.items() if k != "lines"}, f, indent=2)
+    finally:
+        comm.close()
+    return 0
+
+
+def _run(name: str, ctx: Context):
+    if name == "optim":  # one worker's optimizer; the others wait, leaving it the cores
+        from largebatch.bench import optim
+
+        result = optim.run(ctx) if ctx.rank == 0 else None
+        ctx.comm.barrier()
+        return result
+    if name in ("allreduce", "overlap"):
+        from largebatch.bench import comm
+
+        return (comm.run_allreduce if name == "allreduce" else comm.run_overlap)(ctx)
+    if name == "step":
+        from largebatch.bench import step
+
+        return step.run(ctx)
+    from largebatch.bench import memory
+
+    return memory.run(ctx)
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
