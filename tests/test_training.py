@@ -128,3 +128,17 @@ def test_synthetic_and_mlp_train(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")][-1]
     assert summary["val_acc"] > 0.5  # 4 classes: chance is 0.25
+
+
+def _summary(run_dir: str) -> dict:
+    return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
+
+
+def test_bf16_default_matches_fp32_within_a_point(default_run, tmp_path):
+    run_dir = str(tmp_path / "bf16")
+    r = torchrun(2, "largebatch.train", "train.precision=bf16", f"run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    bf16, fp32 = _summary(run_dir), _summary(default_run[1])
+    assert abs(bf16["val_acc"] - fp32["val_acc"]) <= 0.01, (bf16["val_acc"], fp32["val_acc"])
+    # Master weights stay in fp32 under autocast.
+    assert {v.dtype for v in load_weights(run_dir).values() if v.is_floating_point()} == {torch.float32}

@@ -22,6 +22,8 @@ OPTIMIZERS = ("sgd", "lars", "larc", "lamb")
 SCALING = ("linear", "sqrt", "none")
 DECAYS = ("constant", "step", "poly", "cosine", "onecycle")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
+PRECISIONS = ("fp32", "bf16", "fp16")
+COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -167,6 +169,11 @@ class TrainConfig:
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     eval_batch: int = 1024
     """Images per validation forward pass on one worker (memory only; results do not depend on it)."""
+    precision: str = "fp32"
+    """Arithmetic of the forward pass: 'fp32'; 'bf16' (autocast to bfloat16, CPU and GPU); or 'fp16'
+    (autocast to float16 with a dynamic gradient scaler; the steps it skips on overflow are counted
+    as scaler_skipped_steps, apart from train.on_nonfinite). Weights, gradients and optimizer
+    state stay in fp32, and LARS/LAMB norms are computed in fp32."""
     phases: list = field(default_factory=list)
     """Progressive resizing and batch-size phases, in order, e.g. [{epochs: 6, image_size: 128,
     global_batch: 1024}, {epochs: 3, image_size: 224, global_batch: 512}]: each phase trains its
@@ -196,6 +203,7 @@ class TrainConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                  "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")
+        _choice("train.precision", self.precision, PRECISIONS)
         self._check_phases()
 
     def _check_phases(self) -> None:
@@ -307,6 +315,14 @@ class CommConfig:
     overlapped with the backward pass."""
     timeout_s: float = 600.0
     """Longest wait for any collective, in seconds; a worker that never arrives is then named in the error."""
+    compression: str = "none"
+    """Gradient compression for the allreduce, through DDP's communication hooks: 'none'; 'fp16' or
+    'bf16' (buckets cast to half precision for the allreduce, then back); or 'powersgd' (low-rank
+    PowerSGD with error feedback, Vogels et al. 2019). comm.backend=mpi takes 'none' or 'fp16'."""
+    powersgd_rank: int = 2
+    """'powersgd': rank of the gradient approximation (higher: closer to exact, more bytes)."""
+    powersgd_start_step: int = 10
+    """'powersgd': plain allreduce for this many steps first, then compression."""
     master_addr: Optional[str] = None
     """Address of rank 0 for the rendezvous under mpirun or srun (torchrun brings its own); null:
     MASTER_ADDR if set, else rank 0's own address (MPI) or the first host of the node list (srun)."""
@@ -315,6 +331,13 @@ class CommConfig:
         _choice("comm.backend", self.backend, BACKENDS)
         _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0")
         _require(self.timeout_s > 0, "comm.timeout_s", self.timeout_s, "use a number of seconds > 0")
+        _choice("comm.compression", self.compression, COMPRESSIONS)
+        _require(self.powersgd_rank >= 1, "comm.powersgd_rank", self.powersgd_rank, "use an integer >= 1")
+        _require(self.powersgd_start_step >= 1, "comm.powersgd_start_step", self.powersgd_start_step,
+                 "use an integer >= 1")
+        if self.backend == "mpi" and self.compression not in ("none", "fp16"):
+            raise UsageError(f"comm.backend=mpi with comm.compression={self.compression} is not supported; "
+                             "use comm.compression=none or fp16 with mpi, or another backend")
 
 
 @dataclass

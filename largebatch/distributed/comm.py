@@ -90,15 +90,21 @@ class Communicator:
     """Owns the process group (when there is more than one worker) and DDP wrapping."""
 
     def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: float,
-                 timeout_s: float = 600.0, master_addr: Optional[str] = None):
+                 timeout_s: float = 600.0, master_addr: Optional[str] = None, compression: str = "none",
+                 powersgd_rank: int = 2, powersgd_start_step: int = 10):
         self.topology = topology
         self.backend = backend
         self.device = device
         self.bucket_mb = bucket_mb
+        self.compression, self.powersgd_rank, self.powersgd_start_step = compression, powersgd_rank, powersgd_start_step
+        self.powersgd_state = None
         self.distributed = topology.world_size > 1
         self.store = None
         self.hook = None
         self.owns_group = False  # started the process group here, so close() ends it
+        if compression == "bf16" and device.type != "cuda":
+            raise UsageError("comm.compression=bf16 needs CUDA GPUs and NCCL (torch's bf16 hook has no CPU path); "
+                             "on CPU use comm.compression=fp16")
         if self.distributed and backend == "mpi":
             _check_mpi_world(topology)
         if self.distributed and not dist.is_initialized():
@@ -116,7 +122,8 @@ class Communicator:
         """DDP for several workers (rank 0's weights are broadcast); the bare model for one.
 
         With ``comm.backend=mpi`` the gradient buckets are averaged by MPI through
-        :class:`largebatch.distributed.mpi.AllreduceHook`.
+        :class:`largebatch.distributed.mpi.AllreduceHook`; ``comm.compression`` registers DDP's
+        fp16, bf16 or PowerSGD communication hook (or the MPI hook's fp16 form).
         """
         if not self.distributed:
             return model
@@ -129,8 +136,20 @@ class Communicator:
         if self.backend == "mpi":
             from largebatch.distributed import mpi
 
-            self.hook = self.hook or mpi.AllreduceHook()
+            self.hook = self.hook or mpi.AllreduceHook(fp16=self.compression == "fp16")
             ddp.register_comm_hook(state=None, hook=self.hook.allreduce)
+        elif self.compression in ("fp16", "bf16"):
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            hook = default_hooks.fp16_compress_hook if self.compression == "fp16" else default_hooks.bf16_compress_hook
+            ddp.register_comm_hook(state=None, hook=hook)
+        elif self.compression == "powersgd":
+            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+            self.powersgd_state = powerSGD_hook.PowerSGDState(
+                process_group=None, matrix_approximation_rank=self.powersgd_rank,
+                start_powerSGD_iter=self.powersgd_start_step, random_seed=0)
+            ddp.register_comm_hook(state=self.powersgd_state, hook=powerSGD_hook.powerSGD_hook)
         return ddp
 
     @staticmethod

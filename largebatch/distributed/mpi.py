@@ -69,17 +69,19 @@ class AllreduceHook:
     the hook queues the bucket and returns a ``torch.futures.Future`` at once; one dedicated
     communication thread takes the buckets in order (DDP launches them in the same order on every
     rank, as MPI requires), divides each one by the world size and sums it in place over its NumPy
-    view with ``MPI_IN_PLACE``, and completes the future. No copy of the bucket is made.
+    view with ``MPI_IN_PLACE``, and completes the future. No copy of the bucket is made, except
+    with ``fp16=True`` (comm.compression=fp16), which sends a half-precision copy.
 
     Register with ``ddp.register_comm_hook(state=None, hook=AllreduceHook().allreduce)``; call
     :meth:`close` when done with it.
     """
 
-    def __init__(self, comm: Any = None):
+    def __init__(self, comm: Any = None, fp16: bool = False):
         MPI = _mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.world_size = self.comm.Get_size()
+        self.fp16 = fp16
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="largebatch-mpi-allreduce", daemon=True)
         self._thread.start()
@@ -101,10 +103,14 @@ class AllreduceHook:
                 return
             tensor, future = item
             try:
-                view = numpy_view(tensor)
+                # comm.compression=fp16: half the bytes on the wire, through a half-precision copy.
+                wire = tensor.to(torch.float16) if self.fp16 and tensor.dtype != torch.float16 else tensor
+                view = numpy_view(wire)
                 # Divide first, then sum: the order of DDP's own allreduce, so the two agree bit for bit.
                 np.divide(view, view.dtype.type(self.world_size), out=view)
                 self.comm.Allreduce(self._MPI.IN_PLACE, view, op=self._MPI.SUM)
+                if wire is not tensor:
+                    tensor.copy_(wire)
                 future.set_result(tensor)
             except BaseException as exc:  # handed to DDP, which raises it in the training loop
                 future.set_exception(exc)

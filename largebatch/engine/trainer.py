@@ -104,6 +104,7 @@ class _Position:
     skipped_steps: int = 0
     skipped_in_epoch: int = 0
     nonfinite_in_a_row: int = 0
+    scaler_skipped_steps: int = 0
 
 
 class Trainer:
@@ -118,7 +119,13 @@ class Trainer:
             if threads:
                 torch.set_num_threads(threads)
         self.comm = Communicator(topology, backend, self.device, cfg.comm.bucket_mb, timeout_s=cfg.comm.timeout_s,
-                                 master_addr=cfg.comm.master_addr)
+                                 master_addr=cfg.comm.master_addr, compression=cfg.comm.compression,
+                                 powersgd_rank=cfg.comm.powersgd_rank,
+                                 powersgd_start_step=cfg.comm.powersgd_start_step)
+        # train.precision: autocast for the forward pass; fp16 also scales the loss against underflow.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
         self.lock = RunLock(cfg.run.dir)
         self.faults = FaultInjection.from_env(topology.rank)
         error: Optional[BaseException] = None
@@ -222,6 +229,8 @@ class Trainer:
         topo = self.topology
         same_world = state["world_size"] == topo.world_size
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
         if same_world:
             loss_part, window_part = state["loss_parts"][topo.rank], state["window_parts"][topo.rank]
@@ -257,6 +266,7 @@ class Trainer:
     def _write_checkpoint(self, pos: _Position, record: _Record, rngs: list, parts: list, window_steps: int) -> None:
         cfg = self.cfg
         state = dict(model=self.comm.unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
+                     scaler=None if self.scaler is None else self.scaler.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
                      world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
@@ -303,7 +313,9 @@ class Trainer:
                 steps_run = 0  # in this process: a resumed epoch runs only part of its steps
                 while pos.step_in_epoch < phase.steps_per_epoch:
                     lr, step_loss, wait, finite, stopping = self.run_step(batches, bp, pos.step, stop)
-                    if finite:
+                    if finite is None:  # the fp16 gradient scaler met an overflow and lowered its scale
+                        pos.scaler_skipped_steps += 1
+                    elif finite:
                         pos.nonfinite_in_a_row = 0
                         loss_sum += step_loss
                         window_loss += step_loss
@@ -488,6 +500,8 @@ class Trainer:
                        elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=pos.step,
                        skipped_steps=pos.skipped_steps, target_accuracy=cfg.train.target_accuracy,
                        target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
+        if self.scaler is not None:
+            summary["scaler_skipped_steps"] = pos.scaler_skipped_steps
         if result.top5 is not None:
             summary.update(val_acc_top5=result.top5, best_val_acc_top5=record.best_top5)
         if self.info.reads_files:
@@ -509,11 +523,12 @@ class Trainer:
         self.sampler.set_phase(bp, phase.image_size)
 
     def _train_step(self, batches, accum_steps: int, per_worker_batch: int,
-                    step: int) -> tuple[torch.Tensor, float, bool]:
+                    step: int) -> tuple[torch.Tensor, float, Optional[bool]]:
         """One optimizer step over ``accum_steps`` micro-batches. Returns this worker's summed loss
         share (sum of per-image losses / per_worker_batch, detached), the seconds spent waiting for
-        data, and whether the step was applied (False: a non-finite loss or gradient; the update is
-        skipped on every worker alike, since the allreduced gradient is the same everywhere)."""
+        data, and whether the step was applied: False for a non-finite loss or gradient, None when
+        the fp16 gradient scaler skipped it on an overflow. Either way the update is skipped on every
+        worker alike, since the allreduced gradient is the same everywhere."""
         self.faults.at_step_start(step)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -525,21 +540,30 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = k == accum_steps - 1
             with contextlib.nullcontext() if last else self.comm.no_sync(self.model):
-                loss = F.cross_entropy(self.model(x), y, reduction="sum",
+                with self.autocast():
+                    logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum",
                                        label_smoothing=self.cfg.train.label_smoothing) / per_worker_batch
                 if self.faults.poison(step):
                     loss = loss * float("nan")
+                scaled = loss if self.scaler is None else self.scaler.scale(loss)
                 if last:
                     self.faults.before_allreduce(step)
                     self.comm.mark_arrived(step)
-                    self._backward_with_timeout(loss, step)
+                    self._backward_with_timeout(scaled, step)
                 else:
-                    loss.backward()
+                    scaled.backward()
             total += loss.detach().double()
         # Decided from the allreduced gradient, which is the same on every worker, so all agree; a
         # non-finite loss on any worker makes it non-finite. One host read per step.
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grads = [p.grad for p in self.comm.unwrap(self.model).parameters() if p.grad is not None]
         finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when unscale_ found inf or nan
+            self.scaler.update()
+            return total, wait, True if finite else None
         if finite:
             self.optimizer.step()
         return total, wait, finite
