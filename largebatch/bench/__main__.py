@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds per sub-benchmark (default 10)")
     ap.add_argument("--backend", default="auto", help="comm.backend: auto, gloo, nccl or mpi (default auto)")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="comm.bucket_mb (default 25)")
+    ap.add_argument("--compression", default="none", choices=("none", "fp16", "bf16", "powersgd"),
+                    help="comm.compression for the engine's allreduce (default none; PowerSGD from the third "
+                         "step, rank 2)")
     ap.add_argument("--model", default="resnet50", help="model whose gradients allreduce moves (default resnet50)")
     ap.add_argument("--optim-model", default="resnet50", help="model whose parameters optim steps (default resnet50)")
     ap.add_argument("--step-model", default="resnet18", help="model for overlap (default resnet18)")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch(args, argv)
     device = select_device(topo)
     backend = select_backend(args.backend, device)
-    comm = Communicator(topo, backend, device, args.bucket_mb, timeout_s=3600)
+    comm = Communicator(topo, backend, device, args.bucket_mb, timeout_s=3600, compression=args.compression,
+                        powersgd_start_step=2)
     ctx = Context(args, comm, topo.rank, topo.world_size, device, backend if comm.distributed else "no backend")
     names = args.names or list(NAMES)
     if topo.is_main:

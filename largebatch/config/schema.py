@@ -333,8 +333,8 @@ class CommConfig:
         _require(self.timeout_s > 0, "comm.timeout_s", self.timeout_s, "use a number of seconds > 0")
         _choice("comm.compression", self.compression, COMPRESSIONS)
         _require(self.powersgd_rank >= 1, "comm.powersgd_rank", self.powersgd_rank, "use an integer >= 1")
-        _require(self.powersgd_start_step >= 1, "comm.powersgd_start_step", self.powersgd_start_step,
-                 "use an integer >= 1")
+        _require(self.powersgd_start_step >= 2, "comm.powersgd_start_step", self.powersgd_start_step,
+                 "use an integer >= 2 (DDP runs its first two steps uncompressed)")
         if self.backend == "mpi" and self.compression not in ("none", "fp16"):
             raise UsageError(f"comm.backend=mpi with comm.compression={self.compression} is not supported; "
                              "use comm.compression=none or fp16 with mpi, or another backend")

@@ -75,6 +75,43 @@ def _rendezvous_store(topology: Topology, timeout_s: float, master_addr: Optiona
     return dist.PrefixStore(f"largebatch/attempt-{attempt}/", store)
 
 
+def _one_bucket_at_a_time(hook):
+    """``hook`` with each bucket's collectives started only once the previous bucket's are done.
+
+    PowerSGD launches its later allreduces from future callbacks; with several buckets in flight,
+    gloo can run those callbacks in a different order on each worker, and the workers then meet in
+    mismatched collectives. Chaining the buckets keeps one order everywhere.
+    """
+    last: list = [None]
+
+    def serialized(state, bucket):
+        previous = last[0]
+        if previous is None or previous.done():
+            future = hook(state, bucket)
+        else:
+            future = torch.futures.Future()
+
+            def start(_):
+                try:
+                    hook(state, bucket).then(lambda done: _settle(future, done))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+            previous.then(start)
+        last[0] = future
+        return future
+
+    serialized.__name__ = f"serialized_{hook.__name__}"
+    return serialized
+
+
+def _settle(future: torch.futures.Future, done: torch.futures.Future) -> None:
+    try:
+        future.set_result(done.value())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
 def _check_mpi_world(topology: Topology) -> None:
     """comm.backend=mpi needs MPI_COMM_WORLD to be the job's world, which only an MPI launch gives."""
     from largebatch.distributed import mpi
@@ -149,7 +186,7 @@ class Communicator:
             self.powersgd_state = powerSGD_hook.PowerSGDState(
                 process_group=None, matrix_approximation_rank=self.powersgd_rank,
                 start_powerSGD_iter=self.powersgd_start_step, random_seed=0)
-            ddp.register_comm_hook(state=self.powersgd_state, hook=powerSGD_hook.powerSGD_hook)
+            ddp.register_comm_hook(state=self.powersgd_state, hook=_one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
         return ddp
 
     @staticmethod
