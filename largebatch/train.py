@@ -20,10 +20,12 @@ Bad input prints one line and exits with status 2 on every worker.
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 
 from largebatch.cli import add_config_arguments, config_from_args
 from largebatch.distributed import SINGLE, discover
-from largebatch.errors import run_cli
+from largebatch.errors import RunStopped, UsageError, run_cli
 
 _topology = SINGLE
 
@@ -47,9 +49,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _main_ending_mpi_on_crash(argv: list[str] | None = None) -> int:
+    """``main``; an unexpected error also ends the other ranks of an MPI job (see abort_if_running).
+    Usage errors and agreed stops need not: every rank meets those and exits by itself."""
+    try:
+        return main(argv)
+    except (UsageError, RunStopped, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        from largebatch.distributed.mpi import abort_if_running
+
+        abort_if_running(1)
+        raise
+
+
 def cli() -> None:
     """Console-script entry point."""
-    run_cli(main, print_errors=lambda: _topology.is_main)
+    run_cli(_main_ending_mpi_on_crash, print_errors=lambda: _topology.is_main)
 
 
 if __name__ == "__main__":

@@ -66,17 +66,25 @@ np="${SLURM_NTASKS:-}"; per_node=""; hostfile=""; hosts=""; dry=0; trainer=(); m
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -np|-n|--np|-c) np=$2; shift 2 ;;
+    --np=*|-np=*) np=${1#*=}; shift ;;
     --ranks-per-node) per_node=$2; shift 2 ;;
+    --ranks-per-node=*) per_node=${1#*=}; shift ;;
     --hostfile|-hostfile|-f|--machinefile|-machinefile) hostfile=$2; shift 2 ;;
+    --hostfile=*|--machinefile=*) hostfile=${1#*=}; shift ;;
     --hosts|-hosts|--host|-host|-H) hosts=$2; shift 2 ;;
+    --hosts=*|--host=*) hosts=${1#*=}; shift ;;
     --dry-run) dry=1; shift ;;
     --config) trainer+=("$1" "$2"); shift 2 ;;
+    --config=*) trainer+=(--config "${1#*=}"); shift ;;
+    # Options that take two values: a name and its value.
+    -genv|--genv|-env|--env|-mca|--mca|-gmca|--gmca|--prtemca|--pmixmca)
+      [[ $# -ge 3 ]] || lb_die "$1 takes a name and a value"
+      mpi_opts+=("$1" "$2" "$3"); shift 3 ;;
     --) shift; trainer+=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*)
       mpi_opts+=("$1")
-      # An option's value follows it; -genv (MPICH) takes two.
-      [[ "$1" == -genv || "$1" == --genv ]] && { mpi_opts+=("$2"); shift; }
+      # An option's value, if any, follows it.
       if [[ "$1" != *=* && $# -gt 1 && "$2" != -* ]] && ! lb_is_override "$2"; then
         mpi_opts+=("$2"); shift
       fi
@@ -96,12 +104,15 @@ if [[ -n "$hostfile" ]]; then
   fi
 elif [[ -n "$hosts" ]]; then
   IFS=, read -ra host_list <<< "$hosts"; num_hosts=${#host_list[@]}
+else
+  # Inside a Slurm allocation mpirun spreads over its nodes.
+  num_hosts=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-0}}
 fi
 if [[ -z "$per_node" ]]; then
   per_node=$(( num_hosts > 0 ? (np + num_hosts - 1) / num_hosts : np ))
 fi
 lb_positive_int --ranks-per-node "$per_node"
-lb_plan "$np" "${trainer[@]}"
+lb_plan "$np" ${trainer[@]+"${trainer[@]}"}
 lb_omp_threads "$per_node"
 
 MPIRUN=${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}
@@ -122,7 +133,8 @@ if [[ "$version" == *"Open MPI"* || "$version" == *"OpenRTE"* || "$version" == *
   cmd+=(--map-by "ppr:$per_node:node")
   for v in "${exported[@]}"; do cmd+=(-x "$v"); done
   [[ -n "$hostfile" ]] && cmd+=(--hostfile "$hostfile")
-  [[ -n "$hosts" ]] && cmd+=(--host "$hosts")
+  # Open MPI gives a host named without a slot count one slot: ask for R on each.
+  [[ -n "$hosts" ]] && cmd+=(--host "$(sed -E "s/(^|,)([^,:]+)(,|$)/\1\2:$per_node\3/g; s/(^|,)([^,:]+)(,|$)/\1\2:$per_node\3/g" <<< "$hosts")")
 else
   # MPICH's and Intel MPI's Hydra (and MVAPICH2's mpirun_rsh-compatible mpiexec).
   flavor="Hydra (MPICH, Intel MPI)"
@@ -131,7 +143,7 @@ else
   [[ -n "$hostfile" ]] && cmd+=(-f "$hostfile")
   [[ -n "$hosts" ]] && cmd+=(-hosts "$hosts")
 fi
-cmd+=("${mpi_opts[@]}" "$PYTHON" -m largebatch.train "${trainer[@]}")
+cmd+=(${mpi_opts[@]+"${mpi_opts[@]}"} "$PYTHON" -m largebatch.train ${trainer[@]+"${trainer[@]}"})
 echo "mpirun: $MPIRUN ($flavor), $np ranks, $per_node per node" >&2
 if [[ $dry -eq 1 ]]; then echo "would run: ${cmd[*]}"; exit 0; fi
 exec "${cmd[@]}"

@@ -58,10 +58,15 @@ nnodes=1; nproc=1; endpoint=""; dry=0; trainer=(); torchrun_opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nnodes) nnodes=$2; shift 2 ;;
+    --nnodes=*) nnodes=${1#*=}; shift ;;
     --nproc-per-node|--nproc_per_node) nproc=$2; shift 2 ;;
+    --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
     --rdzv-endpoint|--rdzv_endpoint) endpoint=$2; shift 2 ;;
+    --rdzv-endpoint=*|--rdzv_endpoint=*) endpoint=${1#*=}; shift ;;
+    --standalone) shift ;;  # implied for one node without an endpoint
     --dry-run) dry=1; shift ;;
     --config) trainer+=("$1" "$2"); shift 2 ;;
+    --config=*) trainer+=(--config "${1#*=}"); shift ;;
     --) shift; trainer+=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*)
@@ -85,9 +90,10 @@ else
   [[ -n "$endpoint" ]] || lb_die "--nnodes $nnodes needs --rdzv-endpoint HOST:PORT"
   rdzv=(--rdzv-backend c10d --rdzv-endpoint "$endpoint")
 fi
-lb_plan "$world" "${trainer[@]}"
+lb_plan "$world" ${trainer[@]+"${trainer[@]}"}
 lb_omp_threads "$nproc"
+# ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4 as well
 cmd=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" "${rdzv[@]}"
-     "${torchrun_opts[@]}" -m largebatch.train "${trainer[@]}")
+     ${torchrun_opts[@]+"${torchrun_opts[@]}"} -m largebatch.train ${trainer[@]+"${trainer[@]}"})
 if [[ $dry -eq 1 ]]; then echo "would run: ${cmd[*]}"; exit 0; fi
 exec "${cmd[@]}"

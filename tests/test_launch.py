@@ -130,3 +130,24 @@ def test_mpirun_wrapper_trains(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "OMP_NUM_THREADS=" in r.stderr and "2 worker(s) on cpu over mpi (hydra)" in r.stdout + r.stderr
     assert load_weights(out)
+
+
+def test_option_forms_the_wrappers_read():
+    # --opt=value is read like --opt value: the plan is for 2 x 8 workers and the endpoint is kept.
+    r = wrapper("torchrun.sh", "--nnodes=2", "--nproc_per_node=8", "--rdzv-endpoint=h:29500", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert plan_of(r.stdout)["workers (world size)"] == "16"
+    cmd = command_of(r.stdout)
+    assert "--standalone" not in cmd and ["--rdzv-endpoint", "h:29500"] == cmd[cmd.index("--rdzv-endpoint"):][:2]
+    # mpirun options with a name and a value pass through whole.
+    r = wrapper("mpirun.sh", "-np", "4", "--mca", "btl", "tcp,self", "--dry-run", "train.epochs=3")
+    assert r.returncode == 0, r.stderr
+    cmd = command_of(r.stdout)
+    assert ["--mca", "btl", "tcp,self"] == cmd[cmd.index("--mca"):][:3] and cmd[-1] == "train.epochs=3"
+
+
+def test_mpirun_inside_a_slurm_allocation_spreads_over_its_nodes():
+    r = wrapper("mpirun.sh", "--dry-run", extra_env={"SLURM_NTASKS": "32", "SLURM_NNODES": "4"})
+    assert r.returncode == 0, r.stderr
+    assert plan_of(r.stdout)["workers (world size)"] == "32"
+    assert "32 ranks, 8 per node" in r.stderr

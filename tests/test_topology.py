@@ -126,6 +126,17 @@ def test_bad_launcher_variables(env, match):
         discover(env, mpi=_no_mpi)
 
 
+def test_srun_with_pmix_checks_mpi_against_slurm():
+    from largebatch.distributed.topology import MPIWorld
+
+    env = {"PMIX_RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
+           "SLURM_NTASKS_PER_NODE": "4"}
+    assert discover(env, mpi=lambda: MPIWorld(0, 4, 0, 4)) == Topology(0, 4, 0, 4, "pmix")
+    # An MPI that does not speak Slurm's PMIx sees a world of one: refused, not trained alone.
+    with pytest.raises(UsageError, match="MPI says rank 0 of 1"):
+        discover(env, mpi=lambda: MPIWorld(0, 1, 0, 1))
+
+
 def test_slurm_node_lists_expand():
     from largebatch.distributed.topology import expand_nodelist, parse_tasks_per_node
 
@@ -160,7 +171,17 @@ def test_rendezvous_endpoint_per_launcher():
     addr, port = endpoint(hydra0, {}, master_addr="head", broadcast=broadcast)
     assert addr == "head" and 0 < port < 65536 and sent == [(addr, port)]
     assert endpoint(discover(HYDRA), {}, broadcast=broadcast) == ("node9", 40000) and sent[-1] is None
-    assert endpoint(discover(HYDRA), {"MASTER_ADDR": "a", "MASTER_PORT": "1234"}, broadcast=_no_mpi) == ("a", 1234)
+    # Rank 0's values win even where this rank sees variables of its own (they may differ by node) ...
+    assert endpoint(discover(HYDRA), {"MASTER_ADDR": "a", "MASTER_PORT": "1234"}, broadcast=broadcast) == \
+        ("node9", 40000)
+
+    def no_mpi4py(value):
+        raise UsageError("this needs mpi4py, which is not installed")
+
+    # ... and without mpi4py the variables serve, if every rank has them.
+    assert endpoint(discover(HYDRA), {"MASTER_ADDR": "a", "MASTER_PORT": "1234"}, broadcast=no_mpi4py) == ("a", 1234)
+    with pytest.raises(UsageError, match="or set MASTER_ADDR and MASTER_PORT for every rank"):
+        endpoint(discover(HYDRA), {}, broadcast=no_mpi4py)
     # torchrun's own endpoint is used as it is; a missing one is a launch error.
     tr = discover({"RANK": "0", "WORLD_SIZE": "2"})
     assert endpoint(tr, {"MASTER_ADDR": "x", "MASTER_PORT": "5"}, master_addr="ignored") == ("x", 5)

@@ -9,6 +9,7 @@ hook's communication thread may call MPI while the main thread runs backward.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import Any
 
@@ -78,6 +79,10 @@ class AllreduceHook:
 
     def __init__(self, comm: Any = None, fp16: bool = False):
         MPI = _mpi()
+        if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+            raise UsageError("comm.backend=mpi calls MPI from a communication thread, but this MPI granted only "
+                             f"thread level {MPI.Query_thread()}; use an MPI with MPI_THREAD_MULTIPLE support, or "
+                             "comm.backend=gloo")
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.world_size = self.comm.Get_size()
@@ -115,7 +120,20 @@ class AllreduceHook:
             except BaseException as exc:  # handed to DDP, which raises it in the training loop
                 future.set_exception(exc)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the thread once the queued buckets are done (a daemon: it never holds up exit)."""
         if self._thread.is_alive():
             self._work.put(None)
-            self._thread.join()
+            self._thread.join(timeout_s)
+
+
+def abort_if_running(status: int) -> None:
+    """End every rank of the MPI job after a failure on this one.
+
+    A rank that dies with an unexpected error would leave the others blocked for good in an MPI
+    allreduce that has no timeout, and itself blocked in MPI_Finalize; MPI_Abort ends them all.
+    A no-op unless this process started MPI and its world has other ranks.
+    """
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
+        MPI.COMM_WORLD.Abort(status)

@@ -6,7 +6,8 @@ launcher    endpoint
 torchrun    ``MASTER_ADDR``/``MASTER_PORT`` as torchrun sets them (its agent hosts the store)
 MPI         ``comm.master_addr``, else ``MASTER_ADDR``, else rank 0's own address; ``MASTER_PORT``,
             else a free port rank 0 picks; rank 0 broadcasts both with MPI before any worker
-            connects, so ``mpirun -np 8 python -m largebatch.train`` needs nothing else
+            connects, so ``mpirun -np 8 python -m largebatch.train`` needs nothing else (without
+            mpi4py, every rank must have MASTER_ADDR and MASTER_PORT)
 slurm       ``comm.master_addr``, else ``MASTER_ADDR``, else the first host of the step's node list
             (``SLURM_STEP_NODELIST``, else ``SLURM_JOB_NODELIST``); ``MASTER_PORT``, else
             15000 + (SLURM_JOB_ID + SLURM_STEP_ID) mod 20000, the same on every task with no
@@ -87,21 +88,23 @@ def endpoint(topology: Topology, environ: Mapping[str, str], master_addr: Option
             port = int(port)
         except ValueError:
             raise UsageError(f"MASTER_PORT={port!r} is not a port number; set an integer 1-65535") from None
-    if addr and port:
-        return addr, port
-    if topology.launcher == "torchrun":
-        raise UsageError("MASTER_ADDR and MASTER_PORT must be set for several workers; launch with torchrun")
     if topology.is_mpi:
+        # Rank 0's choice always wins: a rank on another node may not see the variables rank 0 saw.
         if broadcast is None:
             from largebatch.distributed import mpi
 
             broadcast = mpi.broadcast
         mine = (addr or own_address(), port or free_port()) if topology.rank == 0 else None
         try:
-            addr, port = broadcast(mine)
-        except UsageError as exc:
+            return tuple(broadcast(mine))
+        except UsageError as exc:  # no mpi4py: the variables, if every rank has them
+            if addr and port:
+                return addr, port
             raise UsageError(f"{exc}; or set MASTER_ADDR and MASTER_PORT for every rank") from None
+    if addr and port:
         return addr, port
+    if topology.launcher == "torchrun":
+        raise UsageError("MASTER_ADDR and MASTER_PORT must be set for several workers; launch with torchrun")
     if topology.launcher == "slurm":
         return addr or slurm_first_host(environ), port or slurm_port(environ)
     raise UsageError(f"{topology.launcher}: no way to find the other workers; set MASTER_ADDR and MASTER_PORT")

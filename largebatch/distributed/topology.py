@@ -137,6 +137,8 @@ def _from_mpi(env: Mapping[str, str], found: list[_Vars], mpi: MPIQuery) -> Topo
             raise _partial(env, v, f"check the {v.launcher} launcher, or unset the partial variables")
         stories.append((v, _int(env, v.rank), _int(env, v.size) if v.size else None))
     first, rank, size = stories[0]
+    if size is None and "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        size = _int(env, "SLURM_NTASKS")  # srun with PMIx: Slurm knows the size MPI must agree with
     for v, r, s in stories[1:]:
         if r != rank or (s is not None and size is not None and s != size):
             raise UsageError(f"conflicting launcher variables: {first.rank}={rank}, {first.size}={size} but "
