@@ -30,6 +30,15 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "l
     raise ValueError(f"unknown scaling rule {rule!r}")
 
 
+def _check_steps_and_decay(total_steps: int, warmup_steps: int, decay: str) -> None:
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+    if decay not in ("constant", "step", "poly", "cosine", "onecycle"):
+        raise ValueError(f"unknown decay {decay!r}")
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     peak_lr: float
@@ -49,12 +58,7 @@ class LRSchedule:
     end_lr: float = 0.0
 
     def __post_init__(self):
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
-        if self.decay not in ("constant", "step", "poly", "cosine", "onecycle"):
-            raise ValueError(f"unknown decay {self.decay!r}")
+        _check_steps_and_decay(self.total_steps, self.warmup_steps, self.decay)
 
     def __call__(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based: the first update uses step 0)."""
@@ -125,12 +129,7 @@ class PhasedSchedule:
     end_lr: float = 0.0
 
     def __post_init__(self):
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
-        if self.decay not in ("constant", "step", "poly", "cosine", "onecycle"):
-            raise ValueError(f"unknown decay {self.decay!r}")
+        _check_steps_and_decay(self.total_steps, self.warmup_steps, self.decay)
 
     @property
     def peak_lr(self) -> float:
