@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,15 +35,7 @@ import time
 import numpy as np
 import torch
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, torch {torch.__version__}"
+from largebatch.bench.machine import describe_machine
 
 
 def write_images(root: str, count: int, size: int, classes: int = 10, val_share: float = 0.05) -> None:
@@ -148,7 +139,7 @@ def main() -> None:
         med = statistics.median(c["rates"])
         rows.append(dict(format=name, augment=augment, loader_workers=workers, images_per_sec=med,
                          min=min(c["rates"]), max=max(c["rates"]), vs_imagefolder=med / base))
-    print(f"\nmachine: {machine()}; {args.threads} torch thread(s) in the reading process")
+    print(f"\nmachine: {describe_machine()}; {args.threads} torch thread(s) in the reading process")
     print(f"{args.images} images, JPEG {args.source_size} px -> {args.size} px, batches of {args.batch}, "
           f"median of {args.rounds} rounds\n")
     head = f"{'format':<17}{'augment':<11}{'workers':>8}{'images/s':>11}{'min-max':>19}{'vs imagefolder':>16}"
@@ -159,7 +150,7 @@ def main() -> None:
         print(f"{r['format']:<17}{r['augment']:<11}{r['loader_workers']:>8}{r['images_per_sec']:>11,.0f}{span:>19}"
               f"{r['vs_imagefolder']:>15.1f}x")
     with open(args.json, "w") as fh:
-        json.dump(dict(machine=machine(), args=vars(args), pack_seconds=pack_s,
+        json.dump(dict(machine=describe_machine(), args=vars(args), pack_seconds=pack_s,
                        jpeg_bytes_per_image=jpeg_bytes / args.images, rows=rows), fh, indent=1)
     print(f"\nwrote {args.json}")
 

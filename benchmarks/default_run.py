@@ -11,25 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
-
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}, torch {torch.__version__}"
+from largebatch.bench.machine import describe_machine
 
 
 def main() -> None:
@@ -56,7 +44,7 @@ def main() -> None:
     def stat(values, fmt):
         return f"{fmt.format(statistics.mean(values))} (min {fmt.format(min(values))}, max {fmt.format(max(values))})"
 
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {describe_machine()}")
     print(f"default on {args.workers} workers, {args.repeats} runs, overrides: {' '.join(args.overrides) or 'none'}")
     print(f"wall time of the command   {stat([r[0] for r in rows], '{:.1f} s')}")
     print(f"training time (elapsed_s)  {stat([r[1] for r in rows], '{:.1f} s')}")
