@@ -35,6 +35,9 @@ def _unknown(key: str) -> UsageError:
     return UsageError(f"unknown config key '{key}'{hint}")
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the annotation ``hint``; convert int->float and integral float->int."""
     origin = typing.get_origin(hint)
@@ -42,7 +45,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(key, value, args[0])
+        if len(args) == 1:
+            return _coerce(key, value, args[0])
+        for arg in args:  # the first type that takes the value, e.g. 25 before 'auto'
+            try:
+                return _coerce(key, value, arg)
+            except UsageError:
+                pass
+        raise UsageError(f"{key}={value!r} is not allowed: use " + " or ".join(_TYPE_NAMES[a] for a in args))
     expected = origin or hint
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -57,8 +67,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return str(value)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
-    allowed = names.get(expected, expected.__name__)
+    allowed = _TYPE_NAMES.get(expected, expected.__name__)
     if typing.get_origin(hint) is None and value is None:
         allowed += " (null is not allowed here)"
     raise UsageError(f"{key}={value!r} is not allowed: use {allowed}")

@@ -9,7 +9,7 @@ a dataset smaller than one global batch) live in :mod:`largebatch.batching` and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from largebatch.errors import UsageError
 
@@ -310,9 +310,14 @@ class CommConfig:
     backend: str = "auto"
     """Gradient allreduce backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl', 'gloo', or 'mpi'
     (CPU: MPI's allreduce through mpi4py inside DDP; needs an MPI launch and the 'mpi' extra)."""
-    bucket_mb: float = 25.0
+    bucket_mb: Union[float, str] = 25.0
     """DDP gradient bucket size in MiB: gradients are allreduced in buckets of about this size,
-    overlapped with the backward pass."""
+    overlapped with the backward pass. 'auto': before the first step, time synchronised
+    forward+backward passes of the run's model with each of bucket_candidates_mb and keep the
+    fastest (printed at the start, and bucket_mb in the summary)."""
+    bucket_candidates_mb: list = field(default_factory=lambda: [1, 4, 16, 64, 256])
+    """bucket_mb=auto only: the sizes tried, in MiB. Sizes at or above the model's gradient size
+    all give one bucket, and only the smallest of them is tried."""
     timeout_s: float = 600.0
     """Longest wait for any collective, in seconds; a worker that never arrives is then named in the error."""
     compression: str = "none"
@@ -329,7 +334,12 @@ class CommConfig:
 
     def __post_init__(self):
         _choice("comm.backend", self.backend, BACKENDS)
-        _require(self.bucket_mb > 0, "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0")
+        _require(self.bucket_mb == "auto" or (isinstance(self.bucket_mb, float) and self.bucket_mb > 0),
+                 "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0, or auto")
+        _require(isinstance(self.bucket_candidates_mb, list) and len(self.bucket_candidates_mb) > 0
+                 and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
+                         for c in self.bucket_candidates_mb),
+                 "comm.bucket_candidates_mb", self.bucket_candidates_mb, "use a list of sizes in MiB > 0, e.g. [1,4,16,64]")
         _require(self.timeout_s > 0, "comm.timeout_s", self.timeout_s, "use a number of seconds > 0")
         _choice("comm.compression", self.compression, COMPRESSIONS)
         _require(self.powersgd_rank >= 1, "comm.powersgd_rank", self.powersgd_rank, "use an integer >= 1")

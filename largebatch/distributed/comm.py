@@ -126,7 +126,7 @@ def _check_mpi_world(topology: Topology) -> None:
 class Communicator:
     """Owns the process group (when there is more than one worker) and DDP wrapping."""
 
-    def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: float,
+    def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: Optional[float],
                  timeout_s: float = 600.0, master_addr: Optional[str] = None, compression: str = "none",
                  powersgd_rank: int = 2, powersgd_start_step: int = 10):
         self.topology = topology
@@ -155,19 +155,26 @@ class Communicator:
         self.timeout_s = timeout_s
 
     # -- models --------------------------------------------------------------------------------
-    def wrap_model(self, model: nn.Module) -> nn.Module:
+    def wrap_model(self, model: nn.Module, bucket_mb: Optional[float] = None,
+                   powersgd_start_step: Optional[int] = None) -> nn.Module:
         """DDP for several workers (rank 0's weights are broadcast); the bare model for one.
 
         With ``comm.backend=mpi`` the gradient buckets are averaged by MPI through
         :class:`largebatch.distributed.mpi.AllreduceHook`; ``comm.compression`` registers DDP's
-        fp16, bf16 or PowerSGD communication hook (or the MPI hook's fp16 form).
+        fp16, bf16 or PowerSGD communication hook (or the MPI hook's fp16 form). ``bucket_mb`` and
+        ``powersgd_start_step`` replace the communicator's own for this wrapper (bucket tuning
+        times several wrappers in turn; each must be freed before the next is made).
         """
         if not self.distributed:
             return model
+        bucket_mb = self.bucket_mb if bucket_mb is None else bucket_mb
+        if bucket_mb is None:
+            raise ValueError("no gradient bucket size yet: set Communicator.bucket_mb (comm.bucket_mb=auto "
+                             "chooses one) or pass bucket_mb")
         ddp = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            bucket_cap_mb=self.bucket_mb,
+            bucket_cap_mb=bucket_mb,
             gradient_as_bucket_view=True,
         )
         if self.backend == "mpi":
@@ -185,7 +192,7 @@ class Communicator:
 
             self.powersgd_state = powerSGD_hook.PowerSGDState(
                 process_group=None, matrix_approximation_rank=self.powersgd_rank,
-                start_powerSGD_iter=self.powersgd_start_step, random_seed=0)
+                start_powerSGD_iter=powersgd_start_step or self.powersgd_start_step, random_seed=0)
             ddp.register_comm_hook(state=self.powersgd_state, hook=_one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
         return ddp
 

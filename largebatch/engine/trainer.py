@@ -24,6 +24,7 @@ from largebatch import __version__
 from largebatch.config import Config, to_dict, write_yaml_atomic
 from largebatch.data import IGNORE, build_datasets, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
+from largebatch.engine.bucket_tuning import BucketChoice, tune_bucket_size
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
 from largebatch.engine.precise_bn import recompute_batchnorm
 from largebatch.engine.run_plan import Phase, RunPlan, make_run_plan, phase_line
@@ -118,7 +119,9 @@ class Trainer:
             threads = cpu_threads(topology)
             if threads:
                 torch.set_num_threads(threads)
-        self.comm = Communicator(topology, backend, self.device, cfg.comm.bucket_mb, timeout_s=cfg.comm.timeout_s,
+        auto_buckets = cfg.comm.bucket_mb == "auto"  # chosen in _connect, on the built model
+        self.comm = Communicator(topology, backend, self.device, None if auto_buckets else cfg.comm.bucket_mb,
+                                 timeout_s=cfg.comm.timeout_s,
                                  master_addr=cfg.comm.master_addr, compression=cfg.comm.compression,
                                  powersgd_rank=cfg.comm.powersgd_rank,
                                  powersgd_start_step=cfg.comm.powersgd_start_step)
@@ -187,7 +190,16 @@ class Trainer:
         cfg, topo = self.cfg, self.topology
         if self.resume_state is not None:
             self.bare_model.load_state_dict(self.resume_state["model"])
-        self.model = self.comm.wrap_model(self.bare_model.to(self.device))
+        self.bare_model.to(self.device)
+        self.bucket_choice: Optional[BucketChoice] = None
+        if self.comm.distributed and cfg.comm.bucket_mb == "auto":
+            first = self.plan.phases[0]
+            size = first.image_size or self.info.image_size
+            self.bucket_choice = tune_bucket_size(self.comm, self.bare_model, cfg.comm.bucket_candidates_mb,
+                                                  first.batch.micro_batch, (self.info.channels, size, size),
+                                                  self.info.num_classes, self.device, self.autocast)
+            self.comm.bucket_mb = self.bucket_choice.bucket_mb
+        self.model = self.comm.wrap_model(self.bare_model)
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         pin = self.device.type == "cuda"
         first = self.plan.phases[0]
@@ -283,6 +295,10 @@ class Trainer:
         metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_main else None,
                              tensorboard_dir=os.path.join(cfg.run.dir, "tensorboard") if cfg.log.tensorboard else None,
                              keep_until_step=pos.step if self.resume_state is not None else None)
+        if self.bucket_choice is not None:
+            c = self.bucket_choice
+            metrics.write("bucket_tuning", step=pos.step, bucket_mb=c.bucket_mb, gradient_mb=c.gradient_mb,
+                          candidates_mb=list(c.seconds), ms_per_pass=[1e3 * t for t in c.seconds.values()])
         stop = StopSignal()
         stop.install()
         result, lr = None, schedule(pos.step)
@@ -475,6 +491,8 @@ class Trainer:
                        f"worker(s) on {self.device.type} over {backend} ({topo.launcher})")
         for line in self.plan.lines():
             progress.print("  " + line)
+        if self.bucket_choice is not None:
+            progress.print(f"  gradient buckets       {self.bucket_choice.line()}")
         if self.info.augment != "none":
             progress.print(f"  augmentation           {self.info.augment} (training images only)")
 
@@ -500,6 +518,8 @@ class Trainer:
                        elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=pos.step,
                        skipped_steps=pos.skipped_steps, target_accuracy=cfg.train.target_accuracy,
                        target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
+        if self.comm.distributed:
+            summary["bucket_mb"] = self.comm.bucket_mb
         if self.scaler is not None:
             summary["scaler_skipped_steps"] = pos.scaler_skipped_steps
         if result.top5 is not None:
