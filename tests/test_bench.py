@@ -31,4 +31,23 @@ def test_bench_refuses_an_unknown_name():
     r = run_module("largebatch.bench", "latency")
     assert r.returncode == 2
     assert r.stderr.strip() == ("largebatch: error: unknown benchmark 'latency'; choose from step, allreduce, "
-                                "overlap, optim, memory")
+                                "overlap, optim, memory, buckets")
+
+
+def test_bench_buckets_reports_the_tuners_pick_against_each_size(tmp_path):
+    out = str(tmp_path / "bench")
+    r = run_module("largebatch.bench", "buckets", "--rounds", "2", "--step-model", "resnet9", "--image-size", "16",
+                   "--micro-batch", "4", "--out", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(os.path.join(out, "bench-buckets.json")))
+    # ResNet-9's 25.1 MiB of gradients: 1, 4 and 16 MiB buckets, 64 MiB for one bucket, and DDP's 25
+    assert 25.0 < result["gradient_mb"] < 25.2
+    assert sorted(result["ms_per_pass"], key=float) == ["1", "4", "16", "25", "64"]
+    assert sorted(result["tuner_ms"], key=float) == ["1", "4", "16", "64"]
+    tuned = result["tuner_ms"]
+    assert result["auto_mb"] == float(min(tuned, key=lambda k: (tuned[k], -float(k))))  # the tuner's fastest
+    ms = result["ms_per_pass"]
+    assert result["fastest_mb"] == float(min(ms, key=ms.get))
+    assert abs(result["auto_vs_fastest"] - ms[f"{result['auto_mb']:g}"] / ms[f"{result['fastest_mb']:g}"]) < 1e-9
+    assert result["auto_vs_fastest"] >= 1.0
+    assert f"auto picked {result['auto_mb']:g} MiB" in r.stdout

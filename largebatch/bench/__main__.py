@@ -1,6 +1,6 @@
 """Benchmarks of the engine against its baselines, side by side.
 
-    python -m largebatch.bench [step allreduce overlap optim memory] [--workers 2] [--out DIR]
+    python -m largebatch.bench [step allreduce overlap optim memory buckets] [--workers 2] [--out DIR]
 
 With no names, runs them all. Started on its own, it starts ``--workers`` gloo workers on this
 machine through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
@@ -15,6 +15,8 @@ and writes ``DIR/bench-<name>.json``:
   optim      LARS and LAMB step time against SGD(foreach) on ResNet-50's parameters (target <= 2x)
   memory     peak resident memory of the engine against the plain loop (target <= 1.05x), and at
              global batches 1K to 32K at a fixed micro-batch (accumulation keeps it flat)
+  buckets    the size comm.bucket_mb=auto picks, against every candidate size and DDP's 25 MiB
+             default timed side by side (--step-model, --image-size, --micro-batch)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from largebatch.errors import UsageError, run_cli
 
-NAMES = ("step", "allreduce", "overlap", "optim", "memory")
+NAMES = ("step", "allreduce", "overlap", "optim", "memory", "buckets")
 
 
 @dataclass
@@ -48,6 +50,9 @@ class Context:
         t = torch.tensor([seconds], dtype=torch.float64)
         return self.comm.all_reduce_sum(t).item() / self.world_size
 
+    def max_over_workers(self, seconds: float) -> float:
+        return max(self.comm.all_gather_object(seconds))
+
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m largebatch.bench", description=__doc__.split("\n")[0],
@@ -63,9 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                          "step, rank 2)")
     ap.add_argument("--model", default="resnet50", help="model whose gradients allreduce moves (default resnet50)")
     ap.add_argument("--optim-model", default="resnet50", help="model whose parameters optim steps (default resnet50)")
-    ap.add_argument("--step-model", default="resnet18", help="model for overlap (default resnet18)")
-    ap.add_argument("--image-size", type=int, default=64, help="synthetic image size for overlap (default 64)")
-    ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch for overlap (default 32)")
+    ap.add_argument("--step-model", default="resnet18", help="model for overlap and buckets (default resnet18)")
+    ap.add_argument("--image-size", type=int, default=64, help="synthetic image size for overlap and buckets (default 64)")
+    ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch for overlap and buckets (default 32)")
     ap.add_argument("--out", default="bench", help="folder for the JSON files (default ./bench)")
     return ap
 
@@ -131,6 +136,10 @@ def _run(name: str, ctx: Context):
         from largebatch.bench import step
 
         return step.run(ctx)
+    if name == "buckets":
+        from largebatch.bench import buckets
+
+        return buckets.run(ctx)
     from largebatch.bench import memory
 
     return memory.run(ctx)
