@@ -45,13 +45,21 @@ def torchrun_weights(tmp_path_factory):
     return load_weights(out)
 
 
-@pytest.mark.parametrize("backend", ["gloo", "mpi"])
-def test_mpiexec_trains_to_the_same_weights_as_torchrun(backend, torchrun_weights, tmp_path):
+@pytest.mark.parametrize("backend, extra", [
+    ("gloo", []),
+    ("mpi", []),
+    # bucket tuning wraps the model in DDP with MPI's hook once per candidate before training
+    ("mpi", ["comm.bucket_mb=auto", "comm.bucket_candidates_mb=[0.001,0.01,1]"]),
+])
+def test_mpiexec_trains_to_the_same_weights_as_torchrun(backend, extra, torchrun_weights, tmp_path):
     out = str(tmp_path / "run")
-    r = mpiexec(2, sys.executable, "-m", "largebatch.train", *SAME_RUN, f"comm.backend={backend}", f"run.dir={out}")
+    r = mpiexec(2, sys.executable, "-m", "largebatch.train", *SAME_RUN, f"comm.backend={backend}", *extra,
+                f"run.dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     # Both ranks were found through MPICH's Hydra variables, and the backend is the one asked for.
     assert f"2 worker(s) on cpu over {backend} (hydra)" in r.stdout + r.stderr
+    if extra:
+        assert "gradient buckets" in r.stdout + r.stderr and "comm.bucket_mb=auto over" in r.stdout + r.stderr
     diff = max_abs_diff(load_weights(out), torchrun_weights)
     assert diff <= 1e-4, f"{backend}: max abs difference {diff:.3g} from the torchrun run"
 
