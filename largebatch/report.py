@@ -84,18 +84,39 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def lr_curve(run: Run) -> tuple[list[int], list[float]]:
-    """The schedule, step by step, rebuilt from the config and the steps per epoch in the metrics."""
+    """The schedule, step by step, rebuilt from the config and the steps per epoch in the metrics
+    (per phase, for train.phases)."""
     from largebatch.config import from_flat
-    from largebatch.optim.schedule import build_schedule
+    from largebatch.optim.schedule import build_phased_schedule, build_schedule
 
     if not run.epochs:
         return [], []
     cfg = from_flat(_flatten(run.config))
-    steps_per_epoch = run.epochs[0]["step"] // run.epochs[0]["epoch"]
-    sched = build_schedule(cfg.optim, cfg.schedule, cfg.train.global_batch, steps_per_epoch, cfg.train.epochs)
-    last = run.epochs[-1]["step"]
-    xs = list(range(last))
+    phases = _phase_steps(run, cfg)
+    if cfg.train.phases:
+        sched = build_phased_schedule(cfg.optim, cfg.schedule, phases)
+    else:
+        sched = build_schedule(cfg.optim, cfg.schedule, cfg.train.global_batch, phases[0][1], cfg.train.epochs)
+    xs = list(range(run.epochs[-1]["step"]))
     return xs, [sched(s) for s in xs]
+
+
+def _phase_steps(run: Run, cfg) -> list[tuple[int, int, int]]:
+    """(epochs, steps per epoch, global batch) per phase, the steps per epoch read from the epoch
+    lines. A phase the run did not reach gets the images per epoch of the last one it did (which
+    can differ by the remainder a global batch leaves)."""
+    steps_at = {0: 0, **{e["epoch"]: e["step"] for e in run.epochs}}
+    out, epoch, images = [], 0, None
+    for spec in cfg.train.phases or [dict(epochs=cfg.train.epochs)]:
+        batch = spec.get("global_batch") or cfg.train.global_batch
+        if epoch + 1 in steps_at and epoch in steps_at:
+            spe = steps_at[epoch + 1] - steps_at[epoch]
+            images = spe * batch
+        else:
+            spe = max(1, images // batch)
+        out.append((spec["epochs"], spe, batch))
+        epoch += spec["epochs"]
+    return out
 
 
 def summary_table(runs: list[Run]) -> str:

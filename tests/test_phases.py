@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conftest import launch_workers, load_weights
+from conftest import launch_workers, load_weights, run_module
 from largebatch.config import load_config
 from largebatch.engine import checkpoint as ckpt
 from largebatch.engine import make_run_plan
@@ -153,3 +153,17 @@ def test_phases_refuse_what_cannot_work(tmp_path):
                              "train.phases=[{epochs: 1, image_size: 8}, {epochs: 1, image_size: 12}]"])
     with pytest.raises(UsageError, match=r"model.name=mlp takes images of one size, and train.phases use \[8, 12\]"):
         Trainer(cfg, SINGLE)
+
+
+def test_report_rebuilds_the_phased_schedule(tmp_path):
+    from largebatch import report
+
+    d = str(tmp_path / "run")
+    r = run_module("largebatch.train", "train.epochs=3", "train.log_every_steps=1", "schedule.warmup_epochs=1",
+                   "train.phases=[{epochs: 1, global_batch: 64}, {epochs: 2, global_batch: 256}]", f"run.dir={d}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    run = report.load_run(d)
+    xs, ys = report.lr_curve(run)
+    assert len(xs) == run.epochs[-1]["step"] == 22 + 2 * 5  # 1,437 digits: 22 steps at 64, 5 at 256
+    for line in run.steps:  # a step line carries the lr of the step it ends
+        assert ys[line["step"] - 1] == pytest.approx(line["lr"], rel=1e-12)
