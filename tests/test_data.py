@@ -146,16 +146,18 @@ def broken_tree(tmp_path_factory):
 
 def test_unreadable_images_are_skipped_and_counted(broken_tree, tmp_path):
     root, jpeg, empty = broken_tree
-    results = launch_workers(2, "largebatch.train", "data.name=imagefolder", f"data.root={root}", "data.num_workers=1",
-                             "train.global_batch=40", "train.epochs=1", f"run.dir={tmp_path}")
+    results = launch_workers(2, "largebatch.train", "data.name=imagefolder", f"data.root={root}", "data.num_workers=2",
+                             "train.global_batch=40", "train.epochs=3", f"run.dir={tmp_path}")
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:]
     stderr = results[0].stderr + results[1].stderr
     for path in (jpeg, empty):
         assert f"skipping unreadable image '{path}'" in stderr
+        # one warning per worker at most, however many loader processes and epochs met the file
+        assert all(r.stderr.count(f"skipping unreadable image '{path}'") <= 1 for r in results)
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [x["skipped_files"] for x in lines if x["event"] == "epoch"] == [2]
+    assert [x["skipped_files"] for x in lines if x["event"] == "epoch"] == [2, 2, 2]
     summary = lines[-1]
-    assert summary["skipped_files"] == 2 and summary["steps"] == 15 and summary["val_acc"] > 0.6
+    assert summary["skipped_files"] == 2 and summary["steps"] == 45 and summary["val_acc"] > 0.6
     # the zero-byte validation image is left out of the counts: 11 of 12 scored, so accuracy is a multiple of 1/11
     assert round(summary["val_acc"] * 11) == pytest.approx(summary["val_acc"] * 11, abs=1e-9)
 

@@ -8,13 +8,12 @@ per-channel statistics measured on a fixed sample of training images.
 A file that cannot be decoded (truncated, empty, not an image) does not stop the run by default
 (``data.on_corrupt: skip``): its place in the batch gets a zero image and the label
 :data:`~largebatch.data.datasets.IGNORE`, so it adds nothing to the loss or to the validation
-counts, and the process that met it prints one warning naming the file.
+counts, and each worker prints one warning naming the file the first time its loader meets it.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional
 
 import numpy as np
@@ -79,13 +78,10 @@ def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]
 
 class ImageFolder(ImageDataset):
     def __init__(self, samples: list[tuple[str, int]], image_size: int, mode: str, mean: torch.Tensor,
-                 std: torch.Tensor, warn: bool = True):
+                 std: torch.Tensor):
         self.samples, self.image_size, self.mode = samples, image_size, mode
         self.channels = 1 if mode == "L" else 3
         self.mean, self.std = mean.flatten(), std.flatten()
-        self.warn = warn
-        """Print a warning naming each unreadable file (once per process)."""
-        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,20 +108,12 @@ class ImageFolder(ImageDataset):
             except Exception as exc:  # Pillow raises many types for a damaged file
                 skipped.append([i, _reason(exc)])
                 labels[k] = IGNORE
-                self._warn(i, skipped[-1][1])
                 continue
             batch[k] = image
         x = to_float(batch, self.mean, self.std, flips(draws))
         if skipped:
             x[labels == IGNORE] = 0.0
         return x, labels, skipped
-
-    def _warn(self, i: int, reason: str) -> None:
-        if self.warn and i not in self._warned:
-            self._warned.add(i)
-            print(f"largebatch: warning: skipping unreadable image '{self.samples[i][0]}' ({reason}); it counts in "
-                  "skipped_files (data.on_corrupt=error stops instead)", file=sys.stderr, flush=True)
-
 
 def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str = "skip"):
     """(train, val, classes) for the tree at ``root``. Unreadable files met while measuring the
@@ -178,6 +166,4 @@ def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str =
     pixels = torch.stack(pixels)
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    warn = on_corrupt == "skip"
-    return (ImageFolder(train, image_size, mode, mean, std, warn), ImageFolder(val, image_size, mode, mean, std, warn),
-            classes)
+    return ImageFolder(train, image_size, mode, mean, std), ImageFolder(val, image_size, mode, mean, std), classes

@@ -8,6 +8,7 @@ dataset could not read.
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator, Optional
 
 import torch
@@ -51,6 +52,9 @@ class Batches:
             yield images, labels
 
     def _note(self, index: int, reason: str) -> None:
+        if self.on_corrupt == "skip" and index not in self.skipped:  # once per file, whichever process read it
+            print(f"largebatch: warning: skipping unreadable image '{self.dataset.describe(index)}' ({reason}); it "
+                  "counts in skipped_files (data.on_corrupt=error stops instead)", file=sys.stderr, flush=True)
         self.skipped.add(index)
         if self.on_corrupt == "error" and self.error is None:
             from largebatch.data.imagefolder import unreadable_message
