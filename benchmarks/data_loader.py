@@ -94,6 +94,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the reading process")
     ap.add_argument("--json", default="data_loader.json", help="where to write the results")
     args = ap.parse_args()
+    problem = next((text for bad, text in [
+        (min(args.images, args.source_size, args.size, args.batch, args.rounds, args.threads) < 1,
+         "--images, --source-size, --size, --batch, --rounds and --threads must be >= 1"),
+        (min(args.workers) < 0, "--workers values must be >= 0"),
+        (args.images < args.batch, f"--images {args.images} is fewer than one batch (--batch {args.batch}); "
+                                   "use --images >= --batch"),
+    ] if bad), None)
+    if problem:
+        print(f"data_loader.py: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(args.threads)
     from largebatch.data.pack import pack
 
