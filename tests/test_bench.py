@@ -40,14 +40,13 @@ def test_bench_buckets_reports_the_tuners_pick_against_each_size(tmp_path):
                    "--micro-batch", "4", "--out", out, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.load(open(os.path.join(out, "bench-buckets.json")))
-    # ResNet-9's 25.1 MiB of gradients: 1, 4 and 16 MiB buckets, 64 MiB for one bucket, and DDP's 25
+    # ResNet-9's 25.1 MiB of gradients: 1, 4, 16 and 25 MiB buckets, and 64 MiB for one bucket
     assert 25.0 < result["gradient_mb"] < 25.2
     assert sorted(result["ms_per_pass"], key=float) == ["1", "4", "16", "25", "64"]
-    assert sorted(result["tuner_ms"], key=float) == ["1", "4", "16", "64"]
+    assert sorted(result["tuner_ms"], key=float) == ["1", "4", "16", "25", "64"]
     tuned = result["tuner_ms"]
     assert result["auto_mb"] == float(min(tuned, key=lambda k: (tuned[k], -float(k))))  # the tuner's fastest
     ms = result["ms_per_pass"]
     assert result["fastest_mb"] == float(min(ms, key=ms.get))
     assert abs(result["auto_vs_fastest"] - ms[f"{result['auto_mb']:g}"] / ms[f"{result['fastest_mb']:g}"]) < 1e-9
-    assert result["auto_vs_fastest"] >= 1.0
     assert f"auto picked {result['auto_mb']:g} MiB" in r.stdout

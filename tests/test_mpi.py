@@ -48,7 +48,7 @@ def torchrun_weights(tmp_path_factory):
 @pytest.mark.parametrize("backend, extra", [
     ("gloo", []),
     ("mpi", []),
-    # bucket tuning wraps the model in DDP with MPI's hook once per candidate before training
+    # bucket tuning wraps the model in DDP with MPI's hook again for every timed turn before training
     ("mpi", ["comm.bucket_mb=auto", "comm.bucket_candidates_mb=[0.001,0.01,1]"]),
 ])
 def test_mpiexec_trains_to_the_same_weights_as_torchrun(backend, extra, torchrun_weights, tmp_path):

@@ -1,11 +1,12 @@
 """``buckets``: what ``comm.bucket_mb=auto`` picks, against every bucket size timed side by side.
 
 The engine's tuner (:func:`largebatch.engine.bucket_tuning.tune_bucket_size`) runs first, as a
-run with ``comm.bucket_mb=auto`` runs it: a few passes per size, one size after the other. Then
-each candidate size and DDP's 25 MiB default get their own copy of the model in DDP, and their
-synchronised forward+backward passes are timed in alternating rounds, the proper measurement the
-tuner's quick one stands in for. The result: the tuner's pick as a ratio of the fastest size
-found here, and of the 25 MiB default.
+run with ``comm.bucket_mb=auto`` runs it: the best of 3 rounds of one timed pass per size. Then
+each candidate size (and DDP's 25 MiB default, if not among them) gets its own copy of the model
+in DDP, and their
+synchronised forward+backward passes are timed over ``--rounds`` alternating rounds, the longer
+measurement the tuner's short one stands in for. The result: the tuner's pick as a ratio of the
+fastest size found here, and of the 25 MiB default.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import torch
 from torch import nn
 
 from largebatch.bench.timing import alternate, median
+from largebatch.config.schema import CommConfig
 from largebatch.engine.bucket_tuning import candidate_sizes, gradient_mb, tune_bucket_size
 from largebatch.models import create_model
 
 DDP_DEFAULT_MB = 25.0
-CANDIDATES_MB = (1, 4, 16, 64, 256)
+CANDIDATES_MB = tuple(CommConfig().bucket_candidates_mb)
 """comm.bucket_candidates_mb's default."""
 
 
@@ -30,7 +32,7 @@ def run(ctx) -> dict:
     model = create_model(a.step_model, 10).to(dev)
     shape = (3, a.image_size, a.image_size)
     choice = tune_bucket_size(ctx.comm, model, CANDIDATES_MB, a.micro_batch, shape, 10, dev)
-    sizes = sorted(set(candidate_sizes(CANDIDATES_MB, gradient_mb(model))) | {DDP_DEFAULT_MB})
+    sizes = sorted(set(candidate_sizes(CANDIDATES_MB, gradient_mb(model))) | {DDP_DEFAULT_MB})  # 25 if not tried
     g = torch.Generator().manual_seed(ctx.rank)
     x = torch.randn(a.micro_batch, *shape, generator=g).to(dev)
     y = torch.randint(0, 10, (a.micro_batch,), generator=g).to(dev)
@@ -52,7 +54,7 @@ def run(ctx) -> dict:
     lines = [f"{a.step_model}, micro-batch {a.micro_batch} of {a.image_size}x{a.image_size}, "
              f"{choice.gradient_mb:.1f} MiB of gradients, {ctx.world_size} workers over {ctx.backend}; "
              f"forward+backward, median of {a.rounds} rounds, slowest worker",
-             f"{'bucket size':>12} {'per pass':>10} {'vs fastest':>11}  {'tuner (few passes)':>18}"]
+             f"{'bucket size':>12} {'per pass':>10} {'vs fastest':>11}  {'tuner (best of 3)':>18}"]
     for size in sizes:
         tuned = f"{1e3 * choice.seconds[size]:>15.1f} ms" if size in choice.seconds else ""
         marks = [m for m, on in (("auto's pick", size == choice.bucket_mb), ("fastest", size == fastest),

@@ -52,8 +52,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return _coerce(key, value, arg)
             except UsageError:
                 pass
-        raise UsageError(f"{key}={value!r} is not allowed: use " + " or ".join(_TYPE_NAMES[a] for a in args))
+        return value  # the section's own check names what the field takes ('a size in MiB > 0, or auto')
     expected = origin or hint
+    if expected is list and isinstance(value, list) and typing.get_args(hint):
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if expected is float and isinstance(value, str):

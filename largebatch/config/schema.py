@@ -8,6 +8,7 @@ a dataset smaller than one global batch) live in :mod:`largebatch.batching` and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -33,6 +34,11 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_size(value) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _choice(key: str, value, choices) -> None:
@@ -313,11 +319,13 @@ class CommConfig:
     bucket_mb: Union[float, str] = 25.0
     """DDP gradient bucket size in MiB: gradients are allreduced in buckets of about this size,
     overlapped with the backward pass. 'auto': before the first step, time synchronised
-    forward+backward passes of the run's model with each of bucket_candidates_mb and keep the
-    fastest (printed at the start, and bucket_mb in the summary)."""
-    bucket_candidates_mb: list = field(default_factory=lambda: [1, 4, 16, 64, 256])
-    """bucket_mb=auto only: the sizes tried, in MiB. Sizes at or above the model's gradient size
-    all give one bucket, and only the smallest of them is tried."""
+    forward+backward passes of the run's model with each of bucket_candidates_mb (3 rounds of 3
+    passes each) and keep the fastest; runs of more than one worker print the choice at the start
+    and give bucket_mb in the summary, and a resumed run keeps the size it chose."""
+    bucket_candidates_mb: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 25.0, 64.0, 256.0])
+    """bucket_mb=auto only: the sizes tried, in MiB (by default a ladder with DDP's own 25 in it).
+    Sizes at or above the model's gradient size all give the same buckets, and only the smallest
+    of them is tried."""
     timeout_s: float = 600.0
     """Longest wait for any collective, in seconds; a worker that never arrives is then named in the error."""
     compression: str = "none"
@@ -334,12 +342,13 @@ class CommConfig:
 
     def __post_init__(self):
         _choice("comm.backend", self.backend, BACKENDS)
-        _require(self.bucket_mb == "auto" or (isinstance(self.bucket_mb, float) and self.bucket_mb > 0),
-                 "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0, or auto")
+        if self.bucket_mb != "auto":
+            _require(_is_size(self.bucket_mb), "comm.bucket_mb", self.bucket_mb, "use a size in MiB > 0, or auto")
+            self.bucket_mb = float(self.bucket_mb)
         _require(isinstance(self.bucket_candidates_mb, list) and len(self.bucket_candidates_mb) > 0
-                 and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0
-                         for c in self.bucket_candidates_mb),
-                 "comm.bucket_candidates_mb", self.bucket_candidates_mb, "use a list of sizes in MiB > 0, e.g. [1,4,16,64]")
+                 and all(map(_is_size, self.bucket_candidates_mb)), "comm.bucket_candidates_mb",
+                 self.bucket_candidates_mb, "use a list of sizes in MiB > 0, e.g. [1,4,16,64]")
+        self.bucket_candidates_mb = [float(c) for c in self.bucket_candidates_mb]
         _require(self.timeout_s > 0, "comm.timeout_s", self.timeout_s, "use a number of seconds > 0")
         _choice("comm.compression", self.compression, COMPRESSIONS)
         _require(self.powersgd_rank >= 1, "comm.powersgd_rank", self.powersgd_rank, "use an integer >= 1")

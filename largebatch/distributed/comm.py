@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import os
 from datetime import timedelta
 from typing import Any, Optional
@@ -20,6 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from largebatch.distributed.rendezvous import endpoint
 from largebatch.distributed.topology import Topology
 from largebatch.errors import UsageError
+
+
+_DDP_TAKES_INIT_SYNC = "init_sync" in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def select_device(topology: Topology) -> torch.device:
@@ -156,14 +160,15 @@ class Communicator:
 
     # -- models --------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module, bucket_mb: Optional[float] = None,
-                   powersgd_start_step: Optional[int] = None) -> nn.Module:
+                   powersgd_start_step: Optional[int] = None, sync_weights: bool = True) -> nn.Module:
         """DDP for several workers (rank 0's weights are broadcast); the bare model for one.
 
         With ``comm.backend=mpi`` the gradient buckets are averaged by MPI through
         :class:`largebatch.distributed.mpi.AllreduceHook`; ``comm.compression`` registers DDP's
         fp16, bf16 or PowerSGD communication hook (or the MPI hook's fp16 form). ``bucket_mb`` and
         ``powersgd_start_step`` replace the communicator's own for this wrapper (bucket tuning
-        times several wrappers in turn; each must be freed before the next is made).
+        times several wrappers in turn; each must be freed before the next is made);
+        ``sync_weights=False`` skips the broadcast of rank 0's weights where torch allows it.
         """
         if not self.distributed:
             return model
@@ -176,6 +181,7 @@ class Communicator:
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             bucket_cap_mb=bucket_mb,
             gradient_as_bucket_view=True,
+            **({} if sync_weights or not _DDP_TAKES_INIT_SYNC else {"init_sync": False}),
         )
         if self.backend == "mpi":
             from largebatch.distributed import mpi

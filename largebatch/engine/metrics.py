@@ -32,7 +32,7 @@ def _lines_until(path: str, step: int) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a line cut short by a crash ends what is kept
-            if row.get("event") in ("epoch", "step") and row.get("step", 0) <= step:
+            if row.get("event") in ("epoch", "step", "bucket_tuning") and row.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     return kept
 
@@ -44,8 +44,8 @@ class MetricsLog:
 
     def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None,
                  keep_until_step: Optional[int] = None):
-        """``keep_until_step``: a resumed run keeps the epoch and step lines up to that step (those
-        after it will be written again) and appends; otherwise the file starts empty."""
+        """``keep_until_step``: a resumed run keeps the epoch, step and bucket_tuning lines up to that
+        step (those after it will be written again) and appends; otherwise the file starts empty."""
         self._fh = self._tb = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

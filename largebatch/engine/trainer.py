@@ -24,7 +24,7 @@ from largebatch import __version__
 from largebatch.config import Config, to_dict, write_yaml_atomic
 from largebatch.data import IGNORE, build_datasets, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
-from largebatch.engine.bucket_tuning import BucketChoice, tune_bucket_size
+from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
 from largebatch.engine.precise_bn import recompute_batchnorm
 from largebatch.engine.run_plan import Phase, RunPlan, make_run_plan, phase_line
@@ -185,19 +185,15 @@ class Trainer:
             ckpt.move_aside(cfg.run.dir)  # a fresh start must not later resume an older run's checkpoint
 
     def _connect(self) -> None:
-        """After every worker built without error: DDP (which broadcasts rank 0's weights), the
-        optimizer and the loaders."""
+        """After every worker built without error: the bucket size (comm.bucket_mb=auto), DDP
+        (which broadcasts rank 0's weights), the optimizer and the loaders."""
         cfg, topo = self.cfg, self.topology
         if self.resume_state is not None:
             self.bare_model.load_state_dict(self.resume_state["model"])
         self.bare_model.to(self.device)
         self.bucket_choice: Optional[BucketChoice] = None
         if self.comm.distributed and cfg.comm.bucket_mb == "auto":
-            first = self.plan.phases[0]
-            size = first.image_size or self.info.image_size
-            self.bucket_choice = tune_bucket_size(self.comm, self.bare_model, cfg.comm.bucket_candidates_mb,
-                                                  first.batch.micro_batch, (self.info.channels, size, size),
-                                                  self.info.num_classes, self.device, self.autocast)
+            self.bucket_choice = self._choose_bucket_size()
             self.comm.bucket_mb = self.bucket_choice.bucket_mb
         self.model = self.comm.wrap_model(self.bare_model)
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
@@ -207,6 +203,20 @@ class Trainer:
                                                  cfg.data.num_workers, pin, first.image_size, cfg.data.on_corrupt)
         self.val_loader = eval_loader(self.val_set, topo.rank, topo.world_size, cfg.train.eval_batch,
                                       cfg.data.num_workers, pin, self.plan.eval_size, cfg.data.on_corrupt)
+
+    def _choose_bucket_size(self) -> BucketChoice:
+        """comm.bucket_mb=auto: the size a resumed run chose when it started (on the same number of
+        workers), else the fastest of comm.bucket_candidates_mb, timed here."""
+        state = self.resume_state
+        kept = self.comm.broadcast_object(
+            state.get("bucket_mb") if state is not None and state["world_size"] == self.topology.world_size else None)
+        if kept is not None:
+            return BucketChoice(kept, gradient_mb(self.bare_model), from_checkpoint=True)
+        first = self.plan.phases[0]
+        size = first.image_size or self.info.image_size
+        return tune_bucket_size(self.comm, self.bare_model, self.cfg.comm.bucket_candidates_mb,
+                                first.batch.micro_batch, (self.info.channels, size, size), self.info.num_classes,
+                                self.device, self.autocast)
 
     def _find_resume_state(self) -> Optional[dict]:
         """Rank 0: the checkpoint to continue from, checked against this run's config."""
@@ -281,7 +291,7 @@ class Trainer:
                      scaler=None if self.scaler is None else self.scaler.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
-                     world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
+                     world_size=self.topology.world_size, bucket_mb=self.comm.bucket_mb, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
                      config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
         ckpt.save(state, cfg.run.dir, pos.step, cfg.checkpoint.keep)
 
@@ -295,10 +305,8 @@ class Trainer:
         metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_main else None,
                              tensorboard_dir=os.path.join(cfg.run.dir, "tensorboard") if cfg.log.tensorboard else None,
                              keep_until_step=pos.step if self.resume_state is not None else None)
-        if self.bucket_choice is not None:
-            c = self.bucket_choice
-            metrics.write("bucket_tuning", step=pos.step, bucket_mb=c.bucket_mb, gradient_mb=c.gradient_mb,
-                          candidates_mb=list(c.seconds), ms_per_pass=[1e3 * t for t in c.seconds.values()])
+        if self.bucket_choice is not None and not self.bucket_choice.from_checkpoint:
+            metrics.write("bucket_tuning", step=pos.step, **self.bucket_choice.record())
         stop = StopSignal()
         stop.install()
         result, lr = None, schedule(pos.step)
@@ -520,6 +528,8 @@ class Trainer:
                        target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
         if self.comm.distributed:
             summary["bucket_mb"] = self.comm.bucket_mb
+        if self.bucket_choice is not None:
+            summary["bucket_tuning_s"] = self.bucket_choice.tuning_s
         if self.scaler is not None:
             summary["scaler_skipped_steps"] = pos.scaler_skipped_steps
         if result.top5 is not None:
