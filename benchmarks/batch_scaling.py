@@ -3,6 +3,8 @@
     python benchmarks/batch_scaling.py                                   # bundled digits (fresh clone)
     python benchmarks/batch_scaling.py --data imagefolder --root ../shared/datasets/mnist10k \\
         --small-batch 64 --image-size 14 --width 16 --epochs 20 --seeds 0 1 2
+    python benchmarks/batch_scaling.py ... --methods lars+warmup --factors 32 \\
+        --compression none fp16 powersgd --workers 2   # compressed allreduce at the largest batch
 
 Trains the same model for the same number of epochs at a small batch (momentum SGD, the
 baseline) and at batches ``factors`` times larger with:
@@ -22,6 +24,11 @@ the engine's batches and gradients do not depend on the world size, so this meas
 optimisation, not the cluster. Writes ``results.json``, ``table.md`` and ``batch_scaling.png``
 (with matplotlib installed) to ``--out`` and prints the table: mean ± standard deviation of the
 final validation accuracy over the seeds, and the min-max range.
+
+``--compression`` adds runs of each method at the largest batch on ``--workers`` gloo workers
+(started through torchrun on this machine) with each ``comm.compression``, PowerSGD at rank 2 from
+step 10: compression changes the averaged gradient, so these runs need real workers. 'none' on
+the same workers is their control.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -80,15 +88,50 @@ def train_once(args, method: str, batch: int, seed: int) -> dict:
     return summary
 
 
+def train_workers(args, method: str, batch: int, seed: int, compression: str) -> dict:
+    """One run on ``args.workers`` gloo workers started by torchrun, with ``comm.compression``."""
+    run_dir = os.path.join(args.out, "runs", f"{method}-b{batch}-s{seed}-w{args.workers}-{compression}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
+           "-m", "largebatch.train", *overrides(args, method, batch, seed, run_dir),
+           f"comm.compression={compression}", "checkpoint.resume=never", "comm.backend=gloo"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+    t0 = time.perf_counter()
+    with open(os.path.join(args.out, "train.log"), "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=log, env=env)
+    if code != 0:
+        raise SystemExit(f"batch_scaling: run {run_dir} failed (exit {code}); see {args.out}/train.log")
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        summary = [r for r in map(json.loads, fh) if r.get("event") == "summary"][-1]
+    summary["wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def compression_table(results: list[dict]) -> str:
+    rows = [r for r in results if r.get("compression")]
+    keys = sorted({(r["method"], r["batch"], r["workers"]) for r in rows}, key=str)
+    kinds = list(dict.fromkeys(r["compression"] for r in rows))
+    lines = ["| method | batch | workers | " + " | ".join(f"compression {c}" for c in kinds) + " |",
+             "|" + " --- |" * (3 + len(kinds))]
+    for method, batch, workers in keys:
+        cells = [_cell([r["val_acc"] for r in rows if (r["method"], r["batch"], r["workers"], r["compression"])
+                        == (method, batch, workers, c)]) for c in kinds]
+        lines.append(f"| {method} | {batch} | {workers} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(accs: list[float]) -> str:
+    if not accs:
+        return "—"
+    spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{100 * statistics.mean(accs):.2f} ± {100 * spread:.2f} ({100 * min(accs):.2f}–{100 * max(accs):.2f})"
+
+
 def table(results: list[dict], small_batch: int, factors: list[int]) -> str:
-    def cell(accs):
-        if not accs:
-            return "—"
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        return f"{100 * statistics.mean(accs):.2f} ± {100 * spread:.2f} ({100 * min(accs):.2f}–{100 * max(accs):.2f})"
+    cell = _cell
 
     def accs(method, batch):
-        return [r["val_acc"] for r in results if r["method"] == method and r["batch"] == batch]
+        return [r["val_acc"] for r in results if r["method"] == method and r["batch"] == batch
+                and not r.get("compression")]
 
     batches = [small_batch * f for f in factors]
     head = "| method | " + " | ".join([f"batch {small_batch}"] + [f"batch {b} ({f}×)" for b, f in zip(batches, factors)])
@@ -107,6 +150,7 @@ def plot(results: list[dict], small_batch: int, factors: list[int], path: str) -
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    results = [r for r in results if not r.get("compression")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = [r["val_acc"] for r in results if r["method"] == "sgd" and r["batch"] == small_batch]
     batches = [small_batch * f for f in factors]
@@ -145,6 +189,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(HYPER), choices=list(HYPER))
+    ap.add_argument("--compression", nargs="+", default=[], choices=("none", "fp16", "powersgd"),
+                    help="also run each method at the largest batch on --workers workers with these "
+                         "comm.compression values")
+    ap.add_argument("--workers", type=int, default=2, help="workers for the --compression runs (default 2)")
     ap.add_argument("--out", default="runs/batch_scaling")
     args = ap.parse_args()
     if args.small_batch is None:
@@ -152,17 +200,26 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     jobs = [("sgd", args.small_batch)] if "sgd" in args.methods else []
     jobs += [(m, args.small_batch * f) for f in args.factors for m in args.methods]
+    largest = args.small_batch * max(args.factors)
+    compressed = [(m, largest, c) for c in args.compression for m in args.methods]
     results = []
     for seed in args.seeds:
-        for method, batch in jobs:
-            s = train_once(args, method, batch, seed)
+        for method, batch, compression in [(m, b, None) for m, b in jobs] + compressed:
+            if compression is None:
+                s, where = train_once(args, method, batch, seed), ""
+            else:
+                s = train_workers(args, method, batch, seed, compression)
+                where = f" on {args.workers} workers, compression {compression}"
             results.append(dict(method=method, batch=batch, seed=seed, val_acc=s["val_acc"],
-                                best_val_acc=s["best_val_acc"], wall_s=s["wall_s"]))
-            print(f"{method:<12} batch {batch:>5} seed {seed}: val_acc {s['val_acc']:.4f} "
+                                best_val_acc=s["best_val_acc"], wall_s=s["wall_s"], compression=compression,
+                                workers=args.workers if compression else 1))
+            print(f"{method:<12} batch {batch:>5} seed {seed}{where}: val_acc {s['val_acc']:.4f} "
                   f"(best {s['best_val_acc']:.4f}) {s['wall_s']:.0f}s", flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as fh:
                 json.dump(dict(args=vars(args), hyper=HYPER, results=results), fh, indent=1)
     text = table(results, args.small_batch, args.factors)
+    if compressed:
+        text += "\n\n" + compression_table(results)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text + "\n")
     print()
