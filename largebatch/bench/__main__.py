@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="resnet50", help="model whose gradients allreduce moves (default resnet50)")
     ap.add_argument("--optim-model", default="resnet50", help="model whose parameters optim steps (default resnet50)")
     ap.add_argument("--step-model", default="resnet18", help="model for overlap and buckets (default resnet18)")
-    ap.add_argument("--image-size", type=int, default=64, help="synthetic image size for overlap and buckets (default 64)")
+    ap.add_argument("--image-size", type=int, default=64,
+                    help="synthetic image size for overlap and buckets (default 64)")
     ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch for overlap and buckets (default 32)")
     ap.add_argument("--out", default="bench", help="folder for the JSON files (default ./bench)")
     return ap

@@ -15,8 +15,9 @@ turn wraps the model afresh and times one pass after the untimed ones a fresh wr
 builds its buckets in the first pass and lays them out again, in the order the gradients became
 ready, in the second; PowerSGD, started at the third, allocates its state there, so it is timed
 at the fourth. A candidate's time is the shortest of its turns (other work on the machine only
-ever adds time), taken on its slowest worker (the allreduce holds every worker to it); the times are gathered, so every worker makes the same choice. Ties go
-to the larger size, which makes fewer calls.
+ever adds time), taken on its slowest worker (the allreduce holds every worker to it); the times
+are gathered, so every worker makes the same choice. Ties go to the larger size, which makes
+fewer calls.
 
 The cost is ``ROUNDS x candidates x (WARMUP_PASSES + 1)`` passes of one micro-batch (45 for
 ResNet-50's 97.5 MiB and the six default candidates), printed as ``tuning_s``. The data loader's

@@ -205,8 +205,8 @@ class Trainer:
                                       cfg.data.num_workers, pin, self.plan.eval_size, cfg.data.on_corrupt)
 
     def _choose_bucket_size(self) -> BucketChoice:
-        """comm.bucket_mb=auto: the size a resumed run chose when it started (on the same number of
-        workers), else the fastest of comm.bucket_candidates_mb, timed here."""
+        """comm.bucket_mb=auto: the size a resumed run chose when it started with auto (on the same
+        number of workers), else the fastest of comm.bucket_candidates_mb, timed here."""
         state = self.resume_state
         kept = self.comm.broadcast_object(
             state.get("bucket_mb") if state is not None and state["world_size"] == self.topology.world_size else None)
@@ -291,7 +291,8 @@ class Trainer:
                      scaler=None if self.scaler is None else self.scaler.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
-                     world_size=self.topology.world_size, bucket_mb=self.comm.bucket_mb, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
+                     world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
+                     bucket_mb=None if self.bucket_choice is None else self.bucket_choice.bucket_mb,
                      config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
         ckpt.save(state, cfg.run.dir, pos.step, cfg.checkpoint.keep)
 
