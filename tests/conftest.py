@@ -61,15 +61,15 @@ def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeou
 
 
 def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
-                   timeout: float = TIMEOUT_S) -> list[Result]:
+                   timeout: float = TIMEOUT_S, env: dict | None = None) -> list[Result]:
     """N worker processes started by hand with torchrun's variables, no agent in between,
-    so each worker's own exit status is seen."""
+    so each worker's own exit status is seen; ``env`` adds variables (LARGEBATCH_FAULT, say)."""
     port = free_port()
     procs = []
     for rank in range(nproc):
-        env = _env({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+        worker_env = _env({**(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=worker_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     import time
 

@@ -165,11 +165,8 @@ def test_auto_run_is_the_run_at_the_size_it_chose(auto_run, tmp_path):
 def test_a_resumed_auto_run_keeps_its_size(auto_run, tmp_path):
     d = str(tmp_path / "run")
     args = [*QUICK, *AUTO, "checkpoint.every_steps=5", f"run.dir={d}"]
-    os.environ["LARGEBATCH_FAULT"] = "exit@12:0,exit@12:1"  # both workers die in step 12; step 10 is kept
-    try:
-        first = launch_workers(2, "largebatch.train", *args)
-    finally:
-        del os.environ["LARGEBATCH_FAULT"]
+    # Both workers die at the start of step 12; the newest checkpoint is step 10.
+    first = launch_workers(2, "largebatch.train", *args, env={"LARGEBATCH_FAULT": "exit@12:0,exit@12:1"})
     assert [r.returncode for r in first] == [137, 137]
     (tuned,) = [e for e in _events(d) if e["event"] == "bucket_tuning"]
     second = launch_workers(2, "largebatch.train", *args)

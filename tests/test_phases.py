@@ -130,11 +130,8 @@ def test_resume_across_a_phase_boundary_is_exact(uninterrupted, tmp_path):
     ref, _ = uninterrupted
     d = str(tmp_path / "run")
     # Both workers die at the start of step 18, in phase 2; the newest checkpoint is step 14, in phase 1.
-    os.environ["LARGEBATCH_FAULT"] = "exit@18:0,exit@18:1"
-    try:
-        first = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")
-    finally:
-        del os.environ["LARGEBATCH_FAULT"]
+    first = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}",
+                           env={"LARGEBATCH_FAULT": "exit@18:0,exit@18:1"})
     assert [r.returncode for r in first] == [137, 137]
     assert os.path.basename(ckpt.list_checkpoints(d)[0]) == "step-000000014.pt"
     second = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")

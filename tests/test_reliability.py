@@ -38,11 +38,8 @@ def uninterrupted_2w(tmp_path_factory):
 def test_stopped_and_resumed_is_bit_identical_on_2_workers(uninterrupted_2w, tmp_path):
     d = str(tmp_path / "run")
     # Both workers die at the start of step 20; the newest checkpoint is step 14.
-    os.environ["LARGEBATCH_FAULT"] = "exit@20:0,exit@20:1"
-    try:
-        first = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")
-    finally:
-        del os.environ["LARGEBATCH_FAULT"]
+    first = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}",
+                           env={"LARGEBATCH_FAULT": "exit@20:0,exit@20:1"})
     assert [r.returncode for r in first] == [137, 137]
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)][0] == "step-000000014.pt"
     second = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")
@@ -94,11 +91,7 @@ def test_resume_two_worker_checkpoint_on_one_worker(tmp_path):
     ref = str(tmp_path / "ref")
     assert run_module("largebatch.train", *args, f"run.dir={ref}").returncode == 0
     d = str(tmp_path / "run")
-    os.environ["LARGEBATCH_FAULT"] = "exit@25:0,exit@25:1"
-    try:
-        launch_workers(2, "largebatch.train", *args, f"run.dir={d}")
-    finally:
-        del os.environ["LARGEBATCH_FAULT"]
+    launch_workers(2, "largebatch.train", *args, f"run.dir={d}", env={"LARGEBATCH_FAULT": "exit@25:0,exit@25:1"})
     r = run_module("largebatch.train", *args, f"run.dir={d}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "on 1 workers instead of 2: same global batch 64, same data position" in r.stderr
@@ -150,12 +143,8 @@ def test_forced_nan_is_skipped_or_stops(tmp_path):
 
 
 def test_sleeping_worker_triggers_named_timeout(tmp_path):
-    os.environ["LARGEBATCH_FAULT"] = "sleep@3:1:20"
-    try:
-        results = launch_workers(2, "largebatch.train", "train.epochs=2", "comm.timeout_s=5", f"run.dir={tmp_path}",
-                                 timeout=120)
-    finally:
-        del os.environ["LARGEBATCH_FAULT"]
+    results = launch_workers(2, "largebatch.train", "train.epochs=2", "comm.timeout_s=5", f"run.dir={tmp_path}",
+                             timeout=120, env={"LARGEBATCH_FAULT": "sleep@3:1:20"})
     lines = [x for x in results[0].stderr.splitlines() if x.startswith("largebatch: stopped:")]
     assert results[0].returncode == 3 and lines, results[0].stderr[-2000:]
     assert "step 3" in lines[0] and "rank 1 (last at step 2)" in lines[0]
