@@ -127,8 +127,6 @@ def _cell(accs: list[float]) -> str:
 
 
 def table(results: list[dict], small_batch: int, factors: list[int]) -> str:
-    cell = _cell
-
     def accs(method, batch):
         return [r["val_acc"] for r in results if r["method"] == method and r["batch"] == batch
                 and not r.get("compression")]
@@ -136,9 +134,9 @@ def table(results: list[dict], small_batch: int, factors: list[int]) -> str:
     batches = [small_batch * f for f in factors]
     head = "| method | " + " | ".join([f"batch {small_batch}"] + [f"batch {b} ({f}×)" for b, f in zip(batches, factors)])
     lines = [head + " |", "|" + " --- |" * (len(batches) + 2)]
-    lines.append("| sgd (baseline) | " + cell(accs("sgd", small_batch)) + " |" + " |" * len(batches))
+    lines.append("| sgd (baseline) | " + _cell(accs("sgd", small_batch)) + " |" + " |" * len(batches))
     for method in HYPER:
-        lines.append(f"| {method} | |" + "".join(f" {cell(accs(method, b))} |" for b in batches))
+        lines.append(f"| {method} | |" + "".join(f" {_cell(accs(method, b))} |" for b in batches))
     return "\n".join(lines)
 
 
