@@ -54,3 +54,25 @@ def test_validation_shards_cover_exactly_once():
         for world in (1, 2, 3, 8, 13):
             shards = [shard_range(n, r, world) for r in range(world)]
             assert [i for s in shards for i in s] == list(range(n))
+
+
+def test_slices_are_where_the_micro_batches_lie_in_the_permutation():
+    """``slices`` is the one definition both paths use: the DataLoader's requests are the
+    permutation cut at those offsets, and every rank's slices tile each global batch exactly."""
+    n, g = 500, 48
+    for world, cap, start in [(1, None, 0), (2, None, 0), (4, 5, 3), (3, 4, 7)]:
+        p = plan(g, world, cap)
+        covered = []
+        for rank in range(world):
+            s = MicroBatchSampler(n, p, rank, seed=9)
+            s.set_epoch(2, start_step=start)
+            perm, slices = s.permutation(), s.slices()
+            assert torch.equal(perm, next(global_batches(n, n, 9, 2)))  # the whole epoch as one batch
+            assert len(slices) == len(s) and all(hi - lo == p.micro_batch for lo, hi in slices)
+            assert [perm[lo:hi].tolist() for lo, hi in slices] == [list(r) for r in s]
+            covered += [i for lo, hi in slices for i in range(lo, hi)]
+        assert sorted(covered) == list(range(start * g, (n // g) * g))
+    s = MicroBatchSampler(n, plan(48, 2, 8), 1, seed=9)
+    before = s.slices()
+    s.set_phase(plan(96, 2, 16))
+    assert s.slices() != before and s.slices()[0] == (48, 64) and len(s.slices()) == (n // 96) * 3

@@ -3,7 +3,9 @@
 Every random number used for sample ``i`` in epoch ``e`` is a hash of (seed, e, i) (splitmix64),
 never a draw from a shared generator stream. The same image therefore gets the same crop and
 flip whatever the world size, micro-batch, loader worker or order of fetching, and a resumed run
-sees the same pixels as an uninterrupted one.
+sees the same pixels as an uninterrupted one. :func:`uniforms_tensor` computes the same numbers,
+bit for bit, in torch int64 arithmetic on any device, for data held there
+(:mod:`largebatch.data.device`).
 
 - ``crop_flip`` (the ImageNet recipe, Szegedy et al. 2015 as used by Goyal et al. 2017): a crop
   of area fraction in ``[min_area, 1]`` of the source image and aspect ratio in ``[3/4, 4/3]``
@@ -53,6 +55,41 @@ def uniforms(seed: int, epoch: int, indices: Sequence[int], count: int) -> np.nd
     return bits.astype(np.float64) / float(1 << 53)
 
 
+def _signed(z: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``z``."""
+    z &= _MASK
+    return z - (1 << 64) if z >> 63 else z
+
+
+def _mix_int(z: int) -> int:
+    """splitmix64's finaliser on one Python int (mod 2**64)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 ``z`` (holding uint64 bits) by ``k``: arithmetic shift, sign bits masked."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix_tensor(z: torch.Tensor) -> torch.Tensor:
+    """:func:`_mix` on an int64 tensor holding uint64 bits (int64 multiplication wraps mod 2**64)."""
+    z = (z ^ _srl(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _srl(z, 27)) * _signed(0x94D049BB133111EB)
+    return z ^ _srl(z, 31)
+
+
+def uniforms_tensor(seed: int, epoch: int, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """:func:`uniforms` on ``indices``' device: float64 (len(indices), count), bit-identical to the
+    numpy version. Only tensor arithmetic: nothing is read back to the host."""
+    key = _mix_int(_mix_int((seed * _GOLDEN + 1) & _MASK) ^ ((epoch * _GOLDEN + 2) & _MASK))
+    h = _mix_tensor(_mix_tensor(indices.long() + _signed(_GOLDEN)) ^ _signed(key))
+    cols = torch.arange(1, count + 1, dtype=torch.int64, device=indices.device) * _signed(_GOLDEN)
+    bits = _srl(_mix_tensor(h[:, None] + cols[None, :]), 11)
+    return bits.double() / float(1 << 53)
+
+
 def crop_box(u: np.ndarray, width: int, height: int, min_area: float) -> Box:
     """The random-resized crop for one sample's uniforms ``u`` on a ``width`` x ``height`` image."""
     area = width * height * (min_area + (1.0 - min_area) * u[0])
@@ -65,11 +102,37 @@ def crop_box(u: np.ndarray, width: int, height: int, min_area: float) -> Box:
     return (left, top, left + w, top + h)
 
 
+def hull(box: Box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel-aligned hull (left, top, right, bottom) of ``box`` in a ``width`` x ``height``
+    image: whole pixels, at least one each way, inside the image."""
+    left, top = int(math.floor(box[0])), int(math.floor(box[1]))
+    right = max(left + 1, min(width, int(math.ceil(box[2]))))
+    bottom = max(top + 1, min(height, int(math.ceil(box[3]))))
+    return left, top, right, bottom
+
+
+def crop_hulls(u: torch.Tensor, width: int, height: int, min_area: float) -> tuple[torch.Tensor, ...]:
+    """:func:`hull` of :func:`crop_box` for every row of float64 uniforms ``u`` (N, DRAWS), in
+    batched float64 tensor arithmetic on ``u``'s device: (left, top, right, bottom), int64 (N,)
+    each. The same operations in the same order as :func:`crop_box`; only ``exp`` may differ from
+    ``math.exp`` in the last bit, which moves a hull edge only when a box edge lies within
+    rounding of a whole pixel."""
+    area = width * height * (min_area + (1.0 - min_area) * u[:, 0])
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    w = torch.sqrt(area * ratio).clamp_(max=float(width))
+    h = torch.sqrt(area / ratio).clamp_(max=float(height))
+    left = (width - w) * u[:, 2]
+    top = (height - h) * u[:, 3]
+    left_i, top_i = left.floor().long(), top.floor().long()
+    right_i = torch.maximum(left_i + 1, (left + w).ceil().long().clamp_(max=width))
+    bottom_i = torch.maximum(top_i + 1, (top + h).ceil().long().clamp_(max=height))
+    return left_i, top_i, right_i, bottom_i
+
+
 def crop_resize(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
     """Crop a float (C, H, W) image to the pixel-aligned hull of ``box`` and resize to (size, size)."""
-    left, top = int(math.floor(box[0])), int(math.floor(box[1]))
-    right = max(left + 1, min(image.shape[-1], int(math.ceil(box[2]))))
-    bottom = max(top + 1, min(image.shape[-2], int(math.ceil(box[3]))))
+    left, top, right, bottom = hull(box, image.shape[-1], image.shape[-2])
     part = image[:, top:bottom, left:right]
     return resize(part.unsqueeze(0), size)[0]
 
@@ -91,10 +154,7 @@ def transform_uint8(image: np.ndarray, size: int, aug: Optional["Augment"] = Non
     height, width = image.shape[:2]
     top, bottom, left, right = 0, height, 0, width
     if aug is not None and aug.kind == "crop_flip":
-        box = crop_box(u, width, height, aug.min_area)
-        left, top = int(math.floor(box[0])), int(math.floor(box[1]))
-        right = max(left + 1, min(width, int(math.ceil(box[2]))))
-        bottom = max(top + 1, min(height, int(math.ceil(box[3]))))
+        left, top, right, bottom = hull(crop_box(u, width, height, aug.min_area), width, height)
     arr = image[top:bottom, left:right]
     if arr.shape[:2] != (size, size):
         x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0)
@@ -119,14 +179,42 @@ def _shift(u: np.ndarray, padding: int) -> tuple[int, int]:
     return min(int(u[2] * span), span - 1), min(int(u[3] * span), span - 1)
 
 
-def _output(shape) -> torch.Tensor:
-    """An empty float tensor; in a DataLoader worker, allocated in shared memory (as torch's own
-    collate does) so that handing it to the training process costs no extra copy."""
+def _output(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty tensor; in a DataLoader worker, allocated in shared memory (as torch's own collate
+    does) so that handing it to the training process costs no extra copy."""
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     numel = math.prod(shape)
-    storage = torch.empty(0)._typed_storage()._new_shared(numel)
-    return torch.empty(0).new(storage).view(shape)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel)
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+def to_chw(batch: np.ndarray, flip: Optional[np.ndarray] = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> uint8 (N, C, H, W), the images marked in ``flip`` mirrored (the
+    transpose takes the flip for free). In a DataLoader worker the result is in shared memory."""
+    n, h, w, c = batch.shape
+    out = _output((n, c, h, w), torch.uint8)
+    chw = out.numpy()
+    for k in range(n):
+        chw[k] = (batch[k, :, ::-1] if flip is not None and flip[k] else batch[k]).transpose(2, 0, 1)
+    return out
+
+
+def normaliser(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each float32 (C, 1, 1), with ``x * scale - shift == (x / 255 - mean) / std`` up
+    to rounding: ``mean`` and ``std`` per channel in [0, 1] units."""
+    return (1.0 / (255.0 * std)).view(-1, 1, 1), (mean / std).view(-1, 1, 1)
+
+
+def normalise_uint8(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) (or float holding whole numbers 0..255) -> float32, normalised on ``x``'s
+    device with the arithmetic of :func:`to_float` (one conversion, one multiply, one subtract),
+    so that every path gives the same bits for the same pixels."""
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out.copy_(x)
+    return out.mul_(scale).sub_(shift)
 
 
 def to_float(batch: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
@@ -139,9 +227,8 @@ def to_float(batch: np.ndarray, mean: torch.Tensor, std: torch.Tensor,
     for k in range(n):
         chw[k] = (batch[k, :, ::-1] if flip is not None and flip[k] else batch[k]).transpose(2, 0, 1)
     x = torch.from_numpy(chw)
-    out = _output(x.shape)
-    out.copy_(x)
-    return out.mul_((1.0 / (255.0 * std)).view(-1, 1, 1)).sub_((mean / std).view(-1, 1, 1))
+    scale, shift = normaliser(mean, std)
+    return normalise_uint8(x, scale, shift, out=_output(x.shape))
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Images are decoded with Pillow when fetched (in DataLoader worker processes when
 ``data.num_workers > 0``), converted to one colour mode for the whole dataset (grayscale when every
 sampled image is grayscale, else RGB), resized to a square ``image_size`` and normalised with
-per-channel statistics measured on a fixed sample of training images.
+per-channel statistics measured on a fixed sample of training images (``raw_items`` stops short of
+the conversion and normalisation, which the loader then does on the training device).
 
 A file that cannot be decoded (truncated, empty, not an image) does not stop the run by default
 (``data.on_corrupt: skip``): its place in the batch gets a zero image and the label
@@ -98,7 +99,10 @@ class ImageFolder(ImageDataset):
         """Image ``i`` as float in [0, 1], shape (C, S, S), before normalisation."""
         return torch.from_numpy(self.read(i).transpose(2, 0, 1).copy()).float().div_(255.0)
 
-    def _load(self, indices, size, aug, draws):
+    def uint8_stats(self):
+        return self.mean, self.std
+
+    def _load_uint8(self, indices, size, aug, draws):
         batch = np.zeros((len(indices), size, size, self.channels), dtype=np.uint8)
         labels = torch.tensor([self.samples[i][1] for i in indices], dtype=torch.long)
         skipped = []
@@ -110,10 +114,15 @@ class ImageFolder(ImageDataset):
                 labels[k] = IGNORE
                 continue
             batch[k] = image
+        return batch, labels, skipped
+
+    def _load(self, indices, size, aug, draws):
+        batch, labels, skipped = self._load_uint8(indices, size, aug, draws)
         x = to_float(batch, self.mean, self.std, flips(draws))
         if skipped:
             x[labels == IGNORE] = 0.0
         return x, labels, skipped
+
 
 def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str = "skip"):
     """(train, val, classes) for the tree at ``root``. Unreadable files met while measuring the

@@ -158,7 +158,14 @@ class PackedImages(ImageDataset):
                                      shape=(self.count, s, s, c))
         return self._images
 
+    def uint8_stats(self):
+        return self.mean, self.std
+
     def _load(self, indices, size, aug, draws):
+        batch, labels, skipped = self._load_uint8(indices, size, aug, draws)
+        return to_float(batch, self.mean, self.std, flips(draws)), labels, skipped
+
+    def _load_uint8(self, indices, size, aug, draws):
         stored = np.asarray(self.array()[np.asarray(indices, dtype=np.int64)])
         if aug is not None:
             batch = np.empty((len(indices), size, size, self.channels), dtype=np.uint8)
@@ -171,7 +178,7 @@ class PackedImages(ImageDataset):
         else:
             batch = stored
         labels = self.labels[torch.as_tensor(indices, dtype=torch.long)]
-        return to_float(batch, self.mean, self.std, flips(draws)), labels, []
+        return batch, labels, []
 
 
 def load_packed(path: Optional[str], image_size: Optional[int]):

@@ -7,6 +7,10 @@ epoch's permutation differs). Worker ``r`` takes the contiguous slice
 ``accum_steps`` micro-batches. The sequence of global batches therefore depends only on the seed,
 the epoch and the global batch size, never on the world size or the micro-batch, unlike
 ``torch.utils.data.DistributedSampler``, which deals indices round-robin.
+
+:meth:`MicroBatchSampler.slices` states where each micro-batch lies in the epoch's permutation;
+the DataLoader path (``__iter__``) and the device-resident path
+(:mod:`largebatch.data.device`, which slices a device copy of the permutation) both use it.
 """
 
 from __future__ import annotations
@@ -77,13 +81,26 @@ class MicroBatchSampler:
     def __len__(self) -> int:
         return (steps_per_epoch(self.num_samples, self.plan.global_batch) - self.start_step) * self.plan.accum_steps
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def permutation(self) -> torch.Tensor:
+        """The current epoch's permutation of the training set (int64, on the CPU)."""
+        return epoch_permutation(self.num_samples, self.seed, self.epoch)
+
+    def slices(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` into :meth:`permutation` of each of this worker's micro-batches, for
+        the current epoch, start step and plan, in the order ``__iter__`` yields them: micro-batch
+        ``k`` of step ``s`` is ``s * global_batch + rank * per_worker_batch + k * micro_batch``
+        onwards, ``micro_batch`` long."""
         p = self.plan
-        lo = self.rank * p.per_worker_batch
-        for batch in global_batches(self.num_samples, p.global_batch, self.seed, self.epoch, self.start_step):
-            mine = batch[lo:lo + p.per_worker_batch]
-            for k in range(p.accum_steps):
-                yield Request(mine[k * p.micro_batch:(k + 1) * p.micro_batch].tolist(), self.epoch, self.image_size)
+        steps = steps_per_epoch(self.num_samples, p.global_batch)
+        return [(lo, lo + p.micro_batch)
+                for s in range(self.start_step, steps)
+                for lo in range(s * p.global_batch + self.rank * p.per_worker_batch,
+                                s * p.global_batch + (self.rank + 1) * p.per_worker_batch, p.micro_batch)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, size, perm, slices = self.epoch, self.image_size, self.permutation(), self.slices()
+        for lo, hi in slices:
+            yield Request(perm[lo:hi].tolist(), epoch, size)
 
 
 def shard_range(num_samples: int, rank: int, world_size: int) -> range:
