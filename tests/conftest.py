@@ -1,4 +1,9 @@
-"""Helpers that start real worker processes: plain python, torchrun, or N workers by hand."""
+"""Helpers that start real worker processes: plain python, torchrun, or N workers by hand.
+
+Every process started here trains on the CPU, whatever GPUs the machine has (CUDA_VISIBLE_DEVICES
+is emptied), so that the multi-process tests behave the same on a GPU workstation; tests of the
+CUDA paths pass ``cuda=True`` and are skipped where no GPU is visible.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @dataclass
@@ -24,8 +31,10 @@ class Result:
     """For launch_workers: wall time from the start until this worker had exited."""
 
 
-def _env(extra: dict | None = None) -> dict:
+def _env(extra: dict | None = None, cuda: bool = False) -> dict:
     env = dict(os.environ)
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     # Whatever launched pytest (torchrun, mpirun, an sbatch script) must not leak into the runs.
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                      "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "SLURM_PROCID", "SLURM_LOCALID")
@@ -45,18 +54,19 @@ def free_port() -> int:
 
 
 def run_module(module: str, *args: str, cwd: str | None = None, env: dict | None = None,
-               timeout: float = TIMEOUT_S) -> Result:
-    """``python -m module args`` in a fresh process."""
-    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(env), capture_output=True,
+               timeout: float = TIMEOUT_S, cuda: bool = False) -> Result:
+    """``python -m module args`` in a fresh process (on the CPU unless ``cuda``)."""
+    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(env, cuda), capture_output=True,
                        text=True, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
 
 
-def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeout: float = TIMEOUT_S) -> Result:
-    """``torchrun --standalone --nproc-per-node N -m module args``."""
+def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeout: float = TIMEOUT_S,
+             cuda: bool = False) -> Result:
+    """``torchrun --standalone --nproc-per-node N -m module args`` (on the CPU unless ``cuda``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", module, *args]
-    p = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, cwd=cwd, env=_env(cuda=cuda), capture_output=True, text=True, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
 
 

@@ -14,7 +14,8 @@ import torch
 from conftest import REPO, _env, launch_workers, load_weights, max_abs_diff, run_module, torchrun
 from largebatch.engine import checkpoint as ckpt
 
-TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost")
+TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost", "startup_s", "first_step_s",
+          "build_s", "compile_s")
 BASE = ["train.epochs=4", "checkpoint.every_steps=7", "train.log_every_steps=3"]
 
 

@@ -25,6 +25,8 @@ DECAYS = ("constant", "step", "poly", "cosine", "onecycle")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+DEVICES = ("auto", "cpu", "cuda")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -101,6 +103,13 @@ class DataConfig:
     0.08). Raise it for small images, where a tiny crop keeps too little of the object."""
     crop_padding: int = 4
     """'pad_crop_flip': pixels of reflection padding on each side before the random crop."""
+    device_cache: Union[float, str] = "auto"
+    """Hold the whole dataset on the training device (uint8 where the source is uint8) and gather,
+    augment and normalise each micro-batch there, with no loader processes: 'auto' (on CUDA: when
+    it takes at most a quarter of the GPU's memory; on the CPU: when the dataset is already in
+    memory, i.e. digits, CIFAR and image folders with data.cache=true), 'off' (always the
+    DataLoader), or a budget in GiB (hold it when it fits in that many GiB). Image folders read
+    from files always go through the loader. The run header says which path was taken."""
     on_corrupt: str = "skip"
     """An image file that cannot be read: 'skip' it (a warning names the file; it counts in
     skipped_files in the metrics and contributes nothing to the step) or 'error' (stop with a
@@ -121,6 +130,13 @@ class DataConfig:
                  "use a fraction of the image area in (0, 1], e.g. 0.08")
         _require(self.crop_padding >= 1, "data.crop_padding", self.crop_padding, "use a number of pixels >= 1")
         _choice("data.on_corrupt", self.on_corrupt, ("skip", "error"))
+        if self.device_cache is False:  # YAML reads a bare off as false
+            self.device_cache = "off"
+        if self.device_cache not in ("auto", "off"):
+            _require(_is_size(self.device_cache) or (_is_int(self.device_cache) or isinstance(self.device_cache, float))
+                     and self.device_cache == 0, "data.device_cache", self.device_cache,
+                     "use auto, off, or a budget in GiB >= 0, e.g. 4")
+            self.device_cache = float(self.device_cache)
 
 
 @dataclass
@@ -180,6 +196,18 @@ class TrainConfig:
     (autocast to float16 with a dynamic gradient scaler; the steps it skips on overflow are counted
     as scaler_skipped_steps, apart from train.on_nonfinite). Weights, gradients and optimizer
     state stay in fp32, and LARS/LAMB norms are computed in fp32."""
+    device: str = "auto"
+    """Where each worker trains: 'auto' (the GPU of its local rank when CUDA GPUs are visible,
+    else the CPU), 'cpu', or 'cuda' (refused where no GPU is visible)."""
+    channels_last: Union[bool, str] = "auto"
+    """Channels-last memory format for the model and its inputs: 'auto' (on for convolutional
+    models on CUDA, where cuDNN's tensor-core kernels want it; off on the CPU), true or false."""
+    compile: Union[bool, str] = False
+    """torch.compile the model (inside DDP, so gradient buckets still overlap the backward pass):
+    false, true (mode 'default'), or a mode: 'default', 'reduce-overhead', 'max-autotune',
+    'max-autotune-no-cudagraphs'. Compiling happens before the first step and its time is printed
+    in the run header; checkpoints hold the plain model's state_dict. Needs a C++ compiler on the
+    CPU and Triton on CUDA. Validation runs the uncompiled model."""
     phases: list = field(default_factory=list)
     """Progressive resizing and batch-size phases, in order, e.g. [{epochs: 6, image_size: 128,
     global_batch: 1024}, {epochs: 3, image_size: 224, global_batch: 512}]: each phase trains its
@@ -210,6 +238,11 @@ class TrainConfig:
                  "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")
         _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.device", self.device, DEVICES)
+        _require(self.channels_last in (True, False, "auto"), "train.channels_last", self.channels_last,
+                 "use auto, true or false")
+        _require(isinstance(self.compile, bool) or self.compile in COMPILE_MODES, "train.compile", self.compile,
+                 "use false, true or a mode: " + ", ".join(COMPILE_MODES))
         self._check_phases()
 
     def _check_phases(self) -> None:

@@ -26,15 +26,18 @@ from largebatch.errors import UsageError
 _DDP_TAKES_INIT_SYNC = "init_sync" in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
-def select_device(topology: Topology) -> torch.device:
-    """``cuda:<local_rank>`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        if topology.local_rank >= count:
-            raise UsageError(f"local rank {topology.local_rank} has no GPU: this node has {count}; "
-                             f"start at most {count} workers per node")
-        return torch.device("cuda", topology.local_rank)
-    return torch.device("cpu")
+def select_device(topology: Topology, requested: str = "auto") -> torch.device:
+    """The worker's device for ``train.device``: 'auto' is ``cuda:<local_rank>`` when CUDA GPUs are
+    visible, else the CPU; 'cpu' is the CPU whatever the machine has; 'cuda' needs a GPU per local worker."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError("train.device=cuda but no CUDA GPU is visible; use train.device=cpu or auto")
+    count = torch.cuda.device_count()
+    if topology.local_rank >= count:
+        raise UsageError(f"local rank {topology.local_rank} has no GPU: this node has {count}; start at most "
+                         f"{count} workers per node, or train on the CPU with train.device=cpu")
+    return torch.device("cuda", topology.local_rank)
 
 
 def select_backend(requested: str, device: torch.device) -> str:
@@ -127,6 +130,24 @@ def _check_mpi_world(topology: Topology) -> None:
                          "or use comm.backend=gloo")
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped, or ``model`` itself."""
+    return getattr(model, "_orig_mod", model)
+
+
+class PendingFlag:
+    """A flag agreed across workers by an asynchronous allreduce (see Communicator.start_any)."""
+
+    def __init__(self, tensor: torch.Tensor, work):
+        self.tensor, self.work = tensor, work
+
+    def wait(self) -> bool:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return bool(self.tensor.numpy()[0])
+
+
 class Communicator:
     """Owns the process group (when there is more than one worker) and DDP wrapping."""
 
@@ -157,6 +178,10 @@ class Communicator:
                                     store=self.store)
             self.owns_group = True
         self.timeout_s = timeout_s
+        # Control flags (stop agreement) travel on the CPU, so reading them never waits for the GPU.
+        self.control_group = None
+        if self.distributed and backend == "nccl":
+            self.control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
     # -- models --------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module, bucket_mb: Optional[float] = None,
@@ -204,11 +229,14 @@ class Communicator:
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, DistributedDataParallel) else model
+        """The user's module inside a compiled and/or DDP wrapper (what checkpoints hold)."""
+        model = _uncompiled(model)
+        return _uncompiled(model.module) if isinstance(model, DistributedDataParallel) else model
 
     @staticmethod
     def no_sync(model: nn.Module):
         """Skip the gradient allreduce for this backward (all accumulation micro-steps but the last)."""
+        model = _uncompiled(model)
         if isinstance(model, DistributedDataParallel):
             return model.no_sync()
         return contextlib.nullcontext()
@@ -249,6 +277,15 @@ class Communicator:
         box = [obj if self.topology.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def start_any(self, flag: bool) -> "PendingFlag":
+        """Begin agreeing on ``flag`` (true on every worker if true on any) without waiting: the
+        answer is read with ``PendingFlag.wait()`` later, typically one step on, when it has long
+        arrived. The flag travels as a CPU tensor over gloo, never through the GPU."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        if not self.distributed:
+            return PendingFlag(t, None)
+        return PendingFlag(t, dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group, async_op=True))
 
     def any(self, flag: bool) -> bool:
         """True on every worker if ``flag`` is true on any (a signal seen by one worker, say)."""

@@ -28,6 +28,7 @@ _NAME = re.compile(r"^step-(\d+)\.pt$")
 SAFE_TO_CHANGE = frozenset({
     "run.dir", "run.cost_per_node_hour", "train.epochs", "train.target_accuracy", "train.target_metric",
     "train.stop_at_target", "train.log_every_steps", "train.eval_batch", "train.max_micro_batch",
+    "train.device", "train.channels_last", "train.compile", "data.device_cache",
     "data.root", "data.num_workers", "data.cache", "data.train_samples", "data.on_corrupt", "comm.backend",
     "comm.bucket_mb", "comm.bucket_candidates_mb", "comm.master_addr",
     "comm.timeout_s", "checkpoint.every_steps", "checkpoint.at_epoch_end", "checkpoint.keep",

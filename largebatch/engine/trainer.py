@@ -30,10 +30,15 @@ from largebatch.engine.precise_bn import recompute_batchnorm
 from largebatch.engine.run_plan import Phase, RunPlan, make_run_plan, phase_line
 from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
+from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
+from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger, Stepper
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.models import create_model
 from largebatch.optim import build_optimizer
+
+MAX_PENDING_STEPS = 64
+"""Steps whose outcome the host may still be waiting for before it waits for the device."""
 
 
 @dataclass
@@ -47,13 +52,15 @@ class EvalResult:
 
 
 def evaluate(model: torch.nn.Module, loader, comm: Communicator, device: torch.device,
-             num_classes: int) -> EvalResult:
+             num_classes: int, memory_format: torch.memory_format = torch.contiguous_format) -> EvalResult:
     """Exact validation: each worker scores its own unpadded shard; sums are allreduced."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             out = model(x)
             totals[0] += F.cross_entropy(out, y, reduction="sum", ignore_index=IGNORE).double()
             totals[1] += (out.argmax(1) == y).sum()
@@ -64,6 +71,19 @@ def evaluate(model: torch.nn.Module, loader, comm: Communicator, device: torch.d
     loss, top1, top5, count = totals.tolist()
     n = max(count, 1.0)
     return EvalResult(loss=loss / n, accuracy=top1 / n, top5=top5 / n if num_classes > 5 else None, count=int(count))
+
+
+@dataclass(frozen=True)
+class _DataPath:
+    """Where the training images come from (data.device_cache)."""
+    on_device: bool
+    line: str
+    """For the run header."""
+    nbytes: int = 0
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f}"
 
 
 @dataclass
@@ -112,13 +132,16 @@ class Trainer:
     """Builds everything a run needs from a :class:`Config` and a :class:`Topology`, then ``fit()``."""
 
     def __init__(self, cfg: Config, topology: Topology):
+        self.started = time.perf_counter()
         self.cfg, self.topology = cfg, topology
-        self.device = select_device(topology)
+        self.device = select_device(topology, cfg.train.device)
         backend = select_backend(cfg.comm.backend, self.device)
         if self.device.type == "cpu":
             threads = cpu_threads(topology)
             if threads:
                 torch.set_num_threads(threads)
+        else:  # every training micro-batch of a phase has one shape: let cuDNN time its kernels once
+            torch.backends.cudnn.benchmark = True
         auto_buckets = cfg.comm.bucket_mb == "auto"  # chosen in _connect, on the built model
         self.comm = Communicator(topology, backend, self.device, None if auto_buckets else cfg.comm.bucket_mb,
                                  timeout_s=cfg.comm.timeout_s,
@@ -131,6 +154,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
         self.lock = RunLock(cfg.run.dir)
         self.faults = FaultInjection.from_env(topology.rank)
+        self.compile_s: Optional[float] = None
+        self._agreement = None  # the stop flags of the last step, on their way between workers
         error: Optional[BaseException] = None
         try:
             self._build()
@@ -180,6 +205,10 @@ class Trainer:
             raise UsageError(f"model.name={cfg.model.name} does not fit {cfg.data.name} images of "
                              f"{sizes[0]}x{sizes[0]}: {exc}; set data.image_size "
                              "or choose another model") from None
+        self.channels_last = wants_channels_last(cfg.train.channels_last, self.bare_model, self.device)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        check_compiler(cfg.train.compile, self.device)
+        self.data_path = self._choose_data_path()
         self.resume_state = self._find_resume_state() if topo.is_main else None
         if topo.is_main and cfg.checkpoint.resume != "auto":
             ckpt.move_aside(cfg.run.dir)  # a fresh start must not later resume an older run's checkpoint
@@ -196,13 +225,73 @@ class Trainer:
             self.bucket_choice = self._choose_bucket_size()
             self.comm.bucket_mb = self.bucket_choice.bucket_mb
         self.model = self.comm.wrap_model(self.bare_model)
+        if cfg.train.compile is not False:
+            self.model = compile_model(self.model, cfg.train.compile)
         self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
-        pin = self.device.type == "cuda"
+        self.restored = self.comm.broadcast_object(
+            None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
         first = self.plan.phases[0]
-        self.loader, self.sampler = train_loader(self.train_set, first.batch, topo.rank, cfg.run.seed,
-                                                 cfg.data.num_workers, pin, first.image_size, cfg.data.on_corrupt)
-        self.val_loader = eval_loader(self.val_set, topo.rank, topo.world_size, cfg.train.eval_batch,
-                                      cfg.data.num_workers, pin, self.plan.eval_size, cfg.data.on_corrupt)
+        if self.data_path.on_device:
+            from largebatch.data.device import device_eval_loader, device_train_loader
+
+            self.loader, self.sampler = device_train_loader(self.train_set, first.batch, topo.rank, cfg.run.seed,
+                                                            self.device, first.image_size)
+            self.val_loader = device_eval_loader(self.val_set, topo.rank, topo.world_size, cfg.train.eval_batch,
+                                                 self.device, self.plan.eval_size)
+        else:
+            pin = self.device.type == "cuda"
+            self.loader, self.sampler = train_loader(self.train_set, first.batch, topo.rank, cfg.run.seed,
+                                                     cfg.data.num_workers, pin, first.image_size, cfg.data.on_corrupt,
+                                                     device=self.device)
+            self.val_loader = eval_loader(self.val_set, topo.rank, topo.world_size, cfg.train.eval_batch,
+                                          cfg.data.num_workers, pin, self.plan.eval_size, cfg.data.on_corrupt,
+                                          device=self.device)
+            if cfg.data.num_workers > 0:  # the loader processes start reading while the model compiles
+                pos = _Position(**self.restored["position"]) if self.restored else _Position()
+                if pos.epoch < self.plan.epochs:
+                    phase = self.plan.phase_of(pos.epoch)
+                    self.sampler.set_phase(phase.batch, phase.image_size)
+                    self.sampler.set_epoch(pos.epoch, pos.step_in_epoch)
+                    self.loader.start()
+        self.stepper = Stepper(self.model, self.bare_model, self.optimizer, self.comm, self.device, self.autocast,
+                               self.scaler, self.faults, cfg.train.label_smoothing, self.channels_last,
+                               on_allreduce_error=self._name_missing_workers)
+        if cfg.train.compile is not False:
+            size = first.image_size or self.info.image_size
+            seconds, error = rehearse(self.model, self.bare_model, lambda: self.comm.no_sync(self.model),
+                                      (first.batch.micro_batch, self.info.channels, size, size),
+                                      self.info.num_classes, self.device, self.autocast, self.memory_format)
+            self.comm.raise_if_any_failed(None if error is None else UsageError(
+                f"train.compile={cfg.train.compile}: torch.compile failed on {self.device.type}: {error}; "
+                "set train.compile=false"))
+            self.compile_s = seconds
+        self.built_s = time.perf_counter() - self.started
+
+    def _choose_data_path(self) -> "_DataPath":
+        """data.device_cache: hold the dataset on the device, or read it through the loader."""
+        from largebatch.data.device import cacheable_bytes, in_memory
+
+        setting, dev = self.cfg.data.device_cache, self.device
+        if setting == "off":
+            return _DataPath(False, "through the loader (data.device_cache=off)")
+        sizes = [cacheable_bytes(self.train_set), cacheable_bytes(self.val_set)]
+        if None in sizes:
+            return _DataPath(False, "through the loader (read from files)")
+        need = sum(sizes)
+        if setting == "auto":
+            if dev.type == "cuda":
+                budget = torch.cuda.get_device_properties(dev).total_memory / 4
+                why = "a quarter of the GPU's memory"
+            elif in_memory(self.train_set) and in_memory(self.val_set):
+                return _DataPath(True, f"on the device ({_mib(need)} MiB, already in memory)", need)
+            else:
+                return _DataPath(False, "through the loader (data.device_cache=auto keeps files on the loader "
+                                        "on the CPU)")
+        else:
+            budget, why = setting * 2**30, f"data.device_cache={setting:g} GiB"
+        if need > budget:
+            return _DataPath(False, f"through the loader ({_mib(need)} MiB is more than {why})")
+        return _DataPath(True, f"on the device ({_mib(need)} MiB)", need)
 
     def _choose_bucket_size(self) -> BucketChoice:
         """comm.bucket_mb=auto: the size a resumed run chose when it started with auto (on the same
@@ -244,8 +333,7 @@ class Trainer:
     def _restore(self, progress: Progress) -> tuple[_Position, _Record, tuple[float, float, int]]:
         """Position, record and this worker's partial sums (epoch loss, step-line window loss,
         steps in the window) from the checkpoint, if any."""
-        state = self.comm.broadcast_object(
-            None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
+        state = self.restored
         if state is None:
             return _Position(), _Record(), (0.0, 0.0, 0)
         topo = self.topology
@@ -318,6 +406,8 @@ class Trainer:
         window_loss = torch.full((), window_part, dtype=torch.float64, device=self.device)
         window = dict(steps=window_steps)
         phase: Optional[Phase] = None
+        ledger = Ledger(self.device, lag=int(os.environ.get("LARGEBATCH_LEDGER_LAG", "0")))
+        first_step = True
         try:
             while pos.epoch < plan.epochs and not finished:
                 epoch = pos.epoch
@@ -337,32 +427,33 @@ class Trainer:
                 epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
                 steps_run = 0  # in this process: a resumed epoch runs only part of its steps
                 while pos.step_in_epoch < phase.steps_per_epoch:
-                    lr, step_loss, wait, finite, stopping = self.run_step(batches, bp, pos.step, stop)
-                    if finite is None:  # the fp16 gradient scaler met an overflow and lowered its scale
-                        pos.scaler_skipped_steps += 1
-                    elif finite:
-                        pos.nonfinite_in_a_row = 0
-                        loss_sum += step_loss
-                        window_loss += step_loss
-                        window["steps"] += 1  # finite steps: the denominator of the window's mean loss
-                    else:
-                        pos.skipped_in_epoch += 1
-                        pos.nonfinite_in_a_row += 1
-                        self._nonfinite(pos)
+                    lr, step_loss, wait, outcome, stopping = self.run_step(batches, bp, pos.step, stop)
+                    ledger.add(pos.step, outcome)
+                    kept = torch.where(outcome == APPLIED, step_loss, 0.0)  # a skipped step's loss is left out
+                    loss_sum += kept
+                    window_loss += kept
                     window["wait"] += wait
                     window["timed"] += 1
                     steps_run += 1
                     pos.step += 1
                     pos.step_in_epoch += 1
-                    if every and pos.step % every == 0:
+                    if first_step:
+                        first_step = False
+                        self._report_startup(metrics, progress, pos.step)
+                    line_due = bool(every) and pos.step % every == 0
+                    every_ckpt = cfg.checkpoint.every_steps
+                    epoch_end = pos.step_in_epoch == phase.steps_per_epoch
+                    ckpt_due = stopping or (every_ckpt and pos.step % every_ckpt == 0 and not
+                                            (epoch_end and cfg.checkpoint.at_epoch_end))
+                    self._settle(ledger, pos, window, wait=line_due or ckpt_due or epoch_end
+                                 or len(ledger) >= MAX_PENDING_STEPS)
+                    if line_due:
                         self._log_steps(metrics, progress, epoch, pos.step, lr, window_loss, window, bp.global_batch)
                         window_loss.zero_()
                         window = dict(start=time.perf_counter(), wait=0.0, steps=0, timed=0)
                     else:
                         progress.step(lr=f"{lr:.4g}")
-                    every_ckpt = cfg.checkpoint.every_steps
-                    epoch_end_covered = pos.step_in_epoch == phase.steps_per_epoch and cfg.checkpoint.at_epoch_end
-                    if stopping or (every_ckpt and pos.step % every_ckpt == 0 and not epoch_end_covered):
+                    if ckpt_due:
                         now = time.perf_counter()
                         epoch_time += now - segment
                         pos.train_time += now - segment
@@ -377,6 +468,7 @@ class Trainer:
                         return dict(stopped_at_step=pos.step)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
+                self._settle(ledger, pos, window, wait=True)
                 epoch_time += time.perf_counter() - segment
                 pos.train_time += time.perf_counter() - segment
                 progress.end_epoch()
@@ -385,7 +477,7 @@ class Trainer:
                 if cfg.train.precise_bn_images:
                     self._precise_bn(epoch, phase)
                 result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
-                                  self.info.num_classes)
+                                  self.info.num_classes, self.memory_format)
                 self._gather_skipped(record)
                 pos.elapsed = time.perf_counter() - start
                 reached = record.update(epoch + 1, result, pos.elapsed, cfg.train.target_accuracy,
@@ -413,9 +505,10 @@ class Trainer:
                     break
         finally:
             stop.uninstall()
+        self._settle_agreement()
         if result is None:  # resumed from a checkpoint taken after the last epoch
             result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
-                              self.info.num_classes)
+                              self.info.num_classes, self.memory_format)
             self._gather_skipped(record)
         summary = self._summary(result, record, pos, time.perf_counter() - start)
         metrics.write("summary", **summary)
@@ -434,24 +527,40 @@ class Trainer:
         self.comm.barrier()
         return summary
 
-    def run_step(self, batches, bp, step: int, stop: StopSignal) -> tuple[float, torch.Tensor, float, bool, bool]:
+    def run_step(self, batches, bp, step: int, stop: StopSignal) -> tuple[float, torch.Tensor, float, torch.Tensor,
+                                                                        bool]:
         """One optimizer step as ``fit`` runs it: the schedule's lr for ``step``, the micro-batches of
-        ``bp`` (a BatchPlan) from ``batches``, the update, and the agreement on stopping.
-        Returns (lr, this worker's loss share, seconds waiting for data, applied, stopping)."""
+        ``bp`` (a BatchPlan) from ``batches``, the update, and the agreement on stopping. Returns
+        (lr, this worker's loss share and the step's outcome code, both on the device, seconds
+        waiting for data, stopping); nothing in it waits for the device."""
         lr = self.plan.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, wait, finite = self._train_step(batches, bp.accum_steps, bp.per_worker_batch, step)
-        return lr, loss, wait, finite, self._agree_after_step(stop)
+        loss, outcome, wait = self.stepper(batches, bp.accum_steps, bp.per_worker_batch, step)
+        return lr, loss, wait, outcome, self._agree_after_step(stop)
 
     def _agree_after_step(self, stop: StopSignal) -> bool:
-        """Whether to stop on a signal, agreed by every worker (one small allreduce per step). An
+        """Whether to stop on a signal, agreed by every worker. The flags of each step travel while
+        the next step runs (a CPU allreduce over gloo, never a device read) and are read at its end,
+        so a worker that got a signal stops one step later, together with every other. An
         unreadable image met with data.on_corrupt=error stops every worker here with its message."""
         error = self.loader.error
-        if not self.comm.any(stop.received is not None or error is not None):
+        flagged = stop.received is not None or error is not None
+        if self.comm.distributed:
+            previous, self._agreement = self._agreement, self.comm.start_any(flagged)
+            flagged = previous is not None and previous.wait()
+            if flagged:
+                self._settle_agreement()
+        if not flagged:
             return False
         self.comm.raise_if_any_failed(error)
         return True
+
+    def _settle_agreement(self) -> None:
+        """Wait for the stop flags still travelling, so no collective is left in flight."""
+        if self._agreement is not None:
+            self._agreement.wait()
+            self._agreement = None
 
     def _gather_skipped(self, record: _Record) -> None:
         """Fold every worker's unreadable images into ``record`` (image folders only); an unreadable
@@ -468,8 +577,22 @@ class Trainer:
         record.skipped_train = sorted(set(record.skipped_train).union(*(train for _, train, _ in seen)))
         record.skipped_val = sorted(set(record.skipped_val).union(*(val for _, _, val in seen)))
 
-    def _nonfinite(self, pos: _Position) -> None:
-        """A step whose loss or gradient was not finite was not applied: count it, or stop."""
+    def _settle(self, ledger: Ledger, pos: _Position, window: dict, wait: bool) -> None:
+        """Account for the steps whose outcome reached the host (all of them with ``wait``): the
+        counts of skipped steps, the window's finite steps, and the non-finite guard."""
+        for step, code in ledger.take(wait):
+            if code == SCALER_SKIP:  # the fp16 gradient scaler met an overflow and lowered its scale
+                pos.scaler_skipped_steps += 1
+            elif code == APPLIED:
+                pos.nonfinite_in_a_row = 0
+                window["steps"] += 1  # finite steps: the denominator of the window's mean loss
+            else:
+                pos.skipped_in_epoch += 1
+                pos.nonfinite_in_a_row += 1
+                self._nonfinite(pos, step)
+
+    def _nonfinite(self, pos: _Position, step: int) -> None:
+        """Step ``step`` had a non-finite loss or gradient and was not applied: count it, or stop."""
         cfg = self.cfg
         pos.skipped_steps += 1
 
@@ -478,13 +601,25 @@ class Trainer:
             return f"; the last good checkpoint is {newest[0]}" if newest else ""
 
         if cfg.train.on_nonfinite == "stop":
-            raise RunStopped(f"non-finite loss or gradient at step {pos.step} (train.on_nonfinite=stop){kept()}")
+            raise RunStopped(f"non-finite loss or gradient at step {step} (train.on_nonfinite=stop){kept()}")
         if pos.nonfinite_in_a_row >= cfg.train.max_skipped_steps:
             raise RunStopped(f"non-finite loss or gradient in {pos.nonfinite_in_a_row} steps in a row, the last at step "
-                             f"{pos.step} (train.max_skipped_steps={cfg.train.max_skipped_steps}){kept()}")
+                             f"{step} (train.max_skipped_steps={cfg.train.max_skipped_steps}){kept()}")
         if self.topology.is_main:
-            print(f"largebatch: warning: skipped step {pos.step}: non-finite loss or gradient", flush=True,
+            print(f"largebatch: warning: skipped step {step}: non-finite loss or gradient", flush=True,
                   file=sys.stderr)
+
+    def _report_startup(self, metrics: MetricsLog, progress: Progress, step: int) -> None:
+        """After this process's first step: the seconds from start to its end, and what they went to."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.startup_s = time.perf_counter() - self.started
+        compile_s = self.compile_s or 0.0
+        if self.restored is None:  # a resumed run keeps the record of how the run started
+            metrics.write("startup", step=step, first_step_s=self.startup_s, build_s=self.built_s - compile_s,
+                          compile_s=compile_s)
+        progress.print(f"first step done {self.startup_s:.1f}s after start (building {self.built_s - compile_s:.1f}s"
+                       + (f", compiling {compile_s:.1f}s" if self.compile_s is not None else "") + ")")
 
     def _write_run_header(self, progress: Progress) -> None:
         """Rank 0: the run folder, config.yaml, classes.json and the printed plan."""
@@ -502,6 +637,14 @@ class Trainer:
             progress.print("  " + line)
         if self.bucket_choice is not None:
             progress.print(f"  gradient buckets       {self.bucket_choice.line()}")
+        progress.print(f"  training data          {self.data_path.line}")
+        speed = [f"channels-last {'on' if self.channels_last else 'off'}"]
+        if self.compile_s is not None:
+            mode = "default" if cfg.train.compile is True else cfg.train.compile
+            speed.append(f"torch.compile (mode {mode}) took {self.compile_s:.1f}s")
+        if self.device.type == "cuda":
+            speed.append("cudnn.benchmark on")
+        progress.print(f"  speed                  {', '.join(speed)}")
         if self.info.augment != "none":
             progress.print(f"  augmentation           {self.info.augment} (training images only)")
 
@@ -533,6 +676,8 @@ class Trainer:
             summary["bucket_tuning_s"] = self.bucket_choice.tuning_s
         if self.scaler is not None:
             summary["scaler_skipped_steps"] = pos.scaler_skipped_steps
+        if getattr(self, "startup_s", None) is not None:
+            summary["startup_s"] = self.startup_s
         if result.top5 is not None:
             summary.update(val_acc_top5=result.top5, best_val_acc_top5=record.best_top5)
         if self.info.reads_files:
@@ -553,68 +698,22 @@ class Trainer:
         recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
         self.sampler.set_phase(bp, phase.image_size)
 
-    def _train_step(self, batches, accum_steps: int, per_worker_batch: int,
-                    step: int) -> tuple[torch.Tensor, float, Optional[bool]]:
-        """One optimizer step over ``accum_steps`` micro-batches. Returns this worker's summed loss
-        share (sum of per-image losses / per_worker_batch, detached), the seconds spent waiting for
-        data, and whether the step was applied: False for a non-finite loss or gradient, None when
-        the fp16 gradient scaler skipped it on an overflow. Either way the update is skipped on every
-        worker alike, since the allreduced gradient is the same everywhere."""
-        self.faults.at_step_start(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        wait = 0.0
-        for k in range(accum_steps):
-            t0 = time.perf_counter()
-            x, y = next(batches)
-            wait += time.perf_counter() - t0
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = k == accum_steps - 1
-            with contextlib.nullcontext() if last else self.comm.no_sync(self.model):
-                with self.autocast():
-                    logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y, reduction="sum",
-                                       label_smoothing=self.cfg.train.label_smoothing) / per_worker_batch
-                if self.faults.poison(step):
-                    loss = loss * float("nan")
-                scaled = loss if self.scaler is None else self.scaler.scale(loss)
-                if last:
-                    self.faults.before_allreduce(step)
-                    self.comm.mark_arrived(step)
-                    self._backward_with_timeout(scaled, step)
-                else:
-                    scaled.backward()
-            total += loss.detach().double()
-        # Decided from the allreduced gradient, which is the same on every worker, so all agree; a
-        # non-finite loss on any worker makes it non-finite. One host read per step.
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.comm.unwrap(self.model).parameters() if p.grad is not None]
-        finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update itself when unscale_ found inf or nan
-            self.scaler.update()
-            return total, wait, True if finite else None
-        if finite:
-            self.optimizer.step()
-        return total, wait, finite
-
-    def _backward_with_timeout(self, loss: torch.Tensor, step: int) -> None:
-        """The backward pass that carries the gradient allreduce; a timeout names the missing workers."""
-        try:
-            loss.backward()
-        except RuntimeError:
-            if not self.comm.distributed:
-                raise
-            missing = self.comm.missing_ranks(step)
-            if not missing:
-                raise
-            seen = ", ".join(f"rank {r} (last at step {s})" if s >= 0 else f"rank {r} (never)"
-                             for r, s in missing.items())
-            raise RunStopped(f"gradient allreduce of step {step} failed after up to comm.timeout_s="
-                             f"{self.cfg.comm.timeout_s:g}s: workers missing: {seen}") from None
+    def _name_missing_workers(self, exc: BaseException, step: int) -> None:
+        """The backward pass that carries the gradient allreduce failed: a timeout names the missing workers."""
+        if not self.comm.distributed:
+            return
+        missing = self.comm.missing_ranks(step)
+        if not missing:
+            return
+        seen = ", ".join(f"rank {r} (last at step {s})" if s >= 0 else f"rank {r} (never)" for r, s in missing.items())
+        raise RunStopped(f"gradient allreduce of step {step} failed after up to comm.timeout_s="
+                         f"{self.cfg.comm.timeout_s:g}s: workers missing: {seen}") from None
 
     def close(self) -> None:
+        try:
+            self._settle_agreement()
+        except Exception:  # a worker already gone: nothing left to agree with
+            pass
         self.comm.close()
         self.lock.release()
 

@@ -1,0 +1,96 @@
+"""The CUDA paths of the engine, end to end; skipped where no GPU is visible."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import CUDA, load_weights, max_abs_diff, needs_cuda, run_module, torchrun
+
+pytestmark = needs_cuda
+
+
+def _summary(run_dir):
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [x for x in lines if x["event"] == "summary"][-1]
+
+
+def test_default_run_on_one_gpu_under_torchrun(tmp_path):
+    d = str(tmp_path / "run")
+    r = torchrun(1, "largebatch.train", "train.epochs=5", f"run.dir={d}", cuda=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "worker(s) on cuda" in r.stderr and "cudnn.benchmark on" in r.stderr
+    assert _summary(d)["val_acc"] > 0.9
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_workers_over_nccl_match_one(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    args = ["train.epochs=2", "model.norm=none"]
+    assert torchrun(1, "largebatch.train", *args, f"run.dir={one}", cuda=True).returncode == 0
+    r = torchrun(2, "largebatch.train", *args, f"run.dir={two}", cuda=True)
+    assert r.returncode == 0 and "over nccl" in r.stderr, r.stderr[-3000:]
+    assert max_abs_diff(load_weights(one), load_weights(two)) < 1e-4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_the_gpu(tmp_path, precision):
+    d = str(tmp_path / "run")
+    r = run_module("largebatch.train", "train.epochs=5", f"train.precision={precision}", f"run.dir={d}", cuda=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = _summary(d)
+    assert summary["val_acc"] > 0.9
+    if precision == "fp16":
+        assert summary["scaler_skipped_steps"] >= 0
+
+
+def test_channels_last_and_compiled_run(tmp_path):
+    d, ref = str(tmp_path / "fast"), str(tmp_path / "ref")
+    r = run_module("largebatch.train", "train.epochs=3", "model.name=resnet9", "data.image_size=16",
+                   "train.compile=true", f"run.dir={d}", cuda=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "channels-last on, torch.compile (mode default) took" in r.stderr
+    r = run_module("largebatch.train", "train.epochs=3", "model.name=resnet9", "data.image_size=16",
+                   "train.channels_last=false", f"run.dir={ref}", cuda=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert abs(_summary(d)["val_acc"] - _summary(ref)["val_acc"]) < 0.05
+
+
+def test_device_resident_data_matches_the_loader(tmp_path):
+    a, b = str(tmp_path / "device"), str(tmp_path / "loader")
+    common = ["train.epochs=2", "model.norm=none", "train.channels_last=false"]
+    r = run_module("largebatch.train", *common, f"run.dir={a}", cuda=True)
+    assert r.returncode == 0 and "training data          on the device" in r.stderr, r.stderr[-3000:]
+    r = run_module("largebatch.train", *common, "data.device_cache=off", f"run.dir={b}", cuda=True)
+    assert r.returncode == 0 and "through the loader" in r.stderr, r.stderr[-3000:]
+    assert max_abs_diff(load_weights(a), load_weights(b)) < 1e-5
+
+
+@pytest.mark.parametrize("optim,precision", [("sgd", "fp32"), ("lars", "bf16"), ("lamb", "bf16"), ("lars", "fp16")])
+def test_steady_state_step_never_synchronises(tmp_path, optim, precision):
+    from largebatch.config.loader import load_config
+    from largebatch.distributed import SINGLE
+    from largebatch.engine import Trainer
+    from largebatch.engine.guards import StopSignal
+    from largebatch.engine.step import APPLIED
+
+    cfg = load_config(None, [f"run.dir={tmp_path}", "checkpoint.resume=never", "train.device=cuda",
+                             f"optim.name={optim}", f"train.precision={precision}", "model.name=resnet9",
+                             "data.image_size=16"])
+    trainer = Trainer(cfg, SINGLE)
+    try:
+        bp = trainer.plan.phases[0].batch
+        trainer.sampler.set_epoch(0, 0)
+        batches, stop = iter(trainer.loader), StopSignal()
+        for step in range(2):  # state allocation and cuDNN's autotuning happen here
+            trainer.run_step(batches, bp, step, stop)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            outcomes = [trainer.run_step(batches, bp, step, stop)[3] for step in range(2, 6)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert [int(o) for o in outcomes] == [APPLIED] * 4
+    finally:
+        trainer.close()
