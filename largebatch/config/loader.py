@@ -35,7 +35,8 @@ def _unknown(key: str) -> UsageError:
     return UsageError(f"unknown config key '{key}'{hint}")
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               dict: "a mapping, e.g. '{key: value}'"}
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

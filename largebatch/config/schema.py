@@ -43,6 +43,15 @@ def _is_size(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
+def is_factory_name(name) -> bool:
+    """``pkg.module:function``: a dotted module path, a colon, a function name."""
+    if not isinstance(name, str) or name.count(":") != 1:
+        return False
+    module, function = name.split(":")
+    return all(part.isidentifier() for part in module.split(".")) and function.isidentifier() \
+        and module not in ("timm", "torchvision")
+
+
 def _choice(key: str, value, choices) -> None:
     _require(value in choices, key, value, "choose one of " + ", ".join(choices))
 
@@ -70,7 +79,12 @@ class DataConfig:
     name: str = "digits"
     """Dataset: 'digits' (the bundled 1,797 8x8 handwritten digits), 'synthetic', 'imagefolder'
     (root/train/<class>/<image> and root/val/<class>/<image>), 'cifar10' or 'cifar100' (the
-    python-pickle batches), or 'packed' (a file made by python -m largebatch.data.pack)."""
+    python-pickle batches), 'packed' (a file made by python -m largebatch.data.pack), or your own:
+    'pkg.module:factory', a function returning (train_set, val_set), map-style datasets of
+    (image tensor (C, H, W), integer label) pairs; it is called with data.options as keyword
+    arguments (and root=data.root where it takes a root)."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments for a 'pkg.module:factory' dataset, e.g. {download: false}."""
     root: Optional[str] = None
     """Folder the dataset is read from ('imagefolder', 'cifar10', 'cifar100'), or the packed file ('packed')."""
     train_samples: Optional[int] = None
@@ -116,7 +130,9 @@ class DataConfig:
     message naming the file)."""
 
     def __post_init__(self):
-        _choice("data.name", self.name, DATASETS)
+        _require(self.name in DATASETS or is_factory_name(self.name), "data.name", self.name,
+                 f"choose one of {', '.join(DATASETS)}, or name your own as pkg.module:factory")
+        _require(isinstance(self.options, dict), "data.options", self.options, "use a mapping, e.g. '{download: false}'")
         if self.image_size is not None:
             _require(self.image_size >= 8, "data.image_size", self.image_size, "use null or a size >= 8 pixels")
         if self.train_samples is not None:
@@ -143,7 +159,13 @@ class DataConfig:
 class ModelConfig:
     name: str = "cnn"
     """Model from the zoo: 'cnn' (small convolutional net, any image size >= 8), 'mlp', 'resnet9'
-    (CIFAR-10, Myrtle.ai), 'resnet18', 'resnet50' (ImageNet, He et al.) or 'alexnet_bn'."""
+    (CIFAR-10, Myrtle.ai), 'resnet18', 'resnet50' (ImageNet, He et al.) or 'alexnet_bn'; or
+    'timm:<name>' or 'torchvision:<name>' (the optional extras of those names), or your own
+    'pkg.module:factory', a function returning an nn.Module; it is called with model.options as
+    keyword arguments, plus num_classes and in_channels where it takes them."""
+    options: dict = field(default_factory=dict)
+    """Keyword arguments for a 'timm:', 'torchvision:' or 'pkg.module:factory' model, e.g.
+    {drop_rate: 0.1}. The zoo's models take norm, width and zero_init_residual below instead."""
     norm: str = "batch"
     """Normalisation layers: 'batch' (BatchNorm) or 'none'. BatchNorm statistics depend on the
     micro-batch, so only 'none' makes results independent of world size and accumulation."""
@@ -154,7 +176,12 @@ class ModelConfig:
     """Start the last BatchNorm gamma of every residual block at 0 (Goyal et al. 2017, section 5.1)."""
 
     def __post_init__(self):
-        _choice("model.name", self.name, MODELS)
+        _require(self.name in MODELS or self.name.startswith(("timm:", "torchvision:")) and len(self.name.split(":")[1])
+                 or is_factory_name(self.name), "model.name", self.name,
+                 f"choose one of {', '.join(MODELS)}, timm:<name>, torchvision:<name>, or name your own as "
+                 "pkg.module:factory")
+        _require(isinstance(self.options, dict), "model.options", self.options,
+                 "use a mapping, e.g. '{drop_rate: 0.1}'")
         _choice("model.norm", self.norm, NORMS)
         _require(self.width >= 1, "model.width", self.width, "use an integer >= 1")
 
