@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+import torch
+
 from conftest import run_module
 from largebatch.models import create_model
 
@@ -31,7 +34,7 @@ def test_bench_refuses_an_unknown_name():
     r = run_module("largebatch.bench", "latency")
     assert r.returncode == 2
     assert r.stderr.strip() == ("largebatch: error: unknown benchmark 'latency'; choose from step, allreduce, "
-                                "overlap, optim, memory, buckets")
+                                "overlap, optim, memory, buckets, throughput")
 
 
 def test_bench_buckets_reports_the_tuners_pick_against_each_size(tmp_path):
@@ -50,3 +53,51 @@ def test_bench_buckets_reports_the_tuners_pick_against_each_size(tmp_path):
     assert result["fastest_mb"] == float(min(ms, key=ms.get))
     assert abs(result["auto_vs_fastest"] - ms[f"{result['auto_mb']:g}"] / ms[f"{result['fastest_mb']:g}"]) < 1e-9
     assert f"auto picked {result['auto_mb']:g} MiB" in r.stdout
+
+
+def test_bench_throughput_runs_a_tiny_version_and_writes_json(tmp_path):
+    out = str(tmp_path / "bench")
+    cuda = torch.cuda.is_available()
+    workers = "1" if cuda and torch.cuda.device_count() < 2 else "2"  # rank 0 runs it, the others wait
+    r = run_module("largebatch.bench", "throughput", "--case", "resnet9", "--image-size", "16", "--micro-batch", "8",
+                   "--steps", "1", "--rounds", "2", "--compile", "false", "--workers", workers, "--out", out,
+                   timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.load(open(os.path.join(out, "bench-throughput.json")))
+    rows = result["rows"]
+    assert [row["feed"].split(",")[0] for row in rows] == ["device-resident", "loader"]
+    assert rows[1]["loader_processes"] >= 1 and f"loader, {rows[1]['loader_processes']} proc" == rows[1]["feed"]
+    precision = "bf16" if cuda else "fp32"
+    for row in rows:
+        assert (row["case"], row["model"], row["image_size"], row["micro_batch"], row["precision"]) == \
+            ("resnet9", "resnet9", 16, 8, precision)
+        assert row["windows"] == 2 and row["steps_per_window"] == 1  # 3 steps: a warm-up window and 2 timed
+        e, s, b = row["engine_img_s"], row["plain_settings_img_s"], row["plain_best_img_s"]
+        assert e > 0 and s > 0 and b > 0
+        assert abs(row["engine_vs_plain_settings"] - e / s) < 1e-9 and abs(row["engine_vs_plain_best"] - e / b) < 1e-9
+        assert row["engine_settings"] == {"channels_last": cuda, "compile": False}  # channels_last=auto's rule
+        assert row["best_settings"] == {"channels_last": True, "compile": False}  # --compile false: not compiled
+        assert row["plain_best_compile_s"] is None
+        resident = row["feed"] == "device-resident"
+        assert row["met"] == (e / b >= 0.9 if cuda and resident else None)  # a target on CUDA only
+        first = "n/a" if row["first_step_s"] is None else f"{row['first_step_s']:.1f} s"
+        printed = next(line for line in r.stdout.splitlines() if line.startswith(f"resnet9 16px x8 {precision}")
+                       and row["feed"] in line)
+        assert printed.split(row["feed"], 1)[1].split() == [f"{e:,.1f}", f"{s:,.1f}", f"{b:,.1f}", f"{e / s:.3f}",
+                                                            f"{e / b:.3f}", *first.split()]
+    assert result["target"] == 0.9 and result["compile"] is False and "not compiled" in r.stdout
+    if cuda:
+        assert result["met"] == rows[0]["met"] and "target: engine >= 0.90x" in r.stdout
+    else:
+        assert result["met"] is None and "no target on CPU" in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--case", "nosuch"], "unknown --case 'nosuch'; choose from resnet50, resnet9"),
+    (["--steps", "0"], "--steps 0 must be an integer >= 1"),
+    (["--compile", "maybe"], "--compile 'maybe' is not allowed; choose auto, true or false"),
+])
+def test_bench_throughput_refuses_bad_arguments(args, message):
+    r = run_module("largebatch.bench", "throughput", *args)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"largebatch: error: {message}"

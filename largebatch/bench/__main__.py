@@ -1,6 +1,6 @@
 """Benchmarks of the engine against its baselines, side by side.
 
-    python -m largebatch.bench [step allreduce overlap optim memory buckets] [--workers 2] [--out DIR]
+    python -m largebatch.bench [step allreduce overlap optim memory buckets throughput] [--workers 2] [--out DIR]
 
 With no names, runs them all. Started on its own, it starts ``--workers`` gloo workers on this
 machine through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
@@ -17,6 +17,12 @@ and writes ``DIR/bench-<name>.json``:
              global batches 1K to 32K at a fixed micro-batch (accumulation keeps it flat)
   buckets    the size comm.bucket_mb=auto picks, against every candidate size and DDP's 25 MiB
              default timed side by side (--step-model, --image-size, --micro-batch)
+  throughput images/s of fit's loop in steady state on one worker against a plain loop over batches
+             already on the device, in the engine's settings and at its best (channels-last,
+             torch.compile), with the data held on the device and read through the loader; resnet50
+             and resnet9 (bf16 on CUDA; fp32 and smaller on the CPU), and the engine's time to its
+             first step (target on CUDA: >= 0.9 of the best plain loop; --case, --image-size,
+             --micro-batch, --steps, --compile)
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import torch
 
 from largebatch.errors import UsageError, run_cli
 
-NAMES = ("step", "allreduce", "overlap", "optim", "memory", "buckets")
+NAMES = ("step", "allreduce", "overlap", "optim", "memory", "buckets", "throughput")
 
 
 @dataclass
@@ -69,9 +75,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="resnet50", help="model whose gradients allreduce moves (default resnet50)")
     ap.add_argument("--optim-model", default="resnet50", help="model whose parameters optim steps (default resnet50)")
     ap.add_argument("--step-model", default="resnet18", help="model for overlap and buckets (default resnet18)")
-    ap.add_argument("--image-size", type=int, default=64,
-                    help="synthetic image size for overlap and buckets (default 64)")
-    ap.add_argument("--micro-batch", type=int, default=32, help="micro-batch for overlap and buckets (default 32)")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="synthetic image size for overlap and buckets (default 64); throughput: replaces the "
+                         "cases' own")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="micro-batch for overlap and buckets (default 32); throughput: replaces the cases' own")
+    ap.add_argument("--case", default=None, help="throughput: run this case only (resnet50 or resnet9)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="throughput: optimizer steps per timed window or round (default: the case's own)")
+    ap.add_argument("--compile", default="auto",
+                    help="throughput: torch.compile the engine and the best plain loop: auto (on CUDA only), "
+                         "true or false (default auto)")
     ap.add_argument("--out", default="bench", help="folder for the JSON files (default ./bench)")
     return ap
 
@@ -93,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(NAMES)}")
     if args.workers < 1 or args.rounds < 1:
         raise UsageError(f"--workers {args.workers} and --rounds {args.rounds} must be integers >= 1")
+    from largebatch.bench import throughput
+
+    throughput.check_args(args)
+    # None: throughput keeps each case's own size and batch; overlap and buckets take 64 and 32
+    args.case_image_size, args.case_micro_batch = args.image_size, args.micro_batch
+    args.image_size = 64 if args.image_size is None else args.image_size
+    args.micro_batch = 32 if args.micro_batch is None else args.micro_batch
     from largebatch.distributed import Communicator, discover, select_backend, select_device
 
     topo = discover()
@@ -123,10 +144,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(name: str, ctx: Context):
-    if name == "optim":  # one worker's optimizer; the others wait, leaving it the cores
-        from largebatch.bench import optim
+    if name in ("optim", "throughput"):  # one worker's figures; the others wait, leaving it the cores
+        from largebatch.bench import optim, throughput
 
-        result = optim.run(ctx) if ctx.rank == 0 else None
+        result = (optim if name == "optim" else throughput).run(ctx) if ctx.rank == 0 else None
         ctx.comm.barrier()
         return result
     if name in ("allreduce", "overlap"):
