@@ -11,7 +11,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file of config sections (run, data, model, ...)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.global_batch=512 optim.base_lr=0.1 (beat --config)")
+                        help="config overrides, e.g. train.global_batch=512 optim.base_lr=0.1; they override "
+                             "--config, which overrides the defaults; quote lists: schedule.milestones='[30,60]'")
 
 
 def config_from_args(args: argparse.Namespace) -> Config | None:

@@ -11,8 +11,10 @@ Reads each run's ``metrics.jsonl`` and ``config.yaml`` and writes to ``--out`` (
 - ``throughput.png`` training images per second, epoch by epoch
 - ``summary.md``     final and best accuracy, time to target, images/s, cost, world size, global batch
 
-Each run is labelled by the settings that differ between the runs given (e.g. optimizer and
-global batch). Needs matplotlib: ``pip install 'largebatch[report]'``.
+Each run is labelled by its folder name and the settings that differ between the runs given and
+change what a run computes or how fast (e.g. optimizer and global batch; not logging, paths,
+checkpoint cadence, timeouts, bucket sizes or loader processes). Legends sit to the right of the
+plots. Needs matplotlib: ``pip install 'largebatch[report]'``.
 """
 
 from __future__ import annotations
@@ -61,26 +63,67 @@ def _flatten(cfg: dict) -> dict:
     return {f"{s}.{k}": v for s, body in cfg.items() if isinstance(body, dict) for k, v in body.items()}
 
 
-def _short(key: str) -> str:
-    """'optim.base_lr' -> 'base_lr'; the ambiguous '<section>.name' -> '<section>' ('optim')."""
+SHOWN_THOUGH_SAFE = frozenset({
+    "train.epochs", "train.max_micro_batch", "train.stop_at_target", "train.device", "train.channels_last",
+    "train.compile", "comm.backend",
+})
+"""Keys a resumed run may change (checkpoint.SAFE_TO_CHANGE) that still change the results or the speed."""
+
+
+def label_keys_left_out() -> frozenset:
+    """Keys never shown in labels: those a resumed run may change (logging, paths, checkpoint
+    cadence, timeouts, bucket sizes, loader processes, ...) unless they change results or speed."""
+    from largebatch.engine.checkpoint import SAFE_TO_CHANGE
+
+    return frozenset(SAFE_TO_CHANGE - SHOWN_THOUGH_SAFE)
+
+
+def _short(key: str, keys) -> str:
+    """'optim.base_lr' -> 'base_lr'; '<section>.name' -> '<section>' ('optim'); a name two sections
+    share keeps its section ('model.options')."""
     section, name = key.split(".", 1)
-    return section if name == "name" else name
+    if name == "name":
+        return section
+    return key if sum(k.split(".", 1)[1] == name for k in keys) > 1 else name
+
+
+def _value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, dict)):
+        return yaml.safe_dump(v, default_flow_style=True, sort_keys=False, width=10**6).strip().replace(", ", ",")
+    return str(v)
+
+
+def _folder_names(paths: list[str]) -> list[str]:
+    """Each run's folder name, with as many parent folders as it takes to tell them apart."""
+    parts = [os.path.abspath(p).strip(os.sep).split(os.sep) for p in paths]
+    depth = 1
+    while depth < max(len(p) for p in parts):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
+    return ["/".join(p[-depth:]) for p in parts]
 
 
 def label_runs(runs: list[Run]) -> None:
-    """Label each run by the config keys whose values differ between the runs (run.dir excluded)."""
+    """Label each run ``folder: key=value ...`` with the settings that differ between the runs and
+    matter (see :func:`label_keys_left_out`)."""
+    from largebatch.config import valid_keys
+
     flat = [_flatten(r.config) for r in runs]
-    keys = sorted({k for f in flat for k in f})
-    differing = [k for k in keys if k != "run.dir" and len({repr(f.get(k)) for f in flat}) > 1]
-    for r, f in zip(runs, flat):
-        parts = [f"{_short(k)}={f.get(k)}" for k in differing]
-        r.label = " ".join(parts) if parts else os.path.basename(os.path.normpath(r.path))
-    seen: dict[str, int] = {}
-    for r in runs:  # identical configs: tell them apart by folder
-        seen[r.label] = seen.get(r.label, 0) + 1
-    for r in runs:
-        if seen[r.label] > 1:
-            r.label += f" ({os.path.basename(os.path.normpath(r.path))})"
+    order = {k: i for i, k in enumerate(valid_keys())}  # the config's own order: run, data, model, train, ...
+    keys = sorted({k for f in flat for k in f}, key=lambda k: (order.get(k, len(order)), k))
+    left_out = label_keys_left_out()
+    differing = [k for k in keys if k not in left_out and len({repr(f.get(k)) for f in flat}) > 1]
+    for r, name, f in zip(runs, _folder_names([r.path for r in runs]), flat):
+        parts = [f"{_short(k, keys)}={_value(f.get(k))}" for k in differing]
+        r.label = f"{name}: {' '.join(parts)}" if parts else name
 
 
 def lr_curve(run: Run) -> tuple[list[int], list[float]]:
@@ -152,20 +195,22 @@ def _pyplot():
     return plt
 
 
-def plot_runs(runs: list[Run], out: str) -> list[str]:
+def _legend_outside(fig, ax) -> None:
+    """One legend for the figure, to the right of ``ax`` (the rightmost axes), outside the plots."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
+                  frameon=False)
+
+
+def figures(runs: list[Run]) -> dict:
+    """The report's figures by file name, not yet saved."""
     plt = _pyplot()
-    written = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
+    out = {}
+    legend_in = min(8.0, 0.6 + 0.065 * max((len(r.label) for r in runs), default=0))  # inches for the legend
     for key, name, title, logy in (("val_acc", "accuracy.png", "validation accuracy", False),
                                    ("train_loss", "loss.png", "training loss", True)):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 2, figsize=(11 + legend_in, 4.2))
         for r in runs:
             ys = [e[key] for e in r.epochs]
             axes[0].plot([e["epoch"] for e in r.epochs], ys, marker=".", label=r.label)
@@ -176,11 +221,11 @@ def plot_runs(runs: list[Run], out: str) -> list[str]:
             ax.grid(alpha=0.3)
             if logy:
                 ax.set_yscale("log")
-        axes[0].legend(fontsize=8)
+        _legend_outside(fig, axes[1])
         fig.suptitle(title)
-        save(fig, name)
+        out[name] = fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7 + legend_in, 4.2))
     for r in runs:
         xs, ys = lr_curve(r)
         ax.plot(xs, ys, label=r.label)
@@ -188,10 +233,10 @@ def plot_runs(runs: list[Run], out: str) -> list[str]:
     ax.set_ylabel("learning rate")
     ax.set_title("learning-rate schedule")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, "lr.png")
+    _legend_outside(fig, ax)
+    out["lr.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7 + legend_in, 4.2))
     for r in runs:
         ax.plot([e["epoch"] for e in r.epochs], [e["samples_per_sec"] for e in r.epochs], marker=".", label=r.label)
     ax.set_xlabel("epoch")
@@ -199,8 +244,21 @@ def plot_runs(runs: list[Run], out: str) -> list[str]:
     ax.set_title("throughput")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, "throughput.png")
+    _legend_outside(fig, ax)
+    out["throughput.png"] = fig
+    for fig in out.values():
+        fig.tight_layout()
+    return out
+
+
+def plot_runs(runs: list[Run], out: str) -> list[str]:
+    plt = _pyplot()
+    written = []
+    for name, fig in figures(runs).items():
+        path = os.path.join(out, name)
+        fig.savefig(path, dpi=110, bbox_inches="tight")  # the image grows to hold the legend
+        plt.close(fig)
+        written.append(path)
     return written
 
 

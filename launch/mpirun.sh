@@ -10,12 +10,16 @@
 #   A CPU cluster, 512 ranks, 2 per node (one per socket), gradients over MPI, batch 32768:
 #       launch/mpirun.sh -np 512 --ranks-per-node 2 --hostfile hosts.txt \
 #           --config configs/imagenet_resnet50_lars_32k.yaml comm.backend=mpi
-#   Binding and mapping pass through to mpirun as they are:
-#       launch/mpirun.sh -np 64 --ranks-per-node 2 --hostfile hosts.txt --bind-to socket ...   (Open MPI)
-#       launch/mpirun.sh -np 64 --ranks-per-node 2 --hostfile hosts.txt -bind-to socket ...    (MPICH)
+#   Binding and mapping pass through to mpirun as they are (Open MPI spells them --bind-to,
+#   MPICH and Intel MPI -bind-to):
+#       launch/mpirun.sh -np 64 --ranks-per-node 2 --hostfile hosts.txt --bind-to socket \
+#           --config configs/imagenet_resnet50_lars_32k.yaml comm.backend=mpi
+#       launch/mpirun.sh -np 64 --ranks-per-node 2 --hostfile hosts.txt -bind-to socket \
+#           --config configs/imagenet_resnet50_lars_32k.yaml comm.backend=mpi
 #   GPU nodes, 8 GPUs each (nccl; MPI only starts the workers and finds rank 0):
-#       launch/mpirun.sh -np 128 --ranks-per-node 8 --hostfile hosts.txt --config configs/X.yaml
-#   Print the plan and the mpirun command only:
+#       launch/mpirun.sh -np 128 --ranks-per-node 8 --hostfile hosts.txt \
+#           --config configs/imagenet_resnet50_goyal_8k.yaml
+#   Print the plan and the mpirun command only (no MPI needed; the hostfile need not exist):
 #       launch/mpirun.sh -np 512 --ranks-per-node 2 --dry-run --config configs/imagenet_resnet50_lars_32k.yaml
 #
 # ARGUMENTS
@@ -24,23 +28,30 @@
 #                         (Open MPI: --map-by ppr:R:node, MPICH/Intel MPI: -ppn R) and the threads
 #   --hostfile FILE       one host per line (Open MPI's 'slots=' and MPICH's 'host:n' forms both work)
 #   --hosts H1,H2,...     hosts, comma-separated
-#   --dry-run             print the plan and the command, start nothing
+#   --dry-run             print the plan and the command, start nothing; without an MPI on PATH the
+#                         command is shown in Hydra's form (MPICH, Intel MPI) and says so
 #   --config FILE, section.key=value
 #                         go to the trainer (`python -m largebatch.train --help-config`); put them
-#                         after `--` if one could be read as an mpirun option's value
+#                         after `--` if one could be read as an mpirun option's value. The plan
+#                         counts the training images from data.train_samples where the config sets
+#                         it, else from the dataset, which must then be on this machine
 #   anything else         goes to mpirun (-bind-to core, --mca btl ..., -genv FOO bar, -x FOO=bar)
+#   -h, --help            print this manual
 #
 # WHAT IT DOES
 #   Prints the batch plan for N workers with `python -m largebatch.plan` (per-worker batch,
 #   micro-batch, accumulation steps, scaled lr, warmup and total steps), refuses a global batch N
 #   does not divide (naming the nearest valid ones), sets OMP_NUM_THREADS to this node's cores / R
-#   when unset and exports it to every rank, then execs mpirun. Each rank finds its rank, world
+#   when unset and exports it to every rank, then execs mpirun in the form of the MPI it finds
+#   (`mpirun --version`: Open MPI, else Hydra), printing which one. Each rank finds its rank, world
 #   size and local rank from the MPI launcher's variables; rank 0 picks the rendezvous address
 #   and a free port and broadcasts them with MPI (mpi4py) before the process group starts.
 #
 # ENVIRONMENT
 #   PYTHON            interpreter on every node (default: python3)
 #   MPIRUN            the mpirun to use (default: mpirun, else mpiexec, on PATH)
+#   LARGEBATCH_HEARTBEAT_S
+#                     seconds between rank 0's progress lines when its output is not a terminal (30)
 #   OMP_NUM_THREADS   CPU threads per rank; default here: cores / ranks-per-node (cores counted on
 #                     the launching node: nodes are assumed alike)
 #   MASTER_ADDR, MASTER_PORT
@@ -50,7 +61,8 @@
 #                     the network interface on multi-NIC nodes (exported to every rank)
 #
 # FAILURE MODES
-#   exit 2 before anything starts: a bad argument, no -np, or a plan the world cannot run.
+#   exit 2 before anything starts: a bad argument, no -np, a plan the world cannot run, or no
+#     mpirun/mpiexec on PATH (load your MPI module, pip install 'largebatch[mpi]', or set MPIRUN).
 #   Bad config: every rank exits 2 and rank 0 prints one line; mpirun then ends the job.
 #   A rank that dies: mpirun kills the others (MPI's default), and mpirun's status is nonzero.
 #   mpi4py missing and MASTER_ADDR/MASTER_PORT unset: every rank exits 2 naming both fixes.
@@ -58,7 +70,13 @@
 #     every rank exits 2 saying so.
 #
 # EXIT STATUS
-#   2 on a bad argument or a plan the world cannot run; otherwise mpirun's status.
+#   0     every rank finished: the run completed, reached its target with train.stop_at_target,
+#         or stopped on SIGTERM/SIGUSR1 after writing a checkpoint (run the same command to resume)
+#   2     bad input, in one line: found by this script (launch/mpirun.sh: error: ...) or the plan
+#         before anything started, or by the ranks (largebatch: error: ..., from rank 0)
+#   3     an agreed stop (largebatch: stopped: ..., from rank 0), e.g. a non-finite loss
+#   other mpirun's status: MPICH and Open MPI pass on a failed rank's status, or give their own
+#         when a rank was killed or a node was lost
 set -euo pipefail
 LB_NAME=launch/mpirun.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -116,10 +134,13 @@ lb_plan "$np" ${trainer[@]+"${trainer[@]}"}
 lb_omp_threads "$per_node"
 
 MPIRUN=${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}
-if [[ -n "$MPIRUN" ]]; then
+found=1
+if [[ -n "$MPIRUN" ]] && command -v "$MPIRUN" > /dev/null; then
   version=$("$MPIRUN" --version 2>&1 || true)
 elif [[ $dry -eq 1 ]]; then
-  MPIRUN=mpirun; version="none on PATH"
+  found=0; MPIRUN=${MPIRUN:-mpirun}; version=""
+elif [[ -n "$MPIRUN" ]]; then
+  lb_die "MPIRUN='$MPIRUN' is not a command; set it to your MPI's mpirun or mpiexec"
 else
   lb_die "no mpirun or mpiexec on PATH; load your MPI module, pip install 'largebatch[mpi]', or set MPIRUN"
 fi
@@ -144,6 +165,12 @@ else
   [[ -n "$hosts" ]] && cmd+=(-hosts "$hosts")
 fi
 cmd+=(${mpi_opts[@]+"${mpi_opts[@]}"} "$PYTHON" -m largebatch.train ${trainer[@]+"${trainer[@]}"})
-echo "mpirun: $MPIRUN ($flavor), $np ranks, $per_node per node" >&2
+if [[ $found -eq 1 ]]; then
+  echo "mpirun: $MPIRUN ($flavor), $np ranks, $per_node per node" >&2
+else
+  echo "mpirun: no MPI launcher found (no mpirun or mpiexec on PATH, MPIRUN unset or not a command);" \
+       "showing the command for $flavor, $np ranks, $per_node per node. To run it: load your MPI module," \
+       "pip install 'largebatch[mpi]', or set MPIRUN=/path/to/mpirun" >&2
+fi
 if [[ $dry -eq 1 ]]; then echo "would run: ${cmd[*]}"; exit 0; fi
 exec "${cmd[@]}"

@@ -15,25 +15,34 @@
 #   Elastic: restart the workers up to 3 times after a failure (they resume from the newest
 #   checkpoint in run.dir); every other torchrun option passes through the same way:
 #       launch/torchrun.sh --nnodes 16 --nproc-per-node 8 --rdzv-endpoint node001:29500 \
-#           --max-restarts 3 --rdzv-id job42 --config configs/X.yaml
-#   Print the plan and the torchrun command only:
-#       launch/torchrun.sh --nnodes 16 --nproc-per-node 8 --dry-run train.global_batch=8192
+#           --max-restarts 3 --rdzv-id job42 --config configs/imagenet_resnet50_goyal_8k.yaml
+#   Print the plan and the torchrun command only, on any machine:
+#       launch/torchrun.sh --nnodes 16 --nproc-per-node 8 --rdzv-endpoint node001:29500 --dry-run \
+#           --config configs/imagenet_resnet50_goyal_8k.yaml
 #
 # ARGUMENTS
 #   --nnodes N            nodes (default 1); an elastic range MIN:MAX is planned for MAX
 #   --nproc-per-node P    workers per node: GPUs per node on GPU nodes, 1-2 per socket on CPU (default 1)
-#   --rdzv-endpoint H:P   rendezvous host:port (c10d backend); needed for more than one node
+#   --rdzv-endpoint H:P   rendezvous host:port, the same on every node (usually the first node and a
+#                         free port); needed for more than one node
+#   --rdzv-backend B      rendezvous backend (default c10d)
+#   --standalone          accepted; implied on one node without --rdzv-endpoint
 #   --dry-run             print the plan and the command, start nothing
 #   --config FILE, section.key=value
-#                         go to the trainer (`python -m largebatch.train --help-config`)
-#   anything else         goes to torchrun (--max-restarts 3, --rdzv-id ID, --node-rank R, ...)
+#                         go to the trainer (`python -m largebatch.train --help-config`); the plan
+#                         counts the training images from data.train_samples where the config sets
+#                         it, else from the dataset, which must then be on this machine
+#   anything else         goes to torchrun (--max-restarts 3, --rdzv-id ID, --node-rank R, ...), with
+#                         its value after it (--rdzv-id ID or --rdzv-id=ID)
+#   -h, --help            print this manual
 #
 # WHAT IT DOES
 #   Computes world size = nnodes x nproc-per-node, prints the batch plan with
 #   `python -m largebatch.plan` (the trainer's own arithmetic: per-worker batch, micro-batch,
 #   accumulation steps, scaled lr, warmup and total steps), refuses a global batch that the world
 #   size does not divide (naming the nearest valid ones), sets OMP_NUM_THREADS to cores per worker
-#   when it is unset, then execs torchrun.
+#   when it is unset, then execs `python -m torch.distributed.run` (torchrun) with
+#   `-m largebatch.train` and the trainer's arguments.
 #
 # ENVIRONMENT
 #   PYTHON            interpreter to use (default: python3)
@@ -41,20 +50,30 @@
 #                     (torchrun alone would set 1)
 #   NCCL_*, GLOO_SOCKET_IFNAME
 #                     passed through to the workers (pick the network interface on multi-NIC nodes)
+#   LARGEBATCH_HEARTBEAT_S
+#                     seconds between rank 0's progress lines when its output is not a terminal (30)
 #
 # FAILURE MODES
 #   exit 2 before anything starts: a bad argument, or a plan the world cannot run.
 #   A worker that exits with an error: torchrun stops the others and reports the failed rank;
-#     with --max-restarts the group restarts and resumes from the newest checkpoint.
+#     rank 0 printed the reason on one line (largebatch: error: ... or largebatch: stopped: ...).
+#     With --max-restarts the group restarts and resumes from the newest checkpoint.
 #   A node that never joins: the other nodes wait at the rendezvous (torchrun's --rdzv-conf
 #     join_timeout, 600 s by default), then exit naming the rendezvous.
 #
 # EXIT STATUS
-#   2 on a bad argument or a plan the world cannot run; otherwise torchrun's status.
+#   0     every worker finished: the run completed, reached its target with train.stop_at_target,
+#         or stopped on SIGTERM/SIGUSR1 after writing a checkpoint (run the same command to resume)
+#   1     from torchrun: a worker failed (bad config found by the workers, an agreed stop such as a
+#         non-finite loss, a crash); rank 0 printed one line, and torchrun's report after it names
+#         the rank and that worker's own status (2 bad input, 3 agreed stop)
+#   2     bad input found before anything started, in one line: by this script
+#         (launch/torchrun.sh: error: ...) or by the plan (largebatch: error: ...)
+#   other torchrun's own status (a rendezvous that failed, an interrupted agent)
 set -euo pipefail
 LB_NAME=launch/torchrun.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-nnodes=1; nproc=1; endpoint=""; dry=0; trainer=(); torchrun_opts=()
+nnodes=1; nproc=1; endpoint=""; backend=c10d; dry=0; trainer=(); torchrun_opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nnodes) nnodes=$2; shift 2 ;;
@@ -63,6 +82,8 @@ while [[ $# -gt 0 ]]; do
     --nproc-per-node=*|--nproc_per_node=*) nproc=${1#*=}; shift ;;
     --rdzv-endpoint|--rdzv_endpoint) endpoint=$2; shift 2 ;;
     --rdzv-endpoint=*|--rdzv_endpoint=*) endpoint=${1#*=}; shift ;;
+    --rdzv-backend|--rdzv_backend) backend=$2; shift 2 ;;
+    --rdzv-backend=*|--rdzv_backend=*) backend=${1#*=}; shift ;;
     --standalone) shift ;;  # implied for one node without an endpoint
     --dry-run) dry=1; shift ;;
     --config) trainer+=("$1" "$2"); shift 2 ;;
@@ -88,7 +109,7 @@ if [[ "$nnodes" == 1 && -z "$endpoint" ]]; then
   rdzv=(--standalone)
 else
   [[ -n "$endpoint" ]] || lb_die "--nnodes $nnodes needs --rdzv-endpoint HOST:PORT"
-  rdzv=(--rdzv-backend c10d --rdzv-endpoint "$endpoint")
+  rdzv=(--rdzv-backend "$backend" --rdzv-endpoint "$endpoint")
 fi
 lb_plan "$world" ${trainer[@]+"${trainer[@]}"}
 lb_omp_threads "$nproc"

@@ -1,4 +1,6 @@
-"""Bad input: one line naming the problem, exit status 2, no traceback, no hung worker."""
+"""Bad input: one line naming the problem, exit status 2, no traceback, no hung worker, no empty run folder."""
+
+import os
 
 import pytest
 
@@ -69,3 +71,56 @@ def test_plan_cli_bad_world_size():
     r = run_module("largebatch.plan", "--world-size", "3", "train.global_batch=128")
     assert r.returncode == 2
     assert "use a multiple of 3, e.g. 126 or 129" in _one_error_line(r.stderr)
+
+
+CONFIG_FILES = [  # (file content, what the one line says)
+    ("train:\n\tepochs: 3\n", "line 2 uses a tab for indentation; YAML needs spaces"),
+    (bytes(range(256)) * 4, "is not a YAML text file (byte 0 is a NUL byte)"),
+    (b"\xff\xfe\xfa garbage \xc3", "is not UTF-8 text (byte 0)"),
+    ("import sys\n\n\ndef main():\n    print(sys.argv)\n", "is not valid YAML at line 4"),
+    ("import sys\nprint(sys.argv)\n", "holds a single string, not a mapping of sections"),
+    ('[{"train": {"epochs": 3}}, 2]\n', "holds a list, not a mapping of sections"),
+    ("schedule:\n  milestones: 30\n", "use a list, e.g. milestones: [30, 60, 80] under 'schedule:'"),
+]
+
+
+@pytest.mark.parametrize("content,message", CONFIG_FILES)
+def test_config_files_that_are_not_configs_get_one_line(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    run_dir = tmp_path / "runs" / "new"
+    r = run_module("largebatch.train", "--config", str(path), f"run.dir={run_dir}")
+    assert r.returncode == 2
+    line = _one_error_line(r.stderr)
+    assert line.startswith(f"largebatch: error: config file '{path}'") and message in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["schedule.milestones=30"], "use a list, e.g. schedule.milestones='[30,60,80]'"),
+    (["schedule.milestones=[30,", "60]"], "quote a value with spaces: schedule.milestones='[30, 60]'"),
+    (["data.options=3"], "use a mapping, e.g. data.options='{download: false}'"),
+    (["train.global_batch=5000"], "fewer than one global batch"),  # found after the run folder is taken
+])
+def test_config_errors_leave_no_run_folder(tmp_path, args, message):
+    run_dir = tmp_path / "runs" / "deeper" / "new"
+    r = run_module("largebatch.train", f"run.dir={run_dir}", *args)
+    assert r.returncode == 2
+    line = _one_error_line(r.stderr)
+    assert line.startswith("largebatch: error: ") and message in line, line
+    assert not (tmp_path / "runs").exists(), os.listdir(tmp_path / "runs")
+
+
+def test_a_config_error_keeps_an_existing_run_folder(tmp_path):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    r = run_module("largebatch.train", f"run.dir={run_dir}", "train.global_batch=5000")
+    assert r.returncode == 2 and "fewer than one global batch" in _one_error_line(r.stderr)
+    assert run_dir.is_dir() and os.listdir(run_dir) == []
+
+
+def test_help_says_override():
+    r = run_module("largebatch.train", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "they override --config, which overrides the defaults" in text and "beat" not in text

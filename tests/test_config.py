@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import yaml
@@ -125,3 +126,113 @@ def test_seed_range():
     load_config(None, ["run.seed=4294967295"])
     with pytest.raises(UsageError, match="run.seed"):
         load_config(None, ["run.seed=4294967296"])
+
+
+LIST_AND_MAPPING_KEYS = ["schedule.milestones", "optim.betas", "comm.bucket_candidates_mb", "train.phases",
+                         "data.options", "model.options"]
+
+
+def test_every_list_or_mapping_key_is_covered():
+    import dataclasses
+    import typing
+
+    from largebatch.config import loader
+
+    found = []
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(loader._section_type(section.name)):
+            hint = typing.get_type_hints(loader._section_type(section.name))[f.name]
+            if (typing.get_origin(hint) or hint) in (list, dict):
+                found.append(f"{section.name}.{f.name}")
+    assert sorted(found) == sorted(LIST_AND_MAPPING_KEYS)
+
+
+@pytest.mark.parametrize("key", LIST_AND_MAPPING_KEYS)
+def test_list_and_mapping_errors_show_the_command_line_syntax(key):
+    """A scalar where a list or mapping belongs: the message shows key='[...]', and that works."""
+    import shlex
+
+    with pytest.raises(UsageError) as e:
+        load_config(None, [f"{key}=7"])
+    msg = str(e.value)
+    m = re.search(rf"e\.g\. ({re.escape(key)}='[^']+')", msg)
+    assert m and "\n" not in msg, msg
+    (shown,) = shlex.split(m.group(1))  # what the shell passes on
+    load_config(None, [shown, "train.epochs=5"] if key == "train.phases" else [shown])
+
+
+@pytest.mark.parametrize("key", LIST_AND_MAPPING_KEYS)
+def test_list_and_mapping_errors_in_a_file_show_the_yaml_syntax(tmp_path, key):
+    section, name = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: 7\n")
+    with pytest.raises(UsageError) as e:
+        load_config(str(path))
+    msg = str(e.value)
+    m = re.search(rf"e\.g\. ({name}: .+) under '{section}:'", msg)
+    assert msg.startswith(f"config file '{path}': {key}=7") and m, msg
+    path.write_text(f"{section}:\n  {m.group(1)}\n" + ("train:\n  epochs: 5\n" if key == "train.phases" else ""))
+    load_config(str(path))
+
+
+@pytest.mark.parametrize("override,shown", [
+    ("schedule.milestones=[0,-1]", "schedule.milestones='[30,60,80]'"),
+    ("comm.bucket_candidates_mb=[0]", "comm.bucket_candidates_mb='[1,4,16,64]'"),
+    ("optim.betas=[0.9]", "optim.betas='[0.9,0.999]'"),
+    ("train.phases=[3]", "train.phases='[{epochs: 5, image_size: 128, global_batch: 512}]'"),
+])
+def test_bad_list_contents_show_the_command_line_syntax(override, shown):
+    with pytest.raises(UsageError) as e:
+        load_config(None, [override])
+    assert shown in str(e.value), str(e.value)
+
+
+def test_a_value_split_by_the_shell_says_to_quote():
+    with pytest.raises(UsageError, match=r"argument '60\]' is not key=value; .*quote a value with spaces"):
+        load_config(None, ["schedule.milestones=[30,", "60]"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("train:\n\tepochs: 3\n", "line 2 uses a tab for indentation; YAML needs spaces"),
+    ("run:\n  seed: 1\ntrain:\n  epochs: 3\n  \tglobal_batch: 64\n", "line 5 uses a tab for indentation"),
+    ("train:\n  epochs: 3\t# three\n", "line 2 has a tab character; YAML needs spaces"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is not a YAML text file (byte 8 is a NUL byte)"),
+    (b"train:\n  epochs: 3 # \xe9t\xe9\n", "is not UTF-8 text (byte 21); save it as UTF-8"),
+    ("import os\n\ndef main():\n    print('hi')\n", "not valid YAML at line 3 (mapping values are not allowed here)"),
+    ("import os\nx = 1\n", "holds a single string, not a mapping of sections"),
+    ('[{"train": {"epochs": 3}}]', "holds a list, not a mapping of sections"),
+    ("train.epochs: 3\n", "write 'train.epochs' as 'train:' with '  epochs: ...' indented under it"),
+    ("trian:\n  epochs: 3\n", "unknown section 'trian'; did you mean 'train'?"),
+    ("train: 3\n", "section 'train' must be a mapping of keys, not 3"),
+    ("train:\n  epochs: 2020-02-30\n", "cannot be read as YAML (ValueError"),
+])
+def test_config_files_that_are_not_yaml_configs(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UsageError) as e:
+        load_config(str(path))
+    msg = str(e.value)
+    assert message in msg and str(path) in msg and "\n" not in msg, msg
+
+
+def test_empty_section_and_folder(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n#  epochs: 3\noptim:\n  base_lr: 0.3\n")
+    assert load_config(str(path)).optim.base_lr == 0.3
+    with pytest.raises(UsageError, match="is a folder"):
+        load_config(str(tmp_path))
+
+
+def test_every_config_has_its_own_run_folder():
+    folder = os.path.join(os.path.dirname(__file__), "..", "configs")
+    dirs = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".yaml"):
+            with open(os.path.join(folder, f)) as fh:
+                raw = yaml.safe_load(fh)
+            assert "dir" in raw.get("run", {}), f"{f} sets no run.dir"
+            dirs[f] = load_config(os.path.join(folder, f)).run.dir
+    assert len(set(dirs.values())) == len(dirs), dirs
+    for f, d in dirs.items():
+        # digits.yaml is the embedded default written out, so it keeps the default's folder
+        assert d == ("runs/default" if f == "digits.yaml" else f"runs/{f[:-len('.yaml')]}"), (f, d)

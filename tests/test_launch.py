@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -114,12 +116,62 @@ def test_wrapper_argument_errors(script, args, message):
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh", "slurm.sbatch"])
-def test_wrappers_document_themselves(script):
+def manual_sections(text: str) -> dict:
+    """A manual's sections: heading (a line in capitals at the margin) -> its lines."""
+    sections, current = {}, None
+    for line in text.splitlines():
+        if line and not line.startswith(" ") and line.split(" (")[0].isupper():
+            current = line.split(" (")[0]
+            sections[current] = []
+        elif current is not None and line.strip():
+            sections[current].append(line)
+    return sections
+
+
+@pytest.mark.parametrize("script,statuses", [
+    ("torchrun.sh", ["0", "1", "2", "other"]),
+    ("mpirun.sh", ["0", "2", "3", "other"]),
+    ("slurm.sbatch", ["0", "2", "3", "other"]),
+])
+def test_wrappers_document_themselves(script, statuses):
     r = wrapper(script, "--help")
     assert r.returncode == 0
-    for section in ("USAGE", "ENVIRONMENT", "FAILURE MODES", "EXIT STATUS", "--dry-run"):
-        assert section in r.stdout, section
+    sections = manual_sections(r.stdout)
+    for section in ("USAGE", "ARGUMENTS", "WHAT IT DOES", "ENVIRONMENT", "FAILURE MODES", "EXIT STATUS"):
+        assert sections.get(section), f"{section} is missing or empty"
+    assert "--dry-run" in " ".join(sections["ARGUMENTS"]) and "--help" in " ".join(sections["ARGUMENTS"])
+    listed = [ln.split()[0] for ln in sections["EXIT STATUS"] if re.match(r"^  (\d+|other)\s", ln)]
+    assert listed == statuses, sections["EXIT STATUS"]
+    assert list(sections)[-1] == "EXIT STATUS" and "set -euo" not in r.stdout
+    assert not re.search(r"^#?SBATCH --", r.stdout, flags=re.M)  # the manual ends before the directives
+    assert "X.yaml" not in r.stdout and "..." not in "\n".join(sections["USAGE"][2:])  # examples run as written
+
+
+def test_mpirun_dry_run_without_mpi_says_so(tmp_path):
+    bare = str(tmp_path / "bin")  # a PATH with the shell's tools and no mpirun or mpiexec
+    os.mkdir(bare)
+    for tool in ("bash", "dirname", "grep", "sed", "nproc", "cat"):
+        os.symlink(shutil.which(tool), os.path.join(bare, tool))
+    r = wrapper("mpirun.sh", "-np", "4", "--dry-run", extra_env={"PATH": bare, "MPIRUN": ""})
+    assert r.returncode == 0, r.stderr
+    assert command_of(r.stdout)[:5] == ["mpirun", "-np", "4", "-ppn", "4"]
+    said = r.stderr.splitlines()[-1]
+    assert said.startswith("mpirun: no MPI launcher found") and "showing the command for Hydra" in said
+    assert "pip install 'largebatch[mpi]'" in said and "set MPIRUN" in said
+    r = wrapper("mpirun.sh", "-np", "4", extra_env={"PATH": bare, "MPIRUN": ""})
+    assert r.returncode == 2 and "would run" not in r.stdout
+    assert r.stderr.splitlines()[-1] == ("launch/mpirun.sh: error: no mpirun or mpiexec on PATH; load your MPI "
+                                         "module, pip install 'largebatch[mpi]', or set MPIRUN")
+    r = wrapper("mpirun.sh", "-np", "4", extra_env={"MPIRUN": str(tmp_path / "nompirun")})
+    assert r.returncode == 2 and "is not a command" in r.stderr.splitlines()[-1]
+
+
+def test_torchrun_takes_the_rendezvous_backend_once():
+    r = wrapper("torchrun.sh", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "etcd-v2",
+                "--rdzv-endpoint", "h:2379", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    cmd = command_of(r.stdout)
+    assert cmd.count("--rdzv-backend") == 1 and cmd[cmd.index("--rdzv-backend") + 1] == "etcd-v2"
 
 
 @pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py: pip install -e '.[mpi]'")

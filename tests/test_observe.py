@@ -1,9 +1,11 @@
-"""Seeing a run: step lines, time to target, stopping at it, cost, top-5, TensorBoard, reports."""
+"""Seeing a run: step lines, heartbeats, time to target, stopping at it, cost, top-5, TensorBoard, reports."""
 
 import json
 import os
+import re
 
 import pytest
+import yaml
 
 from conftest import run_module, torchrun
 
@@ -111,7 +113,7 @@ def test_report_on_two_batch_sizes(tmp_path):
     for d, row in zip(runs, table[2:]):
         s = _lines(d)[-1]
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[0] == f"global_batch={s['global_batch']}"
+        assert cells[0] == f"{d.name}: global_batch={s['global_batch']}"
         assert cells[1] == f"{100 * s['val_acc']:.2f}%" and cells[2] == f"{100 * s['best_val_acc']:.2f}%"
         assert cells[4] == f"{s['time_to_target_s']:.1f} s" and cells[5] == str(s["epoch_to_target"])
         assert cells[6] == f"{s['samples_per_sec']:,.0f}" and cells[9] == str(s["global_batch"])
@@ -120,3 +122,155 @@ def test_report_on_two_batch_sizes(tmp_path):
 def test_report_rejects_non_run(tmp_path):
     r = run_module("largebatch.report", str(tmp_path))
     assert r.returncode == 2 and "is not a run folder" in r.stderr
+
+
+def write_fake_run(folder, overrides, epochs=3, steps_per_epoch=10, acc0=0.5):
+    """A finished run's folder as a real run writes it (config.yaml, metrics.jsonl), without training."""
+    from largebatch.config import load_config, to_dict
+
+    cfg = load_config(None, [f"run.dir={folder}", f"train.epochs={epochs}", *overrides])
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.yaml"), "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    lines = [dict(event="epoch", epoch=e, step=e * steps_per_epoch, train_loss=1.0 / e, val_loss=1.1 / e,
+                  val_acc=acc0 + 0.1 * e, lr=0.1, samples_per_sec=1000.0 + e, elapsed_s=2.0 * e, skipped_steps=0)
+             for e in range(1, epochs + 1)]
+    lines.append(dict(event="summary", val_acc=acc0 + 0.1 * epochs, best_val_acc=acc0 + 0.1 * epochs,
+                      time_to_target_s=None, epoch_to_target=None, samples_per_sec=1000.0, elapsed_s=2.0 * epochs,
+                      world_size=2, global_batch=cfg.train.global_batch, steps=epochs * steps_per_epoch,
+                      skipped_steps=0, target_accuracy=None, target_metric="top1", nodes=1))
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as fh:
+        fh.writelines(json.dumps(x) + "\n" for x in lines)
+
+
+LARS = ["optim.name=lars", "optim.base_lr=0.1", "train.global_batch=1024"]
+FIVE_RUNS = {  # folder: overrides; what differs and matters: seed, global batch, optimizer and its lr
+    "sgd-b256": ["train.global_batch=256", "optim.base_lr=0.2"],
+    "sgd-b1024": ["train.global_batch=1024", "optim.base_lr=0.2", "train.log_every_steps=5"],
+    "lars-b1024": [*LARS, "data.num_workers=2", "data.root=/x"],
+    "lars-b1024-seed1": [*LARS, "run.seed=1", "comm.bucket_mb=4"],
+    "lars-b1024-again": [*LARS, "checkpoint.every_steps=10", "comm.timeout_s=60", "data.cache=true"],
+}
+
+
+def test_report_labels_five_runs_by_folder_and_what_matters(tmp_path):
+    from largebatch.report import label_runs, load_run
+
+    for name, overrides in FIVE_RUNS.items():
+        write_fake_run(str(tmp_path / "runs" / name), overrides)
+    runs = [load_run(str(tmp_path / "runs" / name)) for name in FIVE_RUNS]
+    label_runs(runs)
+    labels = {os.path.basename(r.path): r.label for r in runs}
+    assert labels == {
+        "sgd-b256": "sgd-b256: seed=0 global_batch=256 optim=sgd base_lr=0.2",
+        "sgd-b1024": "sgd-b1024: seed=0 global_batch=1024 optim=sgd base_lr=0.2",
+        "lars-b1024": "lars-b1024: seed=0 global_batch=1024 optim=lars base_lr=0.1",
+        "lars-b1024-seed1": "lars-b1024-seed1: seed=1 global_batch=1024 optim=lars base_lr=0.1",
+        "lars-b1024-again": "lars-b1024-again: seed=0 global_batch=1024 optim=lars base_lr=0.1",
+    }
+    for noise in ("log_every_steps", "root", "num_workers", "bucket_mb", "every_steps", "timeout_s", "cache", "dir"):
+        assert all(f"{noise}=" not in label for label in labels.values()), noise
+    # Runs that differ only in what does not matter are told apart by their folders alone.
+    same = [load_run(str(tmp_path / "runs" / n)) for n in ("lars-b1024", "lars-b1024-again")]
+    label_runs(same)
+    assert [r.label for r in same] == ["lars-b1024", "lars-b1024-again"]
+    # Folders of the same name are told apart by their parents.
+    for parent in ("a", "b"):
+        write_fake_run(str(tmp_path / parent / "run"), [])
+    twins = [load_run(str(tmp_path / p / "run")) for p in ("a", "b")]
+    label_runs(twins)
+    assert [r.label for r in twins] == ["a/run", "b/run"]
+
+
+def test_report_legends_sit_outside_the_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="the report extra is not installed")
+    from largebatch.report import figures, label_runs, load_run
+
+    for name, overrides in FIVE_RUNS.items():
+        write_fake_run(str(tmp_path / name), overrides)
+    runs = [load_run(str(tmp_path / name)) for name in FIVE_RUNS]
+    label_runs(runs)
+    for name, fig in figures(runs).items():
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + list(fig.legends)
+        assert len(legends) == 1, name
+        legend = legends[0]
+        assert [t.get_text() for t in legend.get_texts()] == [r.label for r in runs], name
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), f"{name}: the legend covers a plot"
+        whole = fig.bbox
+        assert box.x1 <= whole.x1 + 1 and box.y0 >= whole.y0 - 1, f"{name}: the legend is cut off"
+    out = tmp_path / "report"
+    r = run_module("largebatch.report", *(str(tmp_path / n) for n in FIVE_RUNS), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    table = (out / "summary.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == [r.label for r in runs]
+
+
+HEARTBEAT = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+)  lr \S+  (\S+ steps/s|[\d,]+ img/s)  ETA \w+$")
+
+
+def test_heartbeat_lines_when_output_is_a_pipe(tmp_path):
+    """Output that is not a terminal gets a heartbeat after the first step and then every
+    LARGEBATCH_HEARTBEAT_S seconds: with a tiny interval, at nearly every step."""
+    r = run_module("largebatch.train", "train.epochs=2", f"run.dir={tmp_path / 'fast'}",
+                   env={"LARGEBATCH_HEARTBEAT_S": "0.000001"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    beats = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ") and " step " in ln and "ETA" in ln]
+    assert beats and all(HEARTBEAT.match(b) for b in beats), beats
+    seen = [tuple(int(x) for x in HEARTBEAT.match(b).groups()[:3]) for b in beats]
+    assert seen[0] == (1, 2, 1)  # the first step
+    assert seen == sorted(seen) and len(seen) == 22  # 11 steps per epoch, every one of them
+    # The default interval (30 s) gives the first step's line on a run this short, and none after it.
+    r = run_module("largebatch.train", "train.epochs=1", f"run.dir={tmp_path / 'default'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    beats = [ln for ln in r.stderr.splitlines() if HEARTBEAT.match(ln)]
+    assert len(beats) == 1 and beats[0].startswith("epoch 1/1 step 1/11"), r.stderr
+
+
+def test_heartbeat_cadence_content_and_knob(monkeypatch):
+    from largebatch.engine import metrics
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    now = [100.0]
+    monkeypatch.setenv("LARGEBATCH_HEARTBEAT_S", "30")
+    p = metrics.Progress(enabled=True, stream=stream, clock=lambda: now[0])
+    assert not p.bar_enabled and p.heartbeat_s == 30
+    p.start_epoch(1, 30, 100, step=100, total_steps=3000, global_batch=256)
+    for i in range(60):  # 2 s a step: the first step, then one line per 30 s
+        now[0] += 2.0
+        p.step(lr="0.4") if i % 10 else p.step(loss="2.1033", lr="0.4", img_s="1,234", eta="312s")
+    p.end_epoch()
+    stream.close()
+    with os.fdopen(read_end) as fh:
+        lines = fh.read().splitlines()
+    assert lines == [
+        "step 101/3000 (epoch 2/30)  loss 2.1033  lr 0.4  1,234 img/s  ETA 5m12s",
+        "step 116/3000 (epoch 2/30)  loss 2.1033  lr 0.4  1,234 img/s  ETA 5m02s",  # the ETA of step 111, 10 s on
+        "step 131/3000 (epoch 2/30)  loss 2.1033  lr 0.4  1,234 img/s  ETA 5m12s",
+        "step 146/3000 (epoch 2/30)  loss 2.1033  lr 0.4  1,234 img/s  ETA 5m02s",
+    ]
+    # Without step lines from the trainer the pace is measured here: 2 s a step.
+    p = metrics.Progress(enabled=True, stream=open(os.devnull, "w"), clock=lambda: now[0])
+    p.start_epoch(0, 2, 10)
+    for _ in range(3):
+        now[0] += 2.0
+        p.step(lr="0.1")
+    assert p.heartbeat_line() == "epoch 1/2 step 3/10  lr 0.1  0.5 steps/s  ETA 34s"
+    p.start_epoch(0, 2, 10, global_batch=512)
+    now[0] += 2.0
+    p.step(lr="0.1")
+    now[0] += 2.0
+    p.step(lr="0.1")
+    assert p.heartbeat_line() == "epoch 1/2 step 2/10  lr 0.1  256 img/s  ETA 36s"
+    assert metrics.format_duration(59) == "59s" and metrics.format_duration(3 * 3600 + 5 * 60) == "3h05m"
+    monkeypatch.setenv("LARGEBATCH_HEARTBEAT_S", "0")
+    assert metrics.Progress(enabled=True, stream=open(os.devnull, "w")).heartbeat_s == 0
+    monkeypatch.setenv("LARGEBATCH_HEARTBEAT_S", "soon")
+    from largebatch.errors import UsageError
+
+    with pytest.raises(UsageError, match="LARGEBATCH_HEARTBEAT_S='soon'"):
+        metrics.Progress(enabled=True, stream=open(os.devnull, "w"))
