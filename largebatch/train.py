@@ -14,7 +14,9 @@ Many nodes (run on every node; 16 nodes x 8 GPUs = 128 workers)::
         -m largebatch.train --config configs/X.yaml train.global_batch=8192
 
 Config: ``--config FILE`` then ``key=value`` overrides (``--help-config`` lists the keys).
-Bad input prints one line and exits with status 2 on every worker.
+Bad input prints one line and exits with status 2 on every worker. Ctrl-C (SIGINT), SIGTERM or
+SIGUSR1 stops every worker after the current step with a checkpoint and status 0, and the same
+command resumes; a second Ctrl-C stops at once with status 130.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     from largebatch.engine import Trainer
+    from largebatch.engine.guards import InterruptGuard
 
-    trainer = Trainer(cfg, _topology)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    with InterruptGuard():  # loaders forked during set-up must outlive a Ctrl-C (see StopSignal)
+        trainer = Trainer(cfg, _topology)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
     return 0
 
 

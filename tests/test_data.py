@@ -66,7 +66,8 @@ def test_cache_gives_the_same_images(tmp_path):
 
 @pytest.mark.parametrize("breakage,match", [
     ("no_root", "does not exist"),
-    ("no_val", "no 'val' folder"),
+    ("no_train", "no 'train' folder"),
+    ("root_is_file", "is a file; point data.root at the folder holding train/"),
     ("empty_class", "holds no images"),
     ("mismatch", "different classes"),
     ("no_classes", "holds no class folders"),
@@ -75,9 +76,11 @@ def test_imagefolder_errors(tmp_path, breakage, match):
     root = make_tree(tmp_path / "t")
     if breakage == "no_root":
         root = str(tmp_path / "missing")
-    elif breakage == "no_val":
+    elif breakage == "no_train":
         import shutil
-        shutil.rmtree(os.path.join(root, "val"))
+        shutil.rmtree(os.path.join(root, "train"))
+    elif breakage == "root_is_file":
+        root = os.path.join(root, "train", "cat", "0000.png")
     elif breakage == "empty_class":
         os.makedirs(os.path.join(root, "train", "fox"))
         os.makedirs(os.path.join(root, "val", "fox"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -248,11 +249,13 @@ class SyntheticImages(ImageDataset):
 
 
 @functools.lru_cache(maxsize=2)
-def _decoded_imagefolder(root: str, image_size: int | None, on_corrupt: str, verbose: bool):
-    """An image folder decoded once into memory (kept for later runs in the same process)."""
+def _decoded_imagefolder(root: str, image_size: int | None, on_corrupt: str, verbose: bool, val_fraction: float):
+    """An image folder decoded once into memory (kept for later runs in the same process), and the
+    note on a validation set held out of train/ (None where val/ exists)."""
     from largebatch.data.imagefolder import load_imagefolder, unreadable_message
 
-    train, val, names = load_imagefolder(root, image_size, on_corrupt)
+    train, val, names = load_imagefolder(root, image_size, on_corrupt, val_fraction)
+    note = val.split_note
 
     def decode(ds):
         ds.warn = verbose and on_corrupt == "skip"
@@ -264,7 +267,7 @@ def _decoded_imagefolder(root: str, image_size: int | None, on_corrupt: str, ver
         return TensorImages(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), unreadable,
                             names=ds.describe)
 
-    return decode(train), decode(val), names
+    return decode(train), decode(val), names, note
 
 
 def build_datasets(cfg, seed: int = 0, verbose: bool = True):
@@ -287,17 +290,26 @@ def build_datasets(cfg, seed: int = 0, verbose: bool = True):
         reads_files = True
         if cfg.cache:
             if not cfg.root:
-                raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
-            train, val, names = _decoded_imagefolder(os.path.abspath(cfg.root), cfg.image_size, cfg.on_corrupt,
-                                                     verbose)
+                raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ (and val/)")
+            train, val, names, note = _decoded_imagefolder(os.path.abspath(cfg.root), cfg.image_size, cfg.on_corrupt,
+                                                           verbose, cfg.val_fraction)
         else:
             from largebatch.data.imagefolder import load_imagefolder
 
-            train, val, names = load_imagefolder(cfg.root, cfg.image_size, cfg.on_corrupt)
+            train, val, names = load_imagefolder(cfg.root, cfg.image_size, cfg.on_corrupt, cfg.val_fraction)
+            note = val.split_note
+        if note and verbose:
+            print(f"largebatch: warning: {note}", file=sys.stderr, flush=True)
         classes, num_classes = tuple(names), len(names)
     elif cfg.name in ("cifar10", "cifar100"):
         from largebatch.data.cifar import load_cifar
 
+        if cfg.root and os.path.isfile(cfg.root):
+            folder = "cifar-10-batches-py" if cfg.name == "cifar10" else "cifar-100-python"
+            archive = cfg.root.endswith((".tar.gz", ".tgz", ".tar"))
+            raise UsageError(f"'{cfg.root}' is a file{' (an archive)' if archive else ''}; "
+                             + (f"extract it (tar xf '{cfg.root}') and " if archive else "")
+                             + f"point data.root at the extracted {folder} folder or its parent")
         xtr, ytr, xva, yva, num_classes = load_cifar(cfg.name, cfg.root)
         mean, std = uint8_statistics(xtr)  # of the training images, for both splits
         train = Uint8Images(xtr, ytr, mean, std, cfg.image_size)

@@ -1,5 +1,10 @@
 """The ImageNet folder layout: ``root/train/<class>/<image>`` and ``root/val/<class>/<image>``.
 
+Without ``val/``, a fixed, stratified share (``data.val_fraction``) of each class in ``train/`` is
+held out for validation: the files of a class ordered by a hash of their names, the first ones
+held out, so the split depends on neither ``run.seed`` nor the worker, and adding images to a
+class moves few others between the splits.
+
 Images are decoded with Pillow when fetched (in DataLoader worker processes when
 ``data.num_workers > 0``), converted to one colour mode for the whole dataset (grayscale when every
 sampled image is grayscale, else RGB), resized to a square ``image_size`` and normalised with
@@ -14,6 +19,7 @@ counts, and each worker prints one warning naming the file the first time its lo
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
@@ -62,7 +68,10 @@ def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]
     """(class names sorted, [(path, class index)] sorted by class then file name)."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise UsageError(f"data.root '{root}' has no '{split}' folder; expected {root}/{split}/<class>/<image>")
+        hint = ""
+        if split == "train" and os.path.basename(os.path.normpath(root)) in ("train", "val"):
+            hint = f", or point data.root at '{os.path.dirname(os.path.normpath(root))}'"
+        raise UsageError(f"data.root '{root}' has no '{split}' folder; expected {root}/{split}/<class>/<image>{hint}")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
         raise UsageError(f"'{folder}' holds no class folders; expected {folder}/<class>/<image>")
@@ -78,6 +87,9 @@ def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]
 
 
 class ImageFolder(ImageDataset):
+    split_note: Optional[str] = None
+    """On a validation set held out of train/: the warning that says so."""
+
     def __init__(self, samples: list[tuple[str, int]], image_size: int, mode: str, mean: torch.Tensor,
                  std: torch.Tensor):
         self.samples, self.image_size, self.mode = samples, image_size, mode
@@ -124,15 +136,53 @@ class ImageFolder(ImageDataset):
         return x, labels, skipped
 
 
-def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str = "skip"):
+def hold_out(samples: list[tuple[str, int]], fraction: float) -> tuple[list, list]:
+    """(train, val) from ``samples`` (sorted by class): of each class, round(fraction x its images)
+    go to val (at least 1 and at most all but one, where the class has 2 or more), chosen by a hash
+    of the file names, the same on every machine; both keep the input's order."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    held = set()
+    for label, paths in by_class.items():
+        n = len(paths)
+        k = min(max(round(fraction * n), 1), n - 1) if n >= 2 else 0
+        ranked = sorted(paths, key=lambda p: (hashlib.sha1(_class_and_file(p).encode()).hexdigest(), p))
+        held.update(ranked[:k])
+    return [s for s in samples if s[0] not in held], [s for s in samples if s[0] in held]
+
+
+def _class_and_file(path: str) -> str:
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str = "skip",
+                     val_fraction: Optional[float] = None):
     """(train, val, classes) for the tree at ``root``. Unreadable files met while measuring the
-    statistics are left out of them (``on_corrupt='error'``: a UsageError naming the file)."""
+    statistics are left out of them (``on_corrupt='error'``: a UsageError naming the file).
+
+    Without ``root/val``, ``val_fraction`` of train/ is held out (:func:`hold_out`) and the val set's
+    ``split_note`` says so (None where val/ exists); ``val_fraction=None`` requires val/."""
     if not root:
-        raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ and val/")
+        raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ (and val/)")
+    if os.path.isfile(root):
+        raise UsageError(f"'{root}' is a file; point data.root at the folder holding train/ (and val/)")
     if not os.path.isdir(root):
-        raise UsageError(f"data.root '{root}' does not exist; point it at the folder holding train/ and val/")
+        raise UsageError(f"data.root '{root}' does not exist; point it at the folder holding train/ (and val/)")
     classes, train = scan_split(root, "train")
-    val_classes, val = scan_split(root, "val")
+    note = None
+    if val_fraction is not None and not os.path.exists(os.path.join(root, "val")):
+        everything = len(train)
+        train, val = hold_out(train, val_fraction)
+        if not val:
+            raise UsageError(f"'{root}' has no val/ folder and too few images per class in train/ to hold out "
+                             "data.val_fraction for validation; add a val/ folder or more images")
+        val_classes = classes
+        note = (f"'{root}' has no val/ folder: holding out {len(val)} of its {everything} train/ images "
+                f"(data.val_fraction={val_fraction:g} of each class, the same on every run and worker) "
+                "for validation")
+    else:
+        val_classes, val = scan_split(root, "val")
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(classes))
@@ -175,4 +225,6 @@ def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str =
     pixels = torch.stack(pixels)
     mean = pixels.mean(dim=(0, 2, 3))
     std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    return ImageFolder(train, image_size, mode, mean, std), ImageFolder(val, image_size, mode, mean, std), classes
+    val_set = ImageFolder(val, image_size, mode, mean, std)
+    val_set.split_note = note
+    return ImageFolder(train, image_size, mode, mean, std), val_set, classes

@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import time
+from typing import Optional
 
 from largebatch.errors import UsageError
 
@@ -84,26 +85,92 @@ def _alive(pid) -> bool:
 
 
 class StopSignal:
-    """SIGTERM (what Slurm sends before a job's time limit) and SIGUSR1 set a flag; the training loop
-    checks it after every step, agrees on it across workers, writes a checkpoint and exits."""
+    """SIGINT (Ctrl-C), SIGTERM (what Slurm sends before a job's time limit) and SIGUSR1 set a flag;
+    the training loop checks it after every step, agrees on it across workers, writes a checkpoint
+    and exits with status 0, so the same command resumes.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Rank 0 (``announce``; None: the launcher's rank 0) says so at once on stderr. A second Ctrl-C
+    while the run is finishing raises KeyboardInterrupt, which ends the process with status 130
+    and no new checkpoint. Processes forked while it is installed (data loaders) inherit the
+    handler and ignore the signals: the training process decides when its loaders stop.
+    """
 
-    def __init__(self):
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, announce: Optional[bool] = None):
         self.received: int | None = None
         self._previous = {}
+        self._pid = os.getpid()
+        self.announce = launcher_rank() == 0 if announce is None else announce
 
     def install(self) -> None:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None and self.announce:
+            _say(stop_message(signum))
         self.received = signum
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def stop_message(signum: int) -> str:
+    """What rank 0 prints when a stop signal arrives."""
+    if signum != signal.SIGINT:
+        return (f"largebatch: {signal.Signals(signum).name}: stopping after this step with a checkpoint; "
+                "run the same command to resume")
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # forwarded by torchrun, which alone gets a second Ctrl-C
+        again = "torchrun kills workers still running after its --shutdown-timeout (30 s by default)"
+    else:
+        again = "press Ctrl-C again to stop at once, without that checkpoint (exit 130)"
+    return f"largebatch: Ctrl-C: stopping after this step with a checkpoint; {again}"
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr from a signal handler (unbuffered: never re-enters a Python stream)."""
+    try:
+        lead = "\n" if os.isatty(2) else ""  # past a progress bar
+        os.write(2, (lead + line + "\n").encode())
+    except OSError:
+        pass
+
+
+class InterruptGuard:
+    """Until the training loop installs :class:`StopSignal`: Ctrl-C ends this process at once
+    (KeyboardInterrupt, status 130), as by default, while processes forked meanwhile (data loaders
+    started during set-up) ignore it, so they are still there when the loop stops after its step."""
+
+    def __init__(self):
+        self._pid = os.getpid()
+        self._previous = None
+
+    def __enter__(self) -> "InterruptGuard":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() == self._pid:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def launcher_rank() -> int:
+    """This process's rank from the launcher's variables (torchrun, MPI, Slurm); 0 without a launcher."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 class FaultInjection:

@@ -11,13 +11,16 @@ position of a run (optimizer step) maps to (phase, epoch, step in the epoch) thr
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from largebatch.batching import BatchPlan, plan
+from largebatch.batching import BatchPlan, check_trainable_batch, plan, plan_warning
 from largebatch.data.sampler import steps_per_epoch
+from largebatch.engine.guards import launcher_rank
 from largebatch.errors import UsageError
-from largebatch.optim.schedule import LRSchedule, PhasedSchedule, build_phased_schedule, build_schedule, scaled_lr
+from largebatch.optim.schedule import (LRSchedule, PhasedSchedule, build_phased_schedule, build_schedule, scaled_lr,
+                                       warmup_warning)
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Phase:
     image_size: Optional[int]
     """Side of the training images; None = the dataset's own."""
     peak_lr: float
+    batch_key: str = "train.global_batch"
+    """The config key that sets this phase's global batch."""
 
     @property
     def steps(self) -> int:
@@ -53,6 +58,12 @@ class RunPlan:
     """train.phases was given."""
     eval_size: Optional[int] = None
     """Side of the validation images: the last phase's; None = the dataset's own."""
+    max_micro_batch: Optional[int] = None
+    """train.max_micro_batch, which the batch plans were made under."""
+    lr_source: str = ""
+    """Where the base lr came from and how it was scaled, for the plan's lr line."""
+    warnings: tuple = ()
+    """One line each about a plan that trains but badly (tiny micro-batches, a warmup as long as the run)."""
 
     @property
     def batch(self) -> BatchPlan:
@@ -96,7 +107,8 @@ class RunPlan:
                 f"per-worker batch       {b.per_worker_batch}",
                 f"micro-batch            {b.micro_batch}",
                 f"accumulation steps     {b.accum_steps}",
-                f"scaled lr (peak)       {s.peak_lr:.6g}  (from {s.warmup_start_lr:.6g}, {s.decay} decay)",
+                f"scaled lr (peak)       {s.peak_lr:.6g}  (base lr {self.lr_source}; warmup from "
+                f"{s.warmup_start_lr:.6g}, {s.decay} decay)",
                 f"warmup steps           {s.warmup_steps}",
                 f"steps per epoch        {self.steps_per_epoch}  ({self.num_train} training images)",
                 f"total steps            {self.total_steps}  ({self.epochs} epochs)",
@@ -106,6 +118,7 @@ class RunPlan:
             f"workers (world size)   {b.world_size}",
             f"phases                 {len(self.phases)}  (validation at {size}; lr from {s.warmup_start_lr:.6g}, "
             f"{s.decay} decay over epochs)",
+            f"base lr                {self.lr_source}",
         ]
         lines += ["  " + line for line in phase_table(self.phases)]
         lines += [
@@ -143,21 +156,27 @@ def phase_line(p: Phase, count: int) -> str:
             f"{p.steps_per_epoch} steps per epoch")
 
 
-def make_run_plan(cfg, world_size: int, num_train: int) -> RunPlan:
+def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bool] = None) -> RunPlan:
+    """The run's plan for ``world_size`` workers and ``num_train`` training images. Its warnings are
+    printed to stderr (``largebatch: warning: ...``) where ``announce`` is true; None: only in the
+    process the launcher made rank 0 (or that no launcher started), so each appears once."""
     phases_cfg = cfg.train.phases or [dict(epochs=cfg.train.epochs)]
-    phases, step, epoch = [], 0, 0
+    phases, step, epoch, warnings = [], 0, 0, []
     for i, spec in enumerate(phases_cfg):
         global_batch = spec.get("global_batch") or cfg.train.global_batch
+        where = f"train.phases[{i}].global_batch" if spec.get("global_batch") else "train.global_batch"
         batch = plan(global_batch, world_size, cfg.train.max_micro_batch)
         if num_train < batch.global_batch:
-            where = f"train.phases[{i}].global_batch" if spec.get("global_batch") else "train.global_batch"
             raise UsageError(f"the training set has {num_train} images, fewer than one global batch "
                              f"({where}={batch.global_batch}); lower {where}")
+        warning = plan_warning(batch, cfg.train.max_micro_batch, where)
+        if warning and warning not in warnings:
+            warnings.append(warning)
         spe = steps_per_epoch(num_train, batch.global_batch)
         size = spec.get("image_size") or cfg.data.image_size
         peak = scaled_lr(cfg.optim.base_lr, batch.global_batch, cfg.optim.base_batch, cfg.optim.scaling)
         phases.append(Phase(index=i, first_epoch=epoch, epochs=spec["epochs"], first_step=step, steps_per_epoch=spe,
-                            batch=batch, image_size=size, peak_lr=peak))
+                            batch=batch, image_size=size, peak_lr=peak, batch_key=where))
         step, epoch = step + spe * spec["epochs"], epoch + spec["epochs"]
     if cfg.train.phases:
         schedule = build_phased_schedule(cfg.optim, cfg.schedule,
@@ -165,5 +184,30 @@ def make_run_plan(cfg, world_size: int, num_train: int) -> RunPlan:
     else:
         p = phases[0]
         schedule = build_schedule(cfg.optim, cfg.schedule, p.batch.global_batch, p.steps_per_epoch, cfg.train.epochs)
-    return RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
-                   phased=bool(cfg.train.phases), eval_size=phases[-1].image_size)
+    warning = warmup_warning(cfg.schedule.warmup_epochs, cfg.train.epochs, schedule.warmup_steps, schedule.total_steps)
+    if warning:
+        warnings.append(warning)
+    o = cfg.optim
+    lr_source = f"{o.base_lr:.6g} per {o.base_batch} images: {o.base_lr_source()}, {o.scaling} scaling"
+    result = RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
+                     phased=bool(cfg.train.phases), eval_size=phases[-1].image_size,
+                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings))
+    if announce if announce is not None else launcher_rank() == 0:
+        for line in result.warnings:
+            print(f"largebatch: warning: {line}", file=sys.stderr, flush=True)
+    return result
+
+
+def check_trainable(plan: RunPlan, has_batchnorm: bool) -> None:
+    """Refuse (UsageError, one line with the nearest sensible global batch) a plan that cannot train
+    the model: a phase whose micro-batch is one image while the model has BatchNorm layers in
+    training mode. Call it after building the model, with ``has_batchnorm(model)``."""
+    for p in plan.phases:
+        check_trainable_batch(p.batch, has_batchnorm, plan.max_micro_batch, p.batch_key)
+
+
+def has_batchnorm(model) -> bool:
+    """Whether ``model`` (an nn.Module) holds a BatchNorm layer (any dimension, SyncBatchNorm included)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) for m in model.modules())

@@ -30,6 +30,16 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "l
     raise ValueError(f"unknown scaling rule {rule!r}")
 
 
+def warmup_warning(warmup_epochs: float, epochs: int, warmup_steps: int, total_steps: int):
+    """One line when the warmup is not shorter than the run (in epochs or in steps), so the lr only
+    ever rises and the decay never starts; None otherwise."""
+    if warmup_epochs <= 0 or (warmup_epochs < epochs and warmup_steps < total_steps):
+        return None
+    return (f"schedule.warmup_epochs={warmup_epochs:g} is not shorter than the run (train.epochs={epochs}, "
+            f"{total_steps} steps): the lr rises for the whole run and never decays; lower schedule.warmup_epochs "
+            f"(e.g. {epochs / 10:g}, a tenth of the run) or raise train.epochs")
+
+
 def _check_steps_and_decay(total_steps: int, warmup_steps: int, decay: str) -> None:
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
