@@ -73,13 +73,15 @@ def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeou
 def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
                    timeout: float = TIMEOUT_S, env: dict | None = None) -> list[Result]:
     """N worker processes started by hand with torchrun's variables, no agent in between,
-    so each worker's own exit status is seen; ``env`` adds variables (LARGEBATCH_FAULT, say)."""
+    so each worker's own exit status is seen; ``env`` adds variables (LARGEBATCH_FAULT, say).
+    ``module`` is a module run with ``-m``, or a script's path (ending in .py)."""
     port = free_port()
     procs = []
     for rank in range(nproc):
         worker_env = _env({**(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=worker_env,
+        target = [module] if module.endswith(".py") else ["-m", module]
+        procs.append(subprocess.Popen([sys.executable, *target, *args], cwd=cwd, env=worker_env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     import time
 

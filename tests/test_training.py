@@ -10,12 +10,13 @@ import yaml
 from conftest import load_weights, max_abs_diff, run_module, torchrun
 
 # Two models without BatchNorm. The MLP keeps rounding-level differences at ~1e-7 over many
-# epochs; the plain CNN's trajectory amplifies them after ~70 steps (a property of its training
-# dynamics, not of the engine: forward passes are bit-identical for any batching), so it is
-# compared after one epoch.
+# epochs; the plain CNN's trajectory amplifies them (a property of its training dynamics, not of
+# the engine: forward passes are bit-identical for any batching), how early depends on the CPU's
+# kernels: on one machine at ~70 steps, on another 1e-4 within 22. It is compared after one epoch
+# of 11 steps, where the gap stays at rounding level.
 INVARIANCE = {
     "mlp": ["model.name=mlp", "model.norm=none", "train.epochs=4", "train.global_batch=64", "run.seed=11"],
-    "cnn": ["model.name=cnn", "model.norm=none", "train.epochs=1", "train.global_batch=64", "run.seed=11"],
+    "cnn": ["model.name=cnn", "model.norm=none", "train.epochs=1", "train.global_batch=128", "run.seed=11"],
 }
 VARIANTS = {
     "1 worker": (1, []),

@@ -52,6 +52,11 @@ def is_factory_name(name) -> bool:
         and module not in ("timm", "torchvision")
 
 
+def _is_passed_in(name) -> bool:
+    """``python:<class>``: an object passed to largebatch.fit(), recorded under its class name."""
+    return isinstance(name, str) and name.startswith("python:") and len(name) > len("python:")
+
+
 def _choice(key: str, value, choices) -> None:
     _require(value in choices, key, value, "choose one of " + ", ".join(choices))
 
@@ -130,9 +135,10 @@ class DataConfig:
     message naming the file)."""
 
     def __post_init__(self):
-        _require(self.name in DATASETS or is_factory_name(self.name), "data.name", self.name,
+        _require(self.name in DATASETS or is_factory_name(self.name) or _is_passed_in(self.name), "data.name",
+                 self.name,
                  f"choose one of {', '.join(DATASETS)}, or name your own as pkg.module:factory")
-        _require(isinstance(self.options, dict), "data.options", self.options, "use a mapping, e.g. '{download: false}'")
+        _require(isinstance(self.options, dict), "data.options", self.options, "use a mapping, e.g. data.options='{download: false}'")
         if self.image_size is not None:
             _require(self.image_size >= 8, "data.image_size", self.image_size, "use null or a size >= 8 pixels")
         if self.train_samples is not None:
@@ -177,11 +183,11 @@ class ModelConfig:
 
     def __post_init__(self):
         _require(self.name in MODELS or self.name.startswith(("timm:", "torchvision:")) and len(self.name.split(":")[1])
-                 or is_factory_name(self.name), "model.name", self.name,
+                 or is_factory_name(self.name) or _is_passed_in(self.name), "model.name", self.name,
                  f"choose one of {', '.join(MODELS)}, timm:<name>, torchvision:<name>, or name your own as "
                  "pkg.module:factory")
         _require(isinstance(self.options, dict), "model.options", self.options,
-                 "use a mapping, e.g. '{drop_rate: 0.1}'")
+                 "use a mapping, e.g. model.options='{drop_rate: 0.1}'")
         _choice("model.norm", self.norm, NORMS)
         _require(self.width >= 1, "model.width", self.width, "use an integer >= 1")
 
@@ -273,7 +279,7 @@ class TrainConfig:
         self._check_phases()
 
     def _check_phases(self) -> None:
-        example = "e.g. [{epochs: 5, image_size: 128, global_batch: 512}]"
+        example = "e.g. train.phases='[{epochs: 5, image_size: 128, global_batch: 512}]'"
         _require(isinstance(self.phases, list), "train.phases", self.phases, "use a list of phases, " + example)
         for i, phase in enumerate(self.phases):
             key = f"train.phases[{i}]"
@@ -299,13 +305,22 @@ class TrainConfig:
 class OptimConfig:
     name: str = "sgd"
     """Optimizer: 'sgd' (momentum SGD), 'lars', 'larc' (LARS with trust clipping) or 'lamb'."""
-    base_lr: float = 0.2
-    """Learning rate for a global batch of base_batch; scaled to the real global batch by `scaling`."""
+    base_lr: Optional[float] = None
+    """Learning rate for a global batch of base_batch; scaled to the real global batch by `scaling`.
+    null = the optimizer's default, a published peak lr at a published global batch, converted to
+    base_batch with `scaling` (so a run at that batch gets the published peak): 'sgd' 0.2 per 256
+    images (this project's default, used for the bundled digits; Goyal et al. 2017 use 0.1 per 256
+    for ResNet-50 on ImageNet); 'lars' and 'larc' 30 at 8192 (You, Gitman & Ginsburg 2017, Table 4:
+    ResNet-50 with trust coefficient 0.001 and 5 warmup epochs), i.e. 0.9375 per 256 with linear
+    scaling; 'lamb' 0.04 at 32768 (You et al. 2019: ResNet-50 on ImageNet in 3519 steps, the authors'
+    code, github.com/fastalgo/imagenet_resnet50_lamb), i.e. 0.0035355 per 256 with sqrt scaling.
+    The resolved value is what config.yaml records."""
     base_batch: int = 256
     """The global batch that base_lr is quoted for (Goyal et al.: 0.1 per 256)."""
-    scaling: str = "linear"
-    """How the lr follows the global batch: 'linear' (Goyal et al.), 'sqrt' (often better for LAMB)
-    or 'none' (base_lr is the peak lr whatever the batch)."""
+    scaling: Optional[str] = None
+    """How the lr follows the global batch: 'linear' (Goyal et al.), 'sqrt' (Krizhevsky 2014; what
+    You et al. 2019 use for LAMB) or 'none' (base_lr is the peak lr whatever the batch); null = the
+    optimizer's rule: 'sqrt' for 'lamb', 'linear' for the others."""
     momentum: float = 0.9
     """Momentum coefficient, in [0, 1) (sgd, lars, larc)."""
     nesterov: bool = False
@@ -321,11 +336,19 @@ class OptimConfig:
     eps: Optional[float] = None
     """Added to denominators; null = the optimizer's default (LARS 1e-8, LAMB 1e-6)."""
 
+    DEFAULT_LR = {"sgd": (0.2, 256), "lars": (30.0, 8192), "larc": (30.0, 8192), "lamb": (0.04, 32768)}
+    """The optimizer's (peak lr, global batch) used when base_lr is null (sources in base_lr's docstring)."""
+
     def __post_init__(self):
         _choice("optim.name", self.name, OPTIMIZERS)
-        _require(self.base_lr > 0, "optim.base_lr", self.base_lr, "use a learning rate > 0")
-        _require(self.base_batch >= 1, "optim.base_batch", self.base_batch, "use an integer >= 1")
+        if self.scaling is None:
+            self.scaling = "sqrt" if self.name == "lamb" else "linear"
         _choice("optim.scaling", self.scaling, SCALING)
+        _require(self.base_batch >= 1, "optim.base_batch", self.base_batch, "use an integer >= 1")
+        if self.base_lr is None:
+            self.base_lr = self.default_base_lr()
+        _require(self.base_lr > 0, "optim.base_lr", self.base_lr, "use a learning rate > 0, or null for the "
+                 "optimizer's default")
         _require(0.0 <= self.momentum < 1.0, "optim.momentum", self.momentum, "use a value in [0, 1)")
         _require(not (self.nesterov and self.momentum == 0), "optim.nesterov", self.nesterov,
                  "Nesterov needs optim.momentum > 0")
@@ -333,9 +356,23 @@ class OptimConfig:
         _require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "use a value > 0")
         _require(isinstance(self.betas, list) and len(self.betas) == 2
                  and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
-                 "optim.betas", self.betas, "use two values in [0, 1), e.g. [0.9, 0.999]")
+                 "optim.betas", self.betas, "use two values in [0, 1), e.g. optim.betas='[0.9,0.999]'")
         if self.eps is not None:
             _require(self.eps >= 0, "optim.eps", self.eps, "use null or a value >= 0")
+
+    def default_base_lr(self) -> float:
+        """The optimizer's published peak lr, converted from its batch to base_batch with `scaling`."""
+        lr, batch = self.DEFAULT_LR[self.name]
+        k = self.base_batch / batch
+        return float(round(lr * {"linear": k, "sqrt": math.sqrt(k), "none": 1.0}[self.scaling], 12))
+
+    def base_lr_source(self) -> str:
+        """Where base_lr came from, for the run header."""
+        if self.base_lr == self.default_base_lr():
+            lr, batch = self.DEFAULT_LR[self.name]
+            quoted = "" if batch == self.base_batch else f" ({lr:g} at {batch})"
+            return f"the {self.name} default{quoted}"
+        return "optim.base_lr"
 
 
 @dataclass
@@ -365,7 +402,7 @@ class ScheduleConfig:
         _choice("schedule.decay", self.decay, DECAYS)
         _require(isinstance(self.milestones, list) and all(isinstance(m, (int, float)) and m > 0
                                                            for m in self.milestones),
-                 "schedule.milestones", self.milestones, "use a list of epochs > 0, e.g. [30,60,80]")
+                 "schedule.milestones", self.milestones, "use a list of epochs > 0, e.g. schedule.milestones='[30,60,80]'")
         _require(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "use a factor in (0, 1]")
         _require(self.power > 0, "schedule.power", self.power, "use a value > 0")
         _require(self.end_lr >= 0, "schedule.end_lr", self.end_lr, "use a value >= 0")
@@ -407,7 +444,7 @@ class CommConfig:
             self.bucket_mb = float(self.bucket_mb)
         _require(isinstance(self.bucket_candidates_mb, list) and len(self.bucket_candidates_mb) > 0
                  and all(map(_is_size, self.bucket_candidates_mb)), "comm.bucket_candidates_mb",
-                 self.bucket_candidates_mb, "use a list of sizes in MiB > 0, e.g. [1,4,16,64]")
+                 self.bucket_candidates_mb, "use a list of sizes in MiB > 0, e.g. comm.bucket_candidates_mb='[1,4,16,64]'")
         self.bucket_candidates_mb = [float(c) for c in self.bucket_candidates_mb]
         _require(self.timeout_s > 0, "comm.timeout_s", self.timeout_s, "use a number of seconds > 0")
         _choice("comm.compression", self.compression, COMPRESSIONS)

@@ -22,19 +22,19 @@ import torch.nn.functional as F
 
 from largebatch import __version__
 from largebatch.config import Config, to_dict, write_yaml_atomic
-from largebatch.data import IGNORE, build_datasets, eval_loader, train_loader
+from largebatch.data import IGNORE, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
 from largebatch.engine.precise_bn import recompute_batchnorm
-from largebatch.engine.run_plan import Phase, RunPlan, make_run_plan, phase_line
+from largebatch.engine.run_plan import Phase, RunPlan, check_trainable, has_batchnorm, make_run_plan, phase_line
 from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
 from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
 from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger, Stepper
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
-from largebatch.models import create_model
+from largebatch.parts import PartsSource, complete_info, from_config
 from largebatch.optim import build_optimizer
 
 MAX_PENDING_STEPS = 64
@@ -129,11 +129,14 @@ class _Position:
 
 
 class Trainer:
-    """Builds everything a run needs from a :class:`Config` and a :class:`Topology`, then ``fit()``."""
+    """Builds everything a run needs from a :class:`Config`, a :class:`Topology` and its parts (the
+    model and datasets: ``parts``, a :data:`largebatch.parts.PartsSource`; by default those the config
+    names), then ``fit()``."""
 
-    def __init__(self, cfg: Config, topology: Topology):
+    def __init__(self, cfg: Config, topology: Topology, parts: Optional[PartsSource] = None):
         self.started = time.perf_counter()
         self.cfg, self.topology = cfg, topology
+        self.parts_source = parts or from_config
         self.device = select_device(topology, cfg.train.device)
         backend = select_backend(cfg.comm.backend, self.device)
         if self.device.type == "cpu":
@@ -175,6 +178,7 @@ class Trainer:
         """Everything that may fail on some workers only; nothing here runs a collective."""
         cfg, topo = self.cfg, self.topology
         if topo.is_main:
+            self.made_dirs = _missing_dirs(cfg.run.dir)
             try:
                 self.lock.acquire()
             except OSError as exc:
@@ -182,10 +186,9 @@ class Trainer:
                                  "choose a writable folder") from None
         if cfg.log.tensorboard and topo.is_main:
             tensorboard_writer_class()
-        self.train_set, self.val_set, self.info = build_datasets(cfg.data, seed=cfg.run.seed, verbose=topo.is_main)
-        if cfg.train.target_metric == "top5" and self.info.num_classes <= 5:
-            raise UsageError(f"train.target_metric=top5 needs more than 5 classes; {cfg.data.name} has "
-                             f"{self.info.num_classes}: use top1")
+        parts = self.parts_source(cfg, cfg.run.seed, topo.is_main)
+        self.train_set, self.val_set, self.info = parts.train_set, parts.val_set, parts.info
+        self.model_name, self.data_name = parts.model_name, parts.data_name
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
         sizes = sorted({p.image_size or self.info.image_size for p in self.plan.phases})
         limit = self.info.max_image_size
@@ -196,15 +199,13 @@ class Trainer:
             raise UsageError(f"model.name=mlp takes images of one size, and train.phases use {sizes}; give every "
                              "phase the same image_size or use a convolutional model")
         torch.manual_seed(cfg.run.seed)
-        try:
-            self.bare_model = create_model(cfg.model.name, self.info.num_classes, in_channels=self.info.channels,
-                                           norm=cfg.model.norm, width=cfg.model.width,
-                                           image_size=sizes[0],
-                                           zero_init_residual=cfg.model.zero_init_residual)
-        except ValueError as exc:
-            raise UsageError(f"model.name={cfg.model.name} does not fit {cfg.data.name} images of "
-                             f"{sizes[0]}x{sizes[0]}: {exc}; set data.image_size "
-                             "or choose another model") from None
+        self.bare_model = parts.build_model(sizes[0])
+        check_trainable(self.plan, has_batchnorm(self.bare_model))
+        if not self.info.num_classes:  # data passed in that does not say: the model's output size
+            self.info = complete_info(parts, self.bare_model).info
+        if cfg.train.target_metric == "top5" and self.info.num_classes <= 5:
+            raise UsageError(f"train.target_metric=top5 needs more than 5 classes; {self.data_name} has "
+                             f"{self.info.num_classes}: use top1")
         self.channels_last = wants_channels_last(cfg.train.channels_last, self.bare_model, self.device)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         check_compiler(cfg.train.compile, self.device)
@@ -276,7 +277,8 @@ class Trainer:
             return _DataPath(False, "through the loader (data.device_cache=off)")
         sizes = [cacheable_bytes(self.train_set), cacheable_bytes(self.val_set)]
         if None in sizes:
-            return _DataPath(False, "through the loader (read from files)")
+            why = "read from files" if self.info.reads_files else "fetched image by image from the dataset"
+            return _DataPath(False, f"through the loader ({why})")
         need = sum(sizes)
         if setting == "auto":
             if dev.type == "cuda":
@@ -389,6 +391,8 @@ class Trainer:
         cfg, topo, plan = self.cfg, self.topology, self.plan
         schedule, every = plan.schedule, cfg.train.log_every_steps
         progress = Progress(enabled=topo.is_main)
+        if self._finished():
+            return self._report_finished(progress)
         self._write_run_header(progress)
         pos, record, (loss_part, window_part, window_steps) = self._restore(progress)
         metrics = MetricsLog(os.path.join(cfg.run.dir, "metrics.jsonl") if topo.is_main else None,
@@ -423,7 +427,8 @@ class Trainer:
                 loss_sum = torch.full((), loss_part, dtype=torch.float64, device=self.device)
                 loss_part = 0.0
                 window.update(start=time.perf_counter(), wait=0.0, timed=0)
-                progress.start_epoch(epoch, plan.epochs, phase.steps_per_epoch, initial=pos.step_in_epoch)
+                progress.start_epoch(epoch, plan.epochs, phase.steps_per_epoch, initial=pos.step_in_epoch,
+                                     step=pos.step, total_steps=plan.total_steps, global_batch=bp.global_batch)
                 epoch_time, segment = 0.0, time.perf_counter()  # training time; checkpoints excluded
                 steps_run = 0  # in this process: a resumed epoch runs only part of its steps
                 while pos.step_in_epoch < phase.steps_per_epoch:
@@ -609,6 +614,38 @@ class Trainer:
             print(f"largebatch: warning: skipped step {step}: non-finite loss or gradient", flush=True,
                   file=sys.stderr)
 
+    def _finished(self) -> bool:
+        """The checkpoint resumed from is the end of the run (its last epoch, or its target reached
+        with train.stop_at_target): there is nothing left to train."""
+        state = self.restored
+        if state is None:
+            return False
+        epoch = state["position"]["epoch"]
+        reached = self.cfg.train.stop_at_target and state["record"].get("epoch_to_target") is not None
+        return epoch >= self.plan.epochs or reached
+
+    def _report_finished(self, progress: Progress) -> dict:
+        """A finished run met again: say so and give its summary, writing nothing in its folder."""
+        cfg = self.cfg
+        stored = None
+        if self.topology.is_main:
+            try:
+                with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as fh:
+                    lines = [json.loads(x) for x in fh if '"event": "summary"' in x]
+                stored = {k: v for k, v in lines[-1].items() if k != "event"} if lines else None
+            except (OSError, ValueError):
+                stored = None
+        summary = self.comm.broadcast_object(stored)
+        step = self.restored["position"]["step"]
+        if summary is None:  # its metrics are gone: score the weights it ended with
+            result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
+                              self.info.num_classes, self.memory_format)
+            summary = dict(val_acc=result.accuracy, best_val_acc=self.restored["record"]["best_acc"], steps=step)
+        progress.print(f"{cfg.run.dir} holds a finished run (step {step}, val_acc {summary['val_acc']:.4f}, best "
+                       f"{summary['best_val_acc']:.4f}); nothing was trained or written. To train again, use "
+                       "another run.dir or checkpoint.resume=never; python -m largebatch.report shows it")
+        return summary
+
     def _report_startup(self, metrics: MetricsLog, progress: Progress, step: int) -> None:
         """After this process's first step: the seconds from start to its end, and what they went to."""
         if self.device.type == "cuda":
@@ -627,11 +664,12 @@ class Trainer:
         if not topo.is_main:
             return
         os.makedirs(cfg.run.dir, exist_ok=True)
+        # Only a command that trains the run writes its record (a finished run never gets here).
         write_yaml_atomic(to_dict(cfg), os.path.join(cfg.run.dir, "config.yaml"))
         if self.info.classes:
             write_bytes_atomic(json.dumps(list(self.info.classes)).encode(), os.path.join(cfg.run.dir, "classes.json"))
         backend = self.comm.backend if self.comm.distributed else "no backend"
-        progress.print(f"largebatch {__version__}: {cfg.model.name} on {cfg.data.name}, {topo.world_size} "
+        progress.print(f"largebatch {__version__}: {self.model_name} on {self.data_name}, {topo.world_size} "
                        f"worker(s) on {self.device.type} over {backend} ({topo.launcher})")
         for line in self.plan.lines():
             progress.print("  " + line)
@@ -716,6 +754,23 @@ class Trainer:
             pass
         self.comm.close()
         self.lock.release()
+        for folder in getattr(self, "made_dirs", []):  # a run that failed before writing anything leaves no folder
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: the run wrote its record
+                break
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The folders of ``path`` that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _closing_line(summary: dict, cfg: Config) -> str:

@@ -1,0 +1,251 @@
+"""The parts a run trains: the model and the datasets, from names or from the caller.
+
+The engine (:class:`largebatch.engine.Trainer`) takes its parts from a :data:`PartsSource`, a
+function it calls on every worker once the workers are connected, so that a part that fails to
+build on one worker (a missing file on its node) stops all of them with the same message:
+
+- the command line and YAML name the parts (:func:`from_config`): the zoo's models and datasets,
+  ``timm:<name>`` and ``torchvision:<name>`` models, and ``pkg.module:factory`` for your own;
+- the Python API passes objects (:func:`from_objects`): an ``nn.Module`` or a function building
+  one, and map-style datasets of ``(image, label)`` pairs.
+
+Either way the engine gets a :class:`Parts` and runs the same.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from largebatch.data import DatasetInfo, build_datasets
+from largebatch.data.augment import Augment, resolve
+from largebatch.data.datasets import ImageDataset
+from largebatch.errors import UsageError
+from largebatch.models import create_model
+
+
+@dataclass
+class Parts:
+    train_set: Dataset
+    val_set: Dataset
+    info: DatasetInfo
+    build_model: Callable[[int], nn.Module]
+    """Builds this worker's model for images of the given side (the first phase's), seeded by the caller."""
+    model_name: str
+    """For the run header: the config's name, or the class of a model passed in."""
+    data_name: str
+
+
+PartsSource = Callable[["Config", int, bool], Parts]  # noqa: F821  (cfg, seed, verbose) -> Parts
+
+
+# -- names -----------------------------------------------------------------------------------------
+def import_factory(name: str, key: str) -> Callable:
+    """The function ``pkg.module:factory`` names, imported from the working directory or the
+    installed packages; a missing module or function is one line naming it."""
+    module_name, function = name.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(f"{key}={name}: cannot import {exc.name!r} (from {os.getcwd()}); run from the folder "
+                         "that holds it, add that folder to PYTHONPATH, or pip install it") from None
+    except Exception as exc:
+        raise UsageError(f"{key}={name}: importing {module_name} failed: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from None
+    factory = getattr(module, function, None)
+    if not callable(factory):
+        raise UsageError(f"{key}={name}: {module_name} has no function {function!r}")
+    return factory
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _takes(factory: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _call(factory: Callable, key: str, name: str, options: dict, extra: dict):
+    kwargs = dict(options)
+    for k, v in extra.items():
+        if k not in kwargs and v is not None and _takes(factory, k):
+            kwargs[k] = v
+    try:
+        return factory(**kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"{key}={name}: calling it with {kwargs} failed: {type(exc).__name__}: "
+                         f"{_first_line(exc)}") from None
+
+
+def _optional(package: str, key: str, name: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise UsageError(f"{key}={name} needs {package}, which is not installed: pip install "
+                         f"'largebatch[{package}]' (or pip install {package})") from None
+
+
+def model_builder(cfg, info: DatasetInfo) -> Callable[[int], nn.Module]:
+    """A builder for ``model.name`` on data described by ``info``."""
+    m, name = cfg.model, cfg.model.name
+    if name.startswith("python:"):
+        raise UsageError(f"model.name={name} names a model object passed to largebatch.fit(); on the command line "
+                         "name a function that builds it, as pkg.module:factory")
+    if name.startswith("timm:"):
+        def build(size: int) -> nn.Module:
+            timm = _optional("timm", "model.name", name)
+            try:
+                return timm.create_model(name[5:], pretrained=False, num_classes=info.num_classes,
+                                         in_chans=info.channels, **m.options)
+            except Exception as exc:
+                raise UsageError(f"model.name={name}: timm could not build it: {_first_line(exc)}") from None
+        return build
+    if name.startswith("torchvision:"):
+        def build(size: int) -> nn.Module:
+            tv = _optional("torchvision", "model.name", name)
+            if info.channels != 3:
+                raise UsageError(f"model.name={name}: torchvision's models take 3-channel images and "
+                                 f"{cfg.data.name} has {info.channels}; use timm:<name> (it takes in_chans) or "
+                                 "your own model")
+            try:
+                return tv.models.get_model(name[12:], weights=None, num_classes=info.num_classes, **m.options)
+            except Exception as exc:
+                raise UsageError(f"model.name={name}: torchvision could not build it: {_first_line(exc)}") from None
+        return build
+    if ":" in name:
+        def build(size: int) -> nn.Module:
+            factory = import_factory(name, "model.name")
+            model = _call(factory, "model.name", name, m.options,
+                          {"num_classes": info.num_classes, "in_channels": info.channels})
+            if not isinstance(model, nn.Module):
+                raise UsageError(f"model.name={name} returned a {type(model).__name__}, not a torch.nn.Module")
+            return model
+        return build
+
+    def build(size: int) -> nn.Module:
+        try:
+            return create_model(name, info.num_classes, in_channels=info.channels, norm=m.norm, width=m.width,
+                                image_size=size, zero_init_residual=m.zero_init_residual)
+        except ValueError as exc:
+            raise UsageError(f"model.name={name} does not fit {cfg.data.name} images of {size}x{size}: {exc}; set "
+                             "data.image_size or choose another model") from None
+    return build
+
+
+def user_datasets(train_set: Dataset, val_set: Optional[Dataset], cfg, seed: int, name: str,
+                  num_classes: Optional[int] = None) -> tuple[ImageDataset, ImageDataset, DatasetInfo]:
+    """The engine's view of a user's datasets (``val_set`` None: data.val_fraction of train_set)."""
+    from largebatch.data.user import UserImages, num_classes_of, split
+
+    if val_set is None:
+        train_set, val_set = split(train_set, cfg.data.val_fraction)
+    train = UserImages(train_set, "train_set", cfg.data.image_size)
+    val = UserImages(val_set, "val_set", cfg.data.image_size)
+    if train.channels != val.channels:
+        raise UsageError(f"train_set images have {train.channels} channels and val_set images {val.channels}")
+    classes = tuple(getattr(train_set, "classes", ()) or ())
+    count = num_classes or num_classes_of(train_set)
+    kind = resolve(cfg.data.augment, name)
+    if kind != "none":
+        train.augment = Augment(kind, seed, min_area=cfg.data.crop_min_area, padding=cfg.data.crop_padding)
+    info = DatasetInfo(num_train=len(train), num_val=len(val), num_classes=count or 0, channels=train.channels,
+                       image_size=train.image_size, classes=classes if len(classes) == count else (), augment=kind)
+    return train, val, info
+
+
+def datasets_from_config(cfg, seed: int, verbose: bool) -> tuple[Dataset, Dataset, DatasetInfo]:
+    d = cfg.data
+    if ":" not in d.name:
+        return build_datasets(d, seed=seed, verbose=verbose)
+    factory = import_factory(d.name, "data.name")
+    made = _call(factory, "data.name", d.name, d.options, {"root": d.root})
+    if not (isinstance(made, (tuple, list)) and len(made) == 2 and all(isinstance(x, Dataset) for x in made)):
+        raise UsageError(f"data.name={d.name} returned a {type(made).__name__}; return (train_set, val_set), two "
+                         "map-style torch.utils.data.Dataset")
+    train, val, info = user_datasets(made[0], made[1], cfg, seed, d.name)
+    if not info.num_classes:
+        raise UsageError(f"data.name={d.name}: the datasets do not say how many classes there are; give train_set "
+                         "a classes or num_classes attribute")
+    return train, val, info
+
+
+def from_config(cfg, seed: int, verbose: bool) -> Parts:
+    """The parts the config names (the command line's source)."""
+    train, val, info = datasets_from_config(cfg, seed, verbose)
+    return Parts(train, val, info, model_builder(cfg, info), cfg.model.name, cfg.data.name)
+
+
+def from_objects(model: Union[nn.Module, Callable[[], nn.Module], None] = None, train_set: Optional[Dataset] = None,
+                 val_set: Optional[Dataset] = None) -> PartsSource:
+    """A parts source for objects passed in (the Python API); what is not passed comes from the config."""
+    if model is not None and not (isinstance(model, nn.Module) or callable(model)):
+        raise UsageError(f"model must be a torch.nn.Module or a function that builds one, not a "
+                         f"{type(model).__name__}")
+    if val_set is not None and train_set is None:
+        raise UsageError("val_set was given without train_set; pass both, or train_set alone")
+    for key, ds in (("train_set", train_set), ("val_set", val_set)):
+        if ds is not None and not isinstance(ds, Dataset):
+            raise UsageError(f"{key} must be a map-style torch.utils.data.Dataset, not a {type(ds).__name__}")
+
+    def source(cfg, seed: int, verbose: bool) -> Parts:
+        if train_set is None:
+            train, val, info = datasets_from_config(cfg, seed, verbose)
+            data_name = cfg.data.name
+        else:
+            data_name = f"{type(train_set).__name__} (passed in)"
+            train, val, info = user_datasets(train_set, val_set, cfg, seed, "python")
+        if model is None:
+            if not info.num_classes:
+                raise UsageError("the datasets passed in do not say how many classes there are; give train_set a "
+                                 "classes or num_classes attribute, or pass the model")
+            return Parts(train, val, info, model_builder(cfg, info), cfg.model.name, data_name)
+        made = model if isinstance(model, nn.Module) else None
+
+        def build(size: int) -> nn.Module:
+            built = made if made is not None else model()
+            if not isinstance(built, nn.Module):
+                raise UsageError(f"model() returned a {type(built).__name__}, not a torch.nn.Module")
+            return built
+
+        return Parts(train, val, info, build, f"{type(made).__name__ if made is not None else model.__name__} "
+                                              "(passed in)", data_name)
+    return source
+
+
+def complete_info(parts: Parts, model: nn.Module) -> Parts:
+    """Parts whose class count is known: the model's output size where the data did not say."""
+    if parts.info.num_classes:
+        return parts
+    sample = parts.val_set.__getitems__([0]).images
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(sample)
+    except Exception as exc:
+        raise UsageError(f"the model passed in fails on one validation image of shape {tuple(sample.shape[1:])}: "
+                         f"{type(exc).__name__}: {_first_line(exc)}") from None
+    finally:
+        model.train(was_training)
+    if out.dim() != 2:
+        raise UsageError(f"the model passed in returns shape {tuple(out.shape)} for one image; a classifier "
+                         "returns (batch, classes) logits")
+    return replace(parts, info=replace(parts.info, num_classes=out.shape[1]))
