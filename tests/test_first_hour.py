@@ -45,7 +45,7 @@ def _stopped_step(stderr):
 
 def test_ctrl_c_single_process_checkpoints_and_resumes(tmp_path):
     d = str(tmp_path / "run")
-    args = ["train.epochs=30", f"run.dir={d}"]
+    args = ["train.epochs=10", f"run.dir={d}"]
     p = subprocess.Popen([sys.executable, "-m", "largebatch.train", *args], cwd=REPO, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -210,6 +210,8 @@ def test_report_legends_sit_outside_the_plots(tmp_path):
 
 
 HEARTBEAT = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+)  lr \S+  (\S+ steps/s|[\d,]+ img/s)  ETA \w+$")
+RUN_HEARTBEAT = re.compile(r"^step (\d+)/(\d+) \(epoch (\d+)/(\d+)\)  lr \S+  [\d,]+ img/s  ETA \w+$")
+"""A training run's heartbeat: the run's step of its total steps, then the epoch."""
 
 
 def test_heartbeat_lines_when_output_is_a_pipe(tmp_path):
@@ -218,16 +220,16 @@ def test_heartbeat_lines_when_output_is_a_pipe(tmp_path):
     r = run_module("largebatch.train", "train.epochs=2", f"run.dir={tmp_path / 'fast'}",
                    env={"LARGEBATCH_HEARTBEAT_S": "0.000001"})
     assert r.returncode == 0, r.stderr[-2000:]
-    beats = [ln for ln in r.stderr.splitlines() if ln.startswith("epoch ") and " step " in ln and "ETA" in ln]
-    assert beats and all(HEARTBEAT.match(b) for b in beats), beats
-    seen = [tuple(int(x) for x in HEARTBEAT.match(b).groups()[:3]) for b in beats]
-    assert seen[0] == (1, 2, 1)  # the first step
+    beats = [ln for ln in r.stderr.splitlines() if ln.startswith("step ") and "ETA" in ln]
+    assert beats and all(RUN_HEARTBEAT.match(b) for b in beats), beats
+    seen = [tuple(int(x) for x in RUN_HEARTBEAT.match(b).groups()) for b in beats]
+    assert seen[0] == (1, 22, 1, 2)  # the first step
     assert seen == sorted(seen) and len(seen) == 22  # 11 steps per epoch, every one of them
     # The default interval (30 s) gives the first step's line on a run this short, and none after it.
     r = run_module("largebatch.train", "train.epochs=1", f"run.dir={tmp_path / 'default'}")
     assert r.returncode == 0, r.stderr[-2000:]
-    beats = [ln for ln in r.stderr.splitlines() if HEARTBEAT.match(ln)]
-    assert len(beats) == 1 and beats[0].startswith("epoch 1/1 step 1/11"), r.stderr
+    beats = [ln for ln in r.stderr.splitlines() if RUN_HEARTBEAT.match(ln)]
+    assert len(beats) == 1 and beats[0].startswith("step 1/11 (epoch 1/1)"), r.stderr
 
 
 def test_heartbeat_cadence_content_and_knob(monkeypatch):

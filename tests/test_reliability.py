@@ -155,7 +155,7 @@ def test_sleeping_worker_triggers_named_timeout(tmp_path):
 
 def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     d = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-m", "largebatch.train", "train.epochs=30", f"run.dir={d}"], cwd=REPO,
+    p = subprocess.Popen([sys.executable, "-m", "largebatch.train", "train.epochs=10", f"run.dir={d}"], cwd=REPO,
                          env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not ckpt.list_checkpoints(d) and time.time() < deadline:
@@ -165,7 +165,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     assert p.returncode == 0 and "stopping on a signal" in err, err[-2000:]
     stopped = int(err.split("stopping on a signal after step ")[1].split(":")[0])
     assert os.path.basename(ckpt.list_checkpoints(d)[0]) == f"step-{stopped:09d}.pt"
-    r = run_module("largebatch.train", "train.epochs=30", f"run.dir={d}")
+    r = run_module("largebatch.train", "train.epochs=10", f"run.dir={d}")
     assert r.returncode == 0 and f"step {stopped}" in r.stderr
 
 
@@ -231,3 +231,21 @@ def test_workers_with_different_configs_are_stopped(tmp_path):
     assert [p.returncode for p in procs] == [2, 2]
     assert "workers [1] run a different config or largebatch version" in outs[0][1]
     assert "Traceback" not in outs[0][1] + outs[1][1]
+
+
+def test_a_finished_run_is_reported_and_left_as_it_was(tmp_path):
+    d = str(tmp_path / "run")
+    assert run_module("largebatch.train", "train.epochs=1", f"run.dir={d}").returncode == 0
+    names = ("config.yaml", "metrics.jsonl", os.path.join("checkpoints", "final.pt"))
+    before = {n: open(os.path.join(d, n), "rb").read() for n in names}
+    # A later command with another (safe-to-change) setting neither trains nor rewrites the record.
+    r = run_module("largebatch.train", "train.epochs=1", "comm.backend=gloo", "train.log_every_steps=2",
+                   f"run.dir={d}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{d} holds a finished run (step 11, val_acc" in r.stderr and "nothing was trained or written" in r.stderr
+    assert "epoch   1/1" not in r.stderr
+    assert {n: open(os.path.join(d, n), "rb").read() for n in names} == before
+    # Asking for more epochs continues the run, which then writes its record.
+    r = run_module("largebatch.train", "train.epochs=2", f"run.dir={d}")
+    assert r.returncode == 0 and "resuming from" in r.stderr and "epoch   2/2" in r.stderr
+    assert "epochs: 2" in open(os.path.join(d, "config.yaml")).read()

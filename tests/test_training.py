@@ -135,11 +135,18 @@ def _summary(run_dir: str) -> dict:
     return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
 
 
-def test_bf16_default_matches_fp32_within_a_point(default_run, tmp_path):
-    run_dir = str(tmp_path / "bf16")
-    r = torchrun(2, "largebatch.train", "train.precision=bf16", f"run.dir={run_dir}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    bf16, fp32 = _summary(run_dir), _summary(default_run[1])
+def test_bf16_default_matches_fp32_within_a_point(tmp_path):
+    # 3 epochs of the default: some CPUs have little bfloat16 arithmetic (an AMD EPYC trains the
+    # default 10x slower in bf16 than in fp32), so the 30-epoch default would not fit a test.
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        runs[precision] = str(tmp_path / precision)
+        r = torchrun(2, "largebatch.train", "train.epochs=3", f"train.precision={precision}",
+                     f"run.dir={runs[precision]}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = runs["bf16"]
+    bf16, fp32 = _summary(run_dir), _summary(runs["fp32"])
+    assert fp32["val_acc"] > 0.95
     assert abs(bf16["val_acc"] - fp32["val_acc"]) <= 0.01, (bf16["val_acc"], fp32["val_acc"])
     # Master weights stay in fp32 under autocast.
     assert {v.dtype for v in load_weights(run_dir).values() if v.is_floating_point()} == {torch.float32}
