@@ -12,7 +12,8 @@ and writes ``DIR/bench-<name>.json``:
   allreduce  bus bandwidth of the gradient allreduce as the engine runs it against one flat
              allreduce of the same bytes (target: >= 0.9 of that ceiling)
   overlap    compute only against the full synchronised step: the share of communication hidden
-  optim      LARS and LAMB step time against SGD(foreach) on ResNet-50's parameters (target <= 2x)
+  optim      LARS and LAMB step time against SGD(foreach) on ResNet-50's parameters, fused SGD and
+             AdamW beside them (target on the CPU <= 2x; on CUDA LARS <= 1.3x, LAMB <= 1.5x)
   memory     peak resident memory of the engine against the plain loop (target <= 1.05x), and at
              global batches 1K to 32K at a fixed micro-batch (accumulation keeps it flat)
   buckets    the size comm.bucket_mb=auto picks, against every candidate size and DDP's 25 MiB
