@@ -351,8 +351,7 @@ class Trainer:
             loss_part = sum(state["loss_parts"]) * scale if topo.is_main else 0.0
             window_part = sum(state["window_parts"]) * scale if topo.is_main else 0.0
         pos = _Position(**state["position"])
-        where = (f"epoch {pos.epoch + 1}, step {pos.step}" if pos.epoch < self.plan.epochs
-                 else f"the end of the run (step {pos.step}): nothing left to train")
+        where = f"epoch {pos.epoch + 1}, step {pos.step}"  # a finished run never gets here (_finished)
         bp = self.plan.phase_of(pos.epoch).batch
         progress.print(f"resuming from {state.get('path', 'checkpoint')} at {where}"
                        + ("" if same_world else f" on {topo.world_size} workers instead of {state['world_size']}: "
@@ -403,7 +402,6 @@ class Trainer:
         stop = StopSignal()
         stop.install()
         result, lr = None, schedule(pos.step)
-        finished = cfg.train.stop_at_target and record.epoch_to_target is not None  # resumed after the target
         start = time.perf_counter() - pos.elapsed
         # The step-line window (mean loss since the last step line) runs across epochs and resumes;
         # its timing fields are reset each epoch, so they cover training time only.
@@ -413,7 +411,7 @@ class Trainer:
         ledger = Ledger(self.device, lag=int(os.environ.get("LARGEBATCH_LEDGER_LAG", "0")))
         first_step = True
         try:
-            while pos.epoch < plan.epochs and not finished:
+            while pos.epoch < plan.epochs:  # at least one epoch: _finished() returned a finished run
                 epoch = pos.epoch
                 if plan.phase_of(epoch) is not phase:  # the batch plan and image size change here
                     phase = plan.phase_of(epoch)
@@ -511,10 +509,6 @@ class Trainer:
         finally:
             stop.uninstall()
         self._settle_agreement()
-        if result is None:  # resumed from a checkpoint taken after the last epoch
-            result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
-                              self.info.num_classes, self.memory_format)
-            self._gather_skipped(record)
         summary = self._summary(result, record, pos, time.perf_counter() - start)
         metrics.write("summary", **summary)
         metrics.close()
