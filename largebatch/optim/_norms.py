@@ -1,5 +1,5 @@
-"""Shared by the layer-wise optimizers: norms, the fused-kernel check, the skip flag and the
-per-group plan of their multi-tensor paths."""
+"""Shared by the layer-wise optimizers: norms, the fused-kernel check, the skip flag, the
+per-group plan of their multi-tensor paths, and the norms of sharded tensors (``comm.shard=full``)."""
 
 from __future__ import annotations
 
@@ -126,8 +126,10 @@ class Plans:
         self._plans: dict[int, tuple] = {}
 
     def get(self, index: int, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
-            extra: Hashable, build: Callable[[], list[Bucket]]) -> list[Bucket]:
-        key = (extra, tuple(map(id, params)), tuple(map(torch.Tensor.stride, params)),
+            extra: Hashable, build: Callable[[], list[Bucket]], ident: Optional[tuple] = None) -> list[Bucket]:
+        """``ident`` stands for the parameters' identity instead of their ids (sharded parameters,
+        whose local shards are new tensor objects over the same memory from step to step)."""
+        key = (extra, tuple(map(id, params)) if ident is None else ident, tuple(map(torch.Tensor.stride, params)),
                tuple(map(torch.Tensor.stride, grads)))
         hit = self._plans.get(index)
         if hit is not None and hit[0] is group and hit[1] == key:
@@ -135,3 +137,89 @@ class Plans:
         buckets = build()
         self._plans[index] = (group, key, buckets)
         return buckets
+
+
+# --- sharded parameters (DTensors placed Shard(0) by FSDP2) ---
+
+
+def check_sharding(opt) -> None:
+    """Refuses DTensor parameters without ``opt.shard_sum``: their per-tensor norms would be those of
+    this worker's shards only."""
+    from largebatch.distributed.shard import is_sharded
+
+    if opt.shard_sum is None and any(is_sharded(p) for g in opt.param_groups for p in g["params"]):
+        raise ValueError(f"{type(opt).__name__}: the parameters are sharded (DTensors), so their norms need a sum "
+                         "over the workers: pass shard_sum= (largebatch.distributed.Communicator.shard_sum)")
+
+
+def locals_of(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
+    """This worker's shards of ``params`` and of their gradients (views sharing their memory), and
+    an identity of the parameters for :meth:`Plans.get` that holds while the shards' memory does."""
+    from largebatch.distributed.shard import local
+
+    ps = [local(p) for p in params]
+    return ps, [local(p.grad) for p in params], tuple((id(p), q.data_ptr(), q.shape) for p, q in zip(params, ps))
+
+
+def local_states(params: list[torch.Tensor], states: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Each parameter's state with the tensors ``keys`` as views on this worker's shards (the others
+    as they are; the states themselves stay shaped like their parameters, DTensors for DTensor
+    parameters). A state tensor whose shard has another layout than its parameter's (loaded so) is
+    replaced once by a copy in the parameter's layout."""
+    from largebatch.distributed.shard import local
+
+    views = []
+    for p, st in zip(params, states):
+        lp, view = local(p), dict(st)
+        for k in keys:
+            v = st[k]
+            if local(v).stride() != lp.stride():
+                fresh = torch.empty_like(p, memory_format=torch.preserve_format)
+                local(fresh).copy_(local(v))
+                st[k] = v = fresh
+            view[k] = local(v)
+        views.append(view)
+    return views
+
+
+class ShardNorms:
+    """Per-tensor norms of sharded tensors, summed over the workers in one call per step.
+
+    Each worker adds the L2 norms of its local shards, bucket by bucket, each under a position that
+    is the same on every worker (:meth:`reserve` gives a group its positions, in the order of the
+    param groups and of their parameters, whatever the buckets); :meth:`reduce` squares them, hands
+    them to ``shard_sum`` in that order as one 1-D tensor (float32, float64 where a tensor is
+    float64), and gives back the square roots of the sums, part by part. Nothing is read on the host.
+    """
+
+    def __init__(self):
+        self.size = 0
+        self._parts: list[torch.Tensor] = []
+        self._positions: list[list[int]] = []
+
+    def reserve(self, n: int) -> int:
+        """``n`` consecutive positions; returns the first."""
+        base, self.size = self.size, self.size + n
+        return base
+
+    def add(self, positions: list[int], values: torch.Tensor) -> int:
+        """Local norms (1-D) for ``positions``; returns the part's index into :meth:`reduce`'s list."""
+        self._parts.append(values)
+        self._positions.append(positions)
+        return len(self._parts) - 1
+
+    def reduce(self, shard_sum: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        if not self._parts:
+            return []
+        order = [i for pos in self._positions for i in pos]
+        if sorted(order) != list(range(self.size)):
+            raise RuntimeError(f"sharded norms: positions {sorted(order)} do not cover 0..{self.size - 1} once each")
+        local_sq = torch.cat(self._parts).square()
+        index = None
+        if order != list(range(self.size)):  # buckets that split a group: into the agreed order
+            index = torch.tensor(order, device=local_sq.device)
+            local_sq = torch.empty_like(local_sq).index_copy_(0, index, local_sq)
+        total = shard_sum(local_sq)
+        if index is not None:
+            total = total.index_select(0, index)
+        return list(total.sqrt().split([len(pos) for pos in self._positions]))
