@@ -1,6 +1,8 @@
 """Atomic writes: a temporary file in the target's folder, flushed and fsync'd, then renamed.
 
-A reader (or a crash) sees either the old file or the new one, never a partial one.
+A reader (or a crash) sees either the old file or the new one, never a partial one. Folders
+(sharded checkpoints) follow the same rule: written under a hidden name, their files fsync'd,
+then renamed into place.
 """
 
 from __future__ import annotations
@@ -51,3 +53,37 @@ def save_torch_atomic(obj: Any, path: str) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes_atomic(buf.getvalue(), path)
+
+
+def fsync_tree(folder: str) -> None:
+    """Make every file directly in ``folder``, and the folder's entries, durable."""
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            fd = os.open(entry.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(folder)
+
+
+def remove_tree(path: str) -> None:
+    """Delete the folder ``path`` so that it disappears at once: it is renamed to a hidden name in
+    the same folder first (a crash mid-way leaves that hidden folder, never a partial ``path``)."""
+    import shutil
+
+    parent, name = os.path.split(os.path.abspath(path))
+    doomed = os.path.join(parent, f".{name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    fsync_dir(parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def publish_tree(tmp: str, path: str) -> None:
+    """Rename the finished folder ``tmp`` to ``path`` (replacing a folder there), durably: its files
+    are fsync'd first, so ``path`` appears whole or not at all."""
+    fsync_tree(tmp)
+    if os.path.isdir(path):
+        remove_tree(path)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -25,6 +25,7 @@ DECAYS = ("constant", "step", "poly", "cosine", "onecycle")
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
+SHARD_MODES = ("none", "optimizer", "full")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -436,6 +437,20 @@ class CommConfig:
     master_addr: Optional[str] = None
     """Address of rank 0 for the rendezvous under mpirun or srun (torchrun brings its own); null:
     MASTER_ADDR if set, else rank 0's own address (MPI) or the first host of the node list (srun)."""
+    shard: str = "none"
+    """What each worker keeps of the model's state: 'none' (DDP: every worker holds all weights,
+    gradients and optimizer state); 'optimizer' (ZeRO stage 1, torch's ZeroRedundancyOptimizer:
+    each worker keeps the optimizer state of its share of the weight tensors, updates those and
+    broadcasts them; DDP still averages whole gradients, so LARS/LAMB trust ratios need no extra
+    communication); or 'full' (ZeRO stage 3, FSDP2's fully_shard on each block and on the root:
+    weights, gradients and optimizer state are split along each tensor's first dimension, weights
+    are all-gathered block by block for the forward and backward passes and gradients
+    reduce-scattered; LARS/LAMB norms are summed from the shards in one allreduce per step). The
+    same run gives the same weights in every mode, up to rounding. 'optimizer' takes every
+    comm.backend and comm.compression (DDP still averages the gradients). 'full' takes comm.backend
+    gloo or nccl and no comm.compression; comm.bucket_mb does not apply to it; on GPUs
+    train.precision=bf16 keeps float32 master weights and casts them to bfloat16 for compute (FSDP2
+    mixed precision; BatchNorm layers stay in float32), and fp16 agrees on overflows across workers."""
 
     def __post_init__(self):
         _choice("comm.backend", self.backend, BACKENDS)
@@ -454,6 +469,14 @@ class CommConfig:
         if self.backend == "mpi" and self.compression not in ("none", "fp16"):
             raise UsageError(f"comm.backend=mpi with comm.compression={self.compression} is not supported; "
                              "use comm.compression=none or fp16 with mpi, or another backend")
+        _choice("comm.shard", self.shard, SHARD_MODES)
+        if self.shard == "full" and self.backend == "mpi":
+            raise UsageError("comm.shard=full reduce-scatters through torch.distributed, which has no MPI path here; "
+                             "use comm.backend=gloo (or nccl on GPUs), or comm.shard=optimizer with mpi")
+        if self.shard == "full" and self.compression != "none":
+            raise UsageError(f"comm.shard=full with comm.compression={self.compression} is not supported (FSDP2 has no "
+                             "DDP communication hooks); use comm.compression=none, or comm.shard=optimizer or none "
+                             "to keep the compression")
 
 
 @dataclass

@@ -7,6 +7,7 @@ the optimizers call :class:`Communicator` and never touch a collective themselve
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
 import os
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from largebatch.distributed.rendezvous import endpoint
+from largebatch.distributed.shard import SHARD_MODES, device_mesh, fully_shard_model, is_fsdp, local, shard_units
 from largebatch.distributed.topology import Topology
 from largebatch.errors import UsageError
 
@@ -135,6 +137,85 @@ def _uncompiled(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    """FSDP2's ``no_sync``: gradients accumulate unsharded on each worker, without the reduce-scatter."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+@functools.lru_cache(maxsize=None)
+def _zero_optimizer_class() -> type:
+    """The class, made on first use (torch.distributed.optim is imported only where it is needed)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class ZeroOptimizer(ZeroRedundancyOptimizer):
+        """``ZeroRedundancyOptimizer`` that keeps the device-side skip of the optimizer inside it.
+
+        ``found_inf`` and ``grad_scale`` (the protocol of ``torch.amp.GradScaler`` and torch's fused
+        optimizers, set as attributes before ``step()``) are handed to the inner optimizer
+        (``.optim``) for its step, and the wrapper supports them exactly when that optimizer does.
+        A skipped step leaves this worker's tensors as they were, and the broadcast that follows
+        sends them unchanged.
+        """
+
+        @property
+        def _step_supports_amp_scaling(self) -> bool:
+            return getattr(self.optim, "_step_supports_amp_scaling", False)
+
+        def step(self, closure=None, **kwargs):
+            names = [n for n in ("found_inf", "grad_scale") if n in self.__dict__]
+            for name in names:
+                setattr(self.optim, name, self.__dict__[name])
+            try:
+                return super().step(closure, **kwargs)
+            finally:
+                for name in names:
+                    delattr(self.optim, name)
+
+        def load_state_dict(self, state_dict) -> None:
+            """ZeroRedundancyOptimizer loads this worker's share of the state itself, moving 0-dim
+            state tensors (LAMB's step counts) to the CPU, and never calls the inner optimizer's
+            own loading: run its ``__setstate__`` after, which puts them back where it keeps them."""
+            super().load_state_dict(state_dict)
+            self.optim.__setstate__({"state": self.optim.state, "param_groups": self.optim.param_groups})
+
+    return ZeroOptimizer
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_grad_scaler_class() -> type:
+    """torch's ``ShardedGradScaler`` (the overflow flag allreduced, so every worker skips the same
+    steps and keeps the same scale), reading the gradients' local shards rather than the DTensors,
+    handing the optimizer a 0-dim ``found_inf`` as ``torch.amp.GradScaler`` does, and updating the
+    scale on the CPU without reading the flag on the host."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    class _LocalShards:
+        def __init__(self, optimizer):
+            self.param_groups = [{"params": [_GradView(p) for p in g["params"]]} for g in optimizer.param_groups]
+
+    class _GradView:
+        __slots__ = ("grad",)
+
+        def __init__(self, p):
+            self.grad = None if p.grad is None else local(p.grad)
+
+    class LocalShardGradScaler(ShardedGradScaler):
+        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
+            found = super()._unscale_grads_(_LocalShards(optimizer), inv_scale, found_inf, allow_fp16)
+            return {dev: flag.view(()) for dev, flag in found.items()}  # views: the allreduce reaches them
+
+        def _amp_update_scale_cpu_(self, found_inf):  # torch's kernel, where the parent reads the flag on the host
+            torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, self._growth_factor,
+                                     self._backoff_factor, self._growth_interval)
+
+    return LocalShardGradScaler
+
+
 class PendingFlag:
     """A flag agreed across workers by an asynchronous allreduce (see Communicator.start_any)."""
 
@@ -149,12 +230,24 @@ class PendingFlag:
 
 
 class Communicator:
-    """Owns the process group (when there is more than one worker) and DDP wrapping."""
+    """Owns the process group and wraps the model for data parallelism (``comm.shard``): DDP
+    ('none', 'optimizer') or FSDP2 ('full'); builds the optimizer to match ('optimizer':
+    ZeroRedundancyOptimizer). A single worker has no process group, except under 'optimizer' and
+    'full', which run on a 1-rank group so that the code path is the one of many workers.
+    ``param_dtype`` ('full' only): FSDP2's compute dtype for the parameters (bf16 on GPUs)."""
 
     def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: Optional[float],
                  timeout_s: float = 600.0, master_addr: Optional[str] = None, compression: str = "none",
-                 powersgd_rank: int = 2, powersgd_start_step: int = 10):
+                 powersgd_rank: int = 2, powersgd_start_step: int = 10, shard: str = "none",
+                 param_dtype: Optional[torch.dtype] = None):
+        if shard not in SHARD_MODES:
+            raise ValueError(f"shard={shard!r}: use one of {', '.join(SHARD_MODES)}")
+        if shard == "full" and (backend == "mpi" or compression != "none"):
+            raise UsageError(f"comm.shard=full takes comm.backend gloo or nccl and comm.compression=none, not "
+                             f"{backend} and {compression}")
         self.topology = topology
+        self.shard, self.param_dtype = shard, param_dtype
+        self.shard_blocks: Optional[int] = None  # 'full': the blocks fully_shard was applied to, root aside
         self.backend = backend
         self.device = device
         self.bucket_mb = bucket_mb
@@ -177,6 +270,13 @@ class Communicator:
                                     world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
                                     store=self.store)
             self.owns_group = True
+        elif shard != "none" and not dist.is_initialized():
+            # One worker: ZeRO and FSDP2 still want a process group; a 1-rank one needs no rendezvous.
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s), store=dist.HashStore())
+            self.owns_group = True
         self.timeout_s = timeout_s
         # Control flags (stop agreement) travel on the CPU, so reading them never waits for the GPU.
         self.control_group = None
@@ -194,7 +294,13 @@ class Communicator:
         ``powersgd_start_step`` replace the communicator's own for this wrapper (bucket tuning
         times several wrappers in turn; each must be freed before the next is made);
         ``sync_weights=False`` skips the broadcast of rank 0's weights where torch allows it.
+
+        ``comm.shard=full``: rank 0's weights and buffers are broadcast, then FSDP2's ``fully_shard``
+        is applied to each block and the root, in place (on one worker too, over its 1-rank group);
+        the bucket size does not apply.
         """
+        if self.shard == "full":
+            return self._shard_fully(model, sync_weights)
         if not self.distributed:
             return model
         bucket_mb = self.bucket_mb if bucket_mb is None else bucket_mb
@@ -227,19 +333,68 @@ class Communicator:
             ddp.register_comm_hook(state=self.powersgd_state, hook=_one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
         return ddp
 
+    def _shard_fully(self, model: nn.Module, sync_weights: bool) -> nn.Module:
+        if self.distributed and sync_weights:
+            self._broadcast_tensors([t.detach() for t in model.parameters()] + list(model.buffers()))
+        self.shard_blocks = len(shard_units(model))
+        return fully_shard_model(model, device_mesh(self.world_size, self.device), self.param_dtype)
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    def shard_line(self) -> str:
+        """What each worker keeps, for the run header."""
+        n = self.world_size
+        if self.shard == "full":
+            return (f"full (FSDP2, {self.shard_blocks} blocks + root: weights, gradients and optimizer state "
+                    f"split over {n} worker(s))")
+        if self.shard == "optimizer":
+            return f"optimizer (ZeRO-1: optimizer state split over {n} worker(s); DDP averages the gradients)"
+        return "none (every worker holds all weights, gradients and optimizer state)"
+
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
-        """The user's module inside a compiled and/or DDP wrapper (what checkpoints hold)."""
+        """The user's module inside a compiled and/or DDP wrapper (what checkpoints hold). FSDP2
+        shards the module in place: under comm.shard=full it is the user's module, its parameters
+        DTensors."""
         model = _uncompiled(model)
         return _uncompiled(model.module) if isinstance(model, DistributedDataParallel) else model
 
     @staticmethod
     def no_sync(model: nn.Module):
-        """Skip the gradient allreduce for this backward (all accumulation micro-steps but the last)."""
+        """Skip the gradient allreduce (DDP) or reduce-scatter (FSDP2) for this backward (all
+        accumulation micro-steps but the last)."""
         model = _uncompiled(model)
         if isinstance(model, DistributedDataParallel):
             return model.no_sync()
+        if is_fsdp(model):
+            return _fsdp_no_sync(model)
         return contextlib.nullcontext()
+
+    # -- optimizer -----------------------------------------------------------------------------
+    def build_optimizer(self, model: nn.Module, cfg) -> torch.optim.Optimizer:
+        """The optimizer of ``cfg`` (an OptimConfig) for ``model`` (the unwrapped module) under
+        ``comm.shard``: as is ('none'); inside a ZeroRedundancyOptimizer that keeps this worker's
+        share of the optimizer state ('optimizer'); over the local shards, its norms summed across
+        the workers by :meth:`shard_sum` ('full')."""
+        from largebatch import optim
+
+        if self.shard == "optimizer":
+            cls, groups, kwargs = optim.optimizer_parts(model, cfg)
+            zero = _zero_optimizer_class()(groups, optimizer_class=cls, **kwargs)
+            optim.prepare_state(zero.optim)
+            return zero
+        if self.shard == "full":
+            return optim.build_optimizer(model, cfg, shard_sum=self.shard_sum)
+        return optim.build_optimizer(model, cfg)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The fp16 gradient scaler: torch's, or under comm.shard=full one whose overflow flag is
+        agreed by every worker (each sees its own gradient shards only)."""
+        if self.shard == "full":
+            return _sharded_grad_scaler_class()(self.device.type)
+        return torch.amp.GradScaler(self.device.type)
 
     # -- collectives ---------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -247,6 +402,51 @@ class Communicator:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all workers, in place, on its device; returns it. What the optimizers
+        get under comm.shard=full to turn the squared norms of local shards into whole-tensor ones."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any_on_device(self, flag: torch.Tensor) -> torch.Tensor:
+        """A 0-dim bool tensor, true on every worker where ``flag`` (0-dim bool or float, on the
+        device) is true on any, agreed by a one-element allreduce on the device: nothing is read
+        on the host (under comm.shard=full each worker checks only its own gradient shards)."""
+        if self.world_size == 1:
+            return flag.bool()
+        t = flag.reshape(1).to(torch.float32, copy=True)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t[0] > 0
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every worker, as DDP gives them. Under
+        comm.shard=full, before evaluation and checkpoints: FSDP2 leaves buffers unsynchronised,
+        and each worker's BatchNorm statistics follow its own micro-batches."""
+        if self.distributed:
+            self._broadcast_tensors([b for b in model.buffers()])
+
+    def _broadcast_tensors(self, tensors: list[torch.Tensor], bucket_bytes: int = 2**27) -> None:
+        """Rank 0's values of ``tensors`` on every worker, in place, flattened into buckets by dtype."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict = {}
+        for t in tensors:
+            if t.numel():
+                by_dtype.setdefault((t.dtype, t.device), []).append(t)
+        for group in by_dtype.values():
+            start = 0
+            while start < len(group):
+                bucket, size = [], 0
+                while start < len(group) and (not bucket or size + group[start].nbytes <= bucket_bytes):
+                    bucket.append(group[start])
+                    size += group[start].nbytes
+                    start += 1
+                flat = _flatten_dense_tensors(bucket)
+                dist.broadcast(flat, src=0)
+                for t, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    t.copy_(value)
 
     def all_gather_object(self, obj: Any) -> list:
         if not self.distributed:
@@ -327,10 +527,12 @@ class Communicator:
         if self.hook is not None:
             self.hook.close()
             self.hook = None
+        released = self.owns_group or self.store is not None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
         # Release the store here, not at interpreter exit, where destroying its client threads
-        # can abort the process.
+        # can abort the process. (A process group made by the caller is the caller's to end.)
         self.store = None
-        gc.collect()
+        if released:
+            gc.collect()

@@ -24,7 +24,10 @@ def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
 @torch.no_grad()
 def recompute_batchnorm(model: nn.Module, batches: Iterable, device: torch.device, comm) -> int:
     """Set every BatchNorm's running statistics to the mean of its batch statistics over ``batches``
-    (this worker's share), averaged over all workers. Returns the number of images used here."""
+    (this worker's share), averaged over all workers. Returns the number of images used here.
+
+    Under comm.shard=full every forward pass all-gathers weights with the other workers, so every
+    worker must be given as many batches (the training sampler gives each the same number)."""
     layers = batchnorm_layers(model)
     if not layers:
         return 0

@@ -11,6 +11,11 @@ finished those steps, and at the latest before the next step line, checkpoint or
 Outcome codes (an int32 tensor per step): ``APPLIED``; ``NONFINITE`` (a non-finite loss or gradient
 on any worker, which makes the allreduced gradient non-finite everywhere, so every worker skips the
 same steps); ``SCALER_SKIP`` (fp16: the gradient scaler met an overflow and lowered its scale).
+
+Under ``comm.shard=full`` each worker holds a shard of each gradient and checks only its shard; the
+flag is agreed by a one-element allreduce on the device (``Communicator.any_on_device``), so every
+worker still skips the same steps. Under ``comm.shard=optimizer`` the ZeroRedundancyOptimizer hands
+the flag to the optimizer inside it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from largebatch.distributed import local
 
 APPLIED, NONFINITE, SCALER_SKIP = 1, 0, 2
 
@@ -40,8 +47,11 @@ class Stepper:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.params = [p for p in bare_model.parameters() if p.requires_grad]
         self.on_allreduce_error = on_allreduce_error
+        # comm.shard=full: each worker sees its shards of the gradients only, and the workers agree.
+        self.agree = getattr(comm, "shard", "none") == "full"
         # torch's fused optimizers, LARS and LAMB skip an update on the device from a found_inf
-        # flag; any other optimizer is stepped only after the flag is read on the host.
+        # flag; any other optimizer is stepped only after the flag is read on the host. Under
+        # comm.shard=optimizer the optimizer inside the ZeroRedundancyOptimizer decides.
         self.device_skip = getattr(optimizer, "_step_supports_amp_scaling", False)
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +107,11 @@ class Stepper:
         opt = self.optimizer
         if self.scaler is not None:
             self.scaler.unscale_(opt)
-        grads = [p.grad for p in self.params if p.grad is not None]
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
         found = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else \
             torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.agree:
+            found = self.comm.any_on_device(found)
         if self.scaler is not None:
             self.scaler.step(opt)  # hands its own found_inf to the optimizer, or skips after reading it
             self.scaler.update()

@@ -4,6 +4,10 @@ Per optimizer step, each worker runs ``accum_steps`` micro-batches of its slice 
 batch; the gradient allreduce (DDP) runs on the last micro-batch only. Each micro-batch's loss is
 ``sum(per-image loss) / per_worker_batch`` and DDP averages over workers, so every step applies
 the mean gradient over the whole global batch, whatever the world size and accumulation.
+
+Under ``comm.shard=full`` (FSDP2) the gradients are reduce-scattered on the last micro-batch
+instead, and every forward pass all-gathers weights with every other worker: validation pads
+the workers with fewer batches with forward passes on an ignored image, so that all run as many.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger, Step
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.parts import PartsSource, complete_info, from_config
-from largebatch.optim import build_optimizer
 
 MAX_PENDING_STEPS = 64
 """Steps whose outcome the host may still be waiting for before it waits for the device."""
@@ -52,21 +55,30 @@ class EvalResult:
 
 
 def evaluate(model: torch.nn.Module, loader, comm: Communicator, device: torch.device,
-             num_classes: int, memory_format: torch.memory_format = torch.contiguous_format) -> EvalResult:
-    """Exact validation: each worker scores its own unpadded shard; sums are allreduced."""
+             num_classes: int, memory_format: torch.memory_format = torch.contiguous_format,
+             lockstep: Optional[tuple[int, ...]] = None) -> EvalResult:
+    """Exact validation: each worker scores its own unpadded shard; sums are allreduced.
+
+    ``lockstep``: the shape (C, H, W) of one validation image, where every forward pass is a
+    collective (comm.shard=full): a worker with fewer batches than another then runs forward passes
+    on one zero image of that shape, which counts nowhere, until every worker has run as many."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
+    rounds = max(comm.all_gather_object(len(loader))) if lockstep is not None else 0
     with torch.no_grad():
         for x, y in loader:
+            rounds -= 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=memory_format)
-            out = model(x)
+            out = model(x).float()  # bf16 logits where FSDP2 computes in bf16 (comm.shard=full on GPUs)
             totals[0] += F.cross_entropy(out, y, reduction="sum", ignore_index=IGNORE).double()
             totals[1] += (out.argmax(1) == y).sum()
             if num_classes > 5:
                 totals[2] += (out.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum()
             totals[3] += (y != IGNORE).sum()  # an unreadable image is left out of the counts
+        for _ in range(rounds):
+            model(torch.zeros((1, *lockstep), device=device).contiguous(memory_format=memory_format))
     comm.all_reduce_sum(totals)
     loss, top1, top5, count = totals.tolist()
     n = max(count, 1.0)
@@ -146,15 +158,21 @@ class Trainer:
         else:  # every training micro-batch of a phase has one shape: let cuDNN time its kernels once
             torch.backends.cudnn.benchmark = True
         auto_buckets = cfg.comm.bucket_mb == "auto"  # chosen in _connect, on the built model
+        # train.precision: autocast for the forward pass; fp16 also scales the loss against underflow.
+        # bf16 under comm.shard=full on GPUs: FSDP2 casts the weights it all-gathers to bf16 instead
+        # (float32 master weights and gradient reduction), which also halves the all-gathers.
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+        param_dtype = dtype if cfg.comm.shard == "full" and dtype is torch.bfloat16 and self.device.type == "cuda" \
+            else None
         self.comm = Communicator(topology, backend, self.device, None if auto_buckets else cfg.comm.bucket_mb,
                                  timeout_s=cfg.comm.timeout_s,
                                  master_addr=cfg.comm.master_addr, compression=cfg.comm.compression,
                                  powersgd_rank=cfg.comm.powersgd_rank,
-                                 powersgd_start_step=cfg.comm.powersgd_start_step)
-        # train.precision: autocast for the forward pass; fp16 also scales the loss against underflow.
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.train.precision == "fp16" else None
+                                 powersgd_start_step=cfg.comm.powersgd_start_step, shard=cfg.comm.shard,
+                                 param_dtype=param_dtype)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype and param_dtype is None \
+            else contextlib.nullcontext
+        self.scaler = self.comm.grad_scaler() if cfg.train.precision == "fp16" else None
         self.lock = RunLock(cfg.run.dir)
         self.faults = FaultInjection.from_env(topology.rank)
         self.compile_s: Optional[float] = None
@@ -215,20 +233,20 @@ class Trainer:
             ckpt.move_aside(cfg.run.dir)  # a fresh start must not later resume an older run's checkpoint
 
     def _connect(self) -> None:
-        """After every worker built without error: the bucket size (comm.bucket_mb=auto), DDP
-        (which broadcasts rank 0's weights), the optimizer and the loaders."""
+        """After every worker built without error: the bucket size (comm.bucket_mb=auto, DDP only),
+        DDP or FSDP2 (either broadcasts rank 0's weights), the optimizer and the loaders."""
         cfg, topo = self.cfg, self.topology
-        if self.resume_state is not None:
+        if self.resume_state is not None and self.resume_state.get("model") is not None:
             self.bare_model.load_state_dict(self.resume_state["model"])
         self.bare_model.to(self.device)
         self.bucket_choice: Optional[BucketChoice] = None
-        if self.comm.distributed and cfg.comm.bucket_mb == "auto":
+        if self.comm.distributed and cfg.comm.bucket_mb == "auto" and self.comm.shard != "full":
             self.bucket_choice = self._choose_bucket_size()
             self.comm.bucket_mb = self.bucket_choice.bucket_mb
         self.model = self.comm.wrap_model(self.bare_model)
         if cfg.train.compile is not False:
             self.model = compile_model(self.model, cfg.train.compile)
-        self.optimizer = build_optimizer(self.comm.unwrap(self.model), cfg.optim)
+        self.optimizer = self.comm.build_optimizer(self.comm.unwrap(self.model), cfg.optim)
         self.restored = self.comm.broadcast_object(
             None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
         first = self.plan.phases[0]
@@ -259,7 +277,10 @@ class Trainer:
                                on_allreduce_error=self._name_missing_workers)
         if cfg.train.compile is not False:
             size = first.image_size or self.info.image_size
-            seconds, error = rehearse(self.model, self.bare_model, lambda: self.comm.no_sync(self.model),
+            # Under comm.shard=full the rehearsal reduce-scatters its gradients: every worker runs it
+            # (its forward pass all-gathers anyway), and FSDP2 would otherwise keep them for the first step.
+            sync_off = contextlib.nullcontext if self.comm.shard == "full" else lambda: self.comm.no_sync(self.model)
+            seconds, error = rehearse(self.model, self.bare_model, sync_off,
                                       (first.batch.micro_batch, self.info.channels, size, size),
                                       self.info.num_classes, self.device, self.autocast, self.memory_format)
             self.comm.raise_if_any_failed(None if error is None else UsageError(
@@ -338,9 +359,28 @@ class Trainer:
         state = self.restored
         if state is None:
             return _Position(), _Record(), (0.0, 0.0, 0)
+        from largebatch.distributed import sharded_state
+        from largebatch.distributed.shard import is_fsdp
+
         topo = self.topology
         same_world = state["world_size"] == topo.world_size
-        self.optimizer.load_state_dict(state["optimizer"])
+        # The model and optimizer state. A sharded checkpoint (comm.shard=full) is read by every
+        # worker, whatever the number of workers that wrote it and this run's comm.shard; a plain
+        # checkpoint's weights came with rank 0's model (which DDP, or the broadcast before FSDP2
+        # shards it, gave every worker), its optimizer state with ``state``.
+        model = self.comm.unwrap(self.model)
+        if "shards" in state:
+            try:
+                sharded_state.load_into(state["path"], state["shards"]["paths"], state["shards"]["rest"], model,
+                                        self.optimizer)
+            except (Exception, sharded_state.CheckpointException) as exc:  # raised on every worker
+                raise RunStopped(f"checkpoint {state['path']} cannot be loaded ({sharded_state.failure(exc)}); "
+                                 "move it out of the way to resume from the one before it, or set "
+                                 "checkpoint.resume=never") from None
+        elif is_fsdp(model):
+            sharded_state.load_optimizer_into_sharded(model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
@@ -360,30 +400,67 @@ class Trainer:
 
     def _save_checkpoint(self, pos: _Position, record: _Record, loss_sum: torch.Tensor,
                          window_loss: torch.Tensor, window_steps: int) -> None:
-        """All workers take part (their RNG states, partial sums and unreadable files); rank 0 writes."""
+        """All workers take part (their RNG states, partial sums and unreadable files; under
+        comm.shard their shards of the state); rank 0 writes the checkpoint, or under comm.shard=full
+        every worker writes its shards and rank 0 the rest."""
         self._gather_skipped(record)
         rngs = self.comm.all_gather_object(ckpt.rng_state(self.device))
         parts = self.comm.all_gather_object((float(loss_sum.item()), float(window_loss.item())))
-        error = None
-        if self.topology.is_main:
-            try:
-                self._write_checkpoint(pos, record, rngs, parts, window_steps)
-            except OSError as exc:
-                error = RunStopped(f"cannot write a checkpoint to {ckpt.checkpoint_dir(self.cfg.run.dir)} "
-                                   f"({exc.strerror}); free space or fix permissions, then run again to resume")
+        error = self._write_checkpoint(pos, record, rngs, parts, window_steps)
         # every worker learns whether rank 0 managed, so none waits for a rank 0 that has stopped
         self.comm.raise_if_any_failed(error, kind=RunStopped)
 
-    def _write_checkpoint(self, pos: _Position, record: _Record, rngs: list, parts: list, window_steps: int) -> None:
-        cfg = self.cfg
-        state = dict(model=self.comm.unwrap(self.model).state_dict(), optimizer=self.optimizer.state_dict(),
-                     scaler=None if self.scaler is None else self.scaler.state_dict(),
+    def _write_checkpoint(self, pos: _Position, record: _Record, rngs: list, parts: list,
+                          window_steps: int) -> Optional[RunStopped]:
+        """Every worker; returns this worker's failure to write, if any."""
+        from largebatch.distributed import sharded_state
+        from largebatch.distributed.shard import is_fsdp
+
+        cfg, main = self.cfg, self.topology.is_main
+        folder = ckpt.checkpoint_dir(cfg.run.dir)
+
+        def failed(why: str) -> RunStopped:
+            return RunStopped(f"cannot write a checkpoint to {folder} ({why}); free space or fix permissions, then "
+                              "run again to resume")
+
+        model = self.comm.unwrap(self.model)
+        state = dict(scaler=None if self.scaler is None else self.scaler.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
                      world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
                      bucket_mb=None if self.bucket_choice is None else self.bucket_choice.bucket_mb,
                      config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
-        ckpt.save(state, cfg.run.dir, pos.step, cfg.checkpoint.keep)
+        if not is_fsdp(model):
+            optimizer = sharded_state.gather_optimizer_state(self.optimizer, main)  # ZeRO: a collective
+            if main:
+                try:
+                    ckpt.save(dict(model=model.state_dict(), optimizer=optimizer, **state), cfg.run.dir, pos.step,
+                              cfg.checkpoint.keep)
+                except OSError as exc:
+                    return failed(exc.strerror)
+            return None
+        # comm.shard=full: rank 0's BatchNorm statistics (DDP's rule), then every worker writes its
+        # shards into a folder rank 0 emptied first; rank 0 adds the rest and renames the folder.
+        self.comm.broadcast_buffers(model)
+        tensors, paths, rest = sharded_state.state_to_save(model, self.optimizer)
+        error = None
+        if main:
+            try:
+                ckpt.begin_sharded(cfg.run.dir, pos.step)
+            except OSError as exc:
+                error = failed(exc.strerror)
+        self.comm.raise_if_any_failed(error, kind=RunStopped)
+        try:
+            sharded_state.save(tensors, ckpt.sharded_paths(cfg.run.dir, pos.step)[0])
+        except (Exception, sharded_state.CheckpointException) as exc:  # raised on every worker when any failed
+            return failed(sharded_state.failure(exc))
+        if main:
+            try:
+                ckpt.finish_sharded(dict(state, shards=dict(paths=paths, rest=rest)), cfg.run.dir, pos.step,
+                                    cfg.checkpoint.keep)
+            except OSError as exc:
+                return failed(exc.strerror)
+        return None
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -479,8 +556,7 @@ class Trainer:
                 train_loss = self.comm.all_reduce_sum(loss_sum).item() / counted
                 if cfg.train.precise_bn_images:
                     self._precise_bn(epoch, phase)
-                result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
-                                  self.info.num_classes, self.memory_format)
+                result = self._evaluate()
                 self._gather_skipped(record)
                 pos.elapsed = time.perf_counter() - start
                 reached = record.update(epoch + 1, result, pos.elapsed, cfg.train.target_accuracy,
@@ -513,10 +589,16 @@ class Trainer:
         metrics.write("summary", **summary)
         metrics.close()
         error = None
+        from largebatch.distributed import sharded_state
+        from largebatch.distributed.shard import is_fsdp
+
+        model = self.comm.unwrap(self.model)
+        # The whole model in one plain state dict; under comm.shard=full gathered to rank 0's CPU.
+        weights = sharded_state.full_model_state(model) if is_fsdp(model) else None
         if topo.is_main:
             final = os.path.join(cfg.run.dir, "checkpoints", "final.pt")
             try:
-                save_torch_atomic({"model": self.comm.unwrap(self.model).state_dict(), "step": pos.step,
+                save_torch_atomic({"model": model.state_dict() if weights is None else weights, "step": pos.step,
                                    "epoch": pos.epoch, "config": to_dict(cfg)}, final)
             except OSError as exc:
                 error = RunStopped(f"cannot write {final} ({exc.strerror}); the last step checkpoint holds the run")
@@ -632,8 +714,7 @@ class Trainer:
         summary = self.comm.broadcast_object(stored)
         step = self.restored["position"]["step"]
         if summary is None:  # its metrics are gone: score the weights it ended with
-            result = evaluate(self.comm.unwrap(self.model), self.val_loader, self.comm, self.device,
-                              self.info.num_classes, self.memory_format)
+            result = self._evaluate()
             summary = dict(val_acc=result.accuracy, best_val_acc=self.restored["record"]["best_acc"], steps=step)
         progress.print(f"{cfg.run.dir} holds a finished run (step {step}, val_acc {summary['val_acc']:.4f}, best "
                        f"{summary['best_val_acc']:.4f}); nothing was trained or written. To train again, use "
@@ -667,8 +748,15 @@ class Trainer:
                        f"worker(s) on {self.device.type} over {backend} ({topo.launcher})")
         for line in self.plan.lines():
             progress.print("  " + line)
+        sharding = self.comm.shard_line()
+        if self.comm.param_dtype is not None:
+            sharding += "; bf16 compute on float32 master weights (FSDP2 mixed precision)"
+        progress.print(f"  sharding               {sharding}")
         if self.bucket_choice is not None:
             progress.print(f"  gradient buckets       {self.bucket_choice.line()}")
+        elif cfg.comm.bucket_mb == "auto" and self.comm.shard == "full":
+            progress.print("  gradient buckets       comm.bucket_mb=auto does not apply under comm.shard=full (FSDP2 "
+                           "reduce-scatters each block's gradients); no tuning")
         progress.print(f"  training data          {self.data_path.line}")
         speed = [f"channels-last {'on' if self.channels_last else 'off'}"]
         if self.compile_s is not None:
@@ -702,7 +790,7 @@ class Trainer:
                        elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=pos.step,
                        skipped_steps=pos.skipped_steps, target_accuracy=cfg.train.target_accuracy,
                        target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
-        if self.comm.distributed:
+        if self.comm.distributed and self.comm.shard != "full":
             summary["bucket_mb"] = self.comm.bucket_mb
         if self.bucket_choice is not None:
             summary["bucket_tuning_s"] = self.bucket_choice.tuning_s
@@ -718,9 +806,22 @@ class Trainer:
             summary["cost"] = cfg.run.cost_per_node_hour * topo.num_nodes * elapsed / 3600.0
         return summary
 
+    def _evaluate(self) -> EvalResult:
+        """Validation of the current weights. Under comm.shard=full every worker first takes rank
+        0's BatchNorm statistics (DDP's rule; FSDP2 leaves buffers to each worker) and runs as many
+        forward passes as every other."""
+        model, lockstep = self.comm.unwrap(self.model), None
+        if self.comm.shard == "full":
+            self.comm.broadcast_buffers(model)
+            size = self.plan.eval_size or self.info.image_size
+            lockstep = (self.info.channels, size, size)
+        return evaluate(model, self.val_loader, self.comm, self.device, self.info.num_classes, self.memory_format,
+                        lockstep)
+
     def _precise_bn(self, epoch: int, phase: Phase) -> None:
         """Recompute BatchNorm statistics from this epoch's first training micro-batches, at the
-        validation image size (the statistics serve validation)."""
+        validation image size (the statistics serve validation). Every worker runs as many forward
+        passes (the sampler gives each the same number of micro-batches), as comm.shard=full needs."""
         bp = phase.batch
         per_worker = -(-self.cfg.train.precise_bn_images // bp.world_size)
         self.sampler.set_phase(bp, self.plan.eval_size)
