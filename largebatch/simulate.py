@@ -4,6 +4,7 @@
         --workers-per-node 8 --intra-gbit 160 --inter-gbit 37.5 --algorithm hierarchical
     python -m largebatch.simulate --preset goyal2017 --plot eff.png --json eff.json
     python -m largebatch.simulate --validate
+    python -m largebatch.simulate --params 11e9 --shard full --compute-ms 2112 --workers-per-node 4 --nodes 16
 
 Every worker runs forward and backward on its micro-batch; the gradients are averaged with an
 allreduce in buckets that start while backward is still running (as DDP, Horovod's tensor fusion and
@@ -40,6 +41,17 @@ far go out in allreduces of at most ``bucket_bytes``. The exposed communication 
 end of backward to the end of the last bucket; the step is compute + exposed communication +
 ``update_time``.
 
+**Sharding** (``comm.shard``, ``shard`` below). ``optimizer`` (ZeRO-1,
+``ZeroRedundancyOptimizer``): the same allreduce as ``none``, then each worker updates its share of
+the tensors (``update_time / p``) and sends them to the others, counted as one allgather of the
+fp32 parameters after the update, which nothing overlaps. ``full`` (ZeRO-3, FSDP2): no allreduce;
+the model is cut into blocks of ``bucket_bytes`` of gradient, and each block's parameters are
+all-gathered before its forward and again before its backward, the next block's while this one
+computes (one ahead, on the same link), and its gradient is reduce-scattered once its backward is
+done: 1.5 times the allreduce's bytes, an allgather and a reduce-scatter each costing half an
+allreduce (``gather_time``). Forward and backward compute in proportion to the blocks' bytes. With
+accumulation, every micro-batch gathers and only the last reduce-scatters.
+
 Left out: stragglers (a synchronous step waits for the slowest worker), communication slowing the
 computation it overlaps (shared memory bandwidth, GPU cores running the reduction), framework and
 data-loading overheads, and the network topology beyond one link per node.
@@ -58,9 +70,11 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from typing import Optional, Sequence
 
 from largebatch.errors import UsageError, run_cli
+from largebatch.footprint import MODES as SHARDS
+from largebatch.footprint import OPTIMIZERS, Footprint, even_footprints, footprints, state_per_parameter, table
 
 GBIT = 1e9 / 8
 """Bytes per second in one Gbit/s."""
@@ -154,7 +168,15 @@ class Workload:
     cycle_time: float = 0.005
     """For 'greedy': seconds between two looks at the ready gradients (Horovod's cycle time)."""
     update_time: float = 0.0
-    """Seconds per step after the allreduce that nothing overlaps (optimizer update)."""
+    """Seconds per step after the allreduce that nothing overlaps (optimizer update of the whole
+    model; under shard 'optimizer' and 'full' each worker updates 1/p of it)."""
+    shard: str = "none"
+    """comm.shard: 'none' (DDP), 'optimizer' (ZeRO-1: allreduce, then an allgather of the updated
+    parameters) or 'full' (ZeRO-3: parameters all-gathered per block in forward and backward,
+    gradients reduce-scattered)."""
+    gather_bytes: Optional[float] = None
+    """Bytes of parameters each worker gathers: the fp32 weights under 'optimizer', the weights in
+    the compute dtype under 'full'; None = gradient_bytes."""
 
     def __post_init__(self):
         _positive("compute_time", self.compute_time)
@@ -172,10 +194,21 @@ class Workload:
                              f"of {self.backward_fraction * self.compute_time!r} s; use at least "
                              f"{self.backward_fraction * self.compute_time / 1e6!r} s")
         _non_negative("update_time", self.update_time)
+        _choice("shard", self.shard, SHARDS)
+        if self.shard == "full" and self.fusion == "greedy":
+            raise ValueError("fusion='greedy' is not allowed with shard='full': its parameters are gathered and its "
+                             "gradients reduce-scattered block by block; use fusion='fixed' (bucket_bytes per block)")
+        if self.gather_bytes is not None:
+            _non_negative("gather_bytes", self.gather_bytes)
 
     @property
     def batch_per_worker(self) -> int:
         return self.micro_batch * self.accumulation_steps
+
+    @property
+    def parameter_bytes(self) -> float:
+        """Bytes of parameters one worker gathers (gather_bytes, or gradient_bytes when not given)."""
+        return self.gradient_bytes if self.gather_bytes is None else self.gather_bytes
 
 
 # --- alpha-beta costs -------------------------------------------------------------------------
@@ -242,6 +275,13 @@ def allreduce_time(cluster: Cluster, workers: int, n: float) -> float:
     return 2 * ring_reduce_scatter_time(k, n, a_i, b_i) + inter
 
 
+def gather_time(cluster: Cluster, workers: int, n: float) -> float:
+    """Seconds for one allgather, or one reduce-scatter, of ``n`` bytes (the whole tensor, of which
+    each worker holds or gets 1/p): half an allreduce, which is a reduce-scatter followed by an
+    allgather in every algorithm here."""
+    return allreduce_time(cluster, workers, n) / 2
+
+
 # --- one optimizer step -----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -255,7 +295,7 @@ class StepPrediction:
     compute_time: float
     """Seconds of computation per step: accumulation_steps x compute_time + update_time."""
     comm_time: float
-    """Seconds the allreduces of one step take end to end, summed over buckets (hidden or not)."""
+    """Seconds the collectives of one step take end to end, summed over buckets (hidden or not)."""
     exposed_comm: float
     """Seconds of communication not hidden behind backward (step_time - compute_time, >= 0)."""
     step_time: float
@@ -265,7 +305,8 @@ class StepPrediction:
     efficiency: float
     """throughput / (workers x throughput of the baseline per worker); 1 means linear scaling."""
     allreduces: int
-    """Allreduce calls per step (buckets)."""
+    """Collective calls per step: allreduces (buckets), plus the allgather under shard 'optimizer';
+    allgathers and reduce-scatters under 'full'."""
 
 
 def _bucket_sizes(workload: Workload) -> list[float]:
@@ -320,21 +361,75 @@ def comm_timeline(cluster: Cluster, workload: Workload, workers: int) -> tuple[f
 def predict_step(cluster: Cluster, workload: Workload, workers: int, baseline_workers: int = 1) -> StepPrediction:
     """Step time, throughput and efficiency of ``workers`` workers against ``baseline_workers``."""
     nodes, _ = cluster.layout(workers)
-    step, comm, count = _step_time(cluster, workload, workers)
+    step, comm, count, compute = _step_time(cluster, workload, workers)
     base = step if baseline_workers == workers else _step_time(cluster, workload, baseline_workers)[0]
-    compute = workload.accumulation_steps * workload.compute_time + workload.update_time
     throughput = workers * workload.batch_per_worker / step
     return StepPrediction(workers=workers, nodes=nodes, compute_time=compute, comm_time=comm,
                           exposed_comm=step - compute, step_time=step, throughput=throughput,
                           efficiency=base / step, allreduces=count)
 
 
-def _step_time(cluster: Cluster, workload: Workload, workers: int) -> tuple[float, float, int]:
-    backward = workload.backward_fraction * workload.compute_time
-    end, comm, count = comm_timeline(cluster, workload, workers)
+def _step_time(cluster: Cluster, workload: Workload, workers: int) -> tuple[float, float, int, float]:
+    """(step time, summed collective time, collective calls, compute time) of one optimizer step."""
+    w = workload
+    update = w.update_time if w.shard == "none" else w.update_time / workers  # each updates its share
+    compute = w.accumulation_steps * w.compute_time + update
+    if w.shard == "full":
+        step, comm, count = 0.0, 0.0, 0
+        for k in range(w.accumulation_steps):
+            end, c, n = shard_timeline(cluster, w, workers, reduce=k == w.accumulation_steps - 1)
+            step, comm, count = step + end, comm + c, count + n
+        return step + update, comm, count, compute
+    backward = w.backward_fraction * w.compute_time
+    end, comm, count = comm_timeline(cluster, w, workers)
     exposed = max(0.0, end - backward)  # communication still running when backward ends
-    step = workload.accumulation_steps * workload.compute_time + workload.update_time + exposed
-    return step, comm, count
+    step = compute + exposed
+    if w.shard == "optimizer" and workers > 1 and w.parameter_bytes > 0:
+        t = gather_time(cluster, workers, w.parameter_bytes)  # the updated parameters, after the update
+        step, comm, count = step + t, comm + t, count + 1
+    return step, comm, count, compute
+
+
+def shard_timeline(cluster: Cluster, workload: Workload, workers: int, reduce: bool = True) -> tuple[float, float, int]:
+    """One micro-batch's forward and backward under shard 'full': (seconds from the start of the
+    forward until both the compute and the last collective are done, summed collective time,
+    collective calls).
+
+    The blocks are buckets of ``bucket_bytes`` of gradient (the last one smaller). On one link, in
+    the order they are issued: block i's allgather (``parameter_bytes`` in proportion) is issued
+    when block i-1 starts computing (the first one at the start), and block i computes once it has
+    arrived and block i-1 is done; backward runs the blocks in reverse, gathering again, and
+    issues each block's reduce-scatter (``gradient_bytes`` in proportion) when its backward ends
+    (``reduce``: the last micro-batch only)."""
+    w = workload
+    sizes = _bucket_sizes(w)
+    if workers == 1 or not sizes:
+        return w.compute_time, 0.0, 0
+    n = w.gradient_bytes
+    fractions = [b / n for b in sizes]
+    gather = [gather_time(cluster, workers, f * w.parameter_bytes) for f in fractions]
+    scatter = [gather_time(cluster, workers, f * n) for f in fractions]
+    forward = (1 - w.backward_fraction) * w.compute_time
+    backward = w.backward_fraction * w.compute_time
+    link, done, total, count = 0.0, 0.0, 0.0, 0  # link free at; compute done at
+
+    def send(start: float, seconds: float) -> float:  # the link takes one collective at a time
+        nonlocal link, total, count
+        link = max(link, start) + seconds
+        total, count = total + seconds, count + 1
+        return link
+
+    order = list(range(len(sizes)))
+    for blocks, share, scatters in ((order, forward, False), (order[::-1], backward, reduce)):
+        arrived = {blocks[0]: send(done, gather[blocks[0]])}
+        for j, i in enumerate(blocks):
+            start = max(arrived[i], done)
+            if j + 1 < len(blocks):  # the next block's parameters, while this one computes
+                arrived[blocks[j + 1]] = send(start, gather[blocks[j + 1]])
+            done = start + share * fractions[i]
+            if scatters:
+                send(done, scatter[i])
+    return max(done, link), total, count
 
 
 def sweep(cluster: Cluster, workload: Workload, workers: Sequence[int], baseline_workers: int = 1) -> list[StepPrediction]:
@@ -407,6 +502,8 @@ class Preset:
     """(input, value with its source or reasoning) for every input of the prediction."""
     variations: tuple[Variation, ...] = ()
     """Plausible alternatives for the least certain inputs."""
+    parameters: int = 0
+    """Parameters of the model (for memory per worker and sharded communication)."""
 
 
 def _frac(line_gbit: float, fraction: float) -> float:
@@ -429,7 +526,7 @@ _add(Preset(
                     algorithm="hierarchical", inter_algorithm="halving-doubling"),
     workload=Workload(compute_time=32 / 219, micro_batch=32, gradient_bytes=_R50_FP32,
                       bucket_bytes=_R50_FP32 / RESNET50_TENSORS),
-    workers=256, baseline_workers=8, published_efficiency=0.90,
+    workers=256, baseline_workers=8, published_efficiency=0.90, parameters=RESNET50_PARAMS,
     published_source="Goyal et al., arXiv:1706.02677, abstract and Fig. 8: ~90% scaling efficiency from 8 to 256 GPUs",
     inputs=(
         ("compute", "32 / 219 img/s = 146.1 ms for forward+backward of 32 images: ResNet-50 fp32 on one P100, "
@@ -465,7 +562,7 @@ _add(Preset(
     cluster=Cluster(workers_per_node=4, intra_bandwidth=15.75e9 * 0.8, intra_latency=5e-6,
                     inter_bandwidth=_frac(25, 0.8), inter_latency=5e-6, algorithm="ring"),
     workload=Workload(compute_time=0.55, micro_batch=64, gradient_bytes=_R101_FP32, bucket_bytes=64 * MIB),
-    workers=128, baseline_workers=1, published_efficiency=0.90,
+    workers=128, baseline_workers=1, published_efficiency=0.90, parameters=RESNET101_PARAMS,
     published_source="Horovod README (benchmark of 32 servers x 4 Pascal GPUs, RoCE 25 Gbit/s): 90% for "
                       "Inception V3 and ResNet-101; arXiv:1802.05799 Fig. 6-7: 88% over TCP, RDMA 3-4% better",
     inputs=(
@@ -499,7 +596,7 @@ _add(Preset(
                     inter_bandwidth=_frac(200, 0.8), inter_latency=3e-6,
                     algorithm="hierarchical", inter_algorithm="ring"),
     workload=Workload(compute_time=0.040, micro_batch=32, gradient_bytes=_R50_FP16, bucket_bytes=2 * MIB * 2),
-    workers=1088, baseline_workers=1, published_efficiency=0.9162,
+    workers=1088, baseline_workers=1, published_efficiency=0.9162, parameters=RESNET50_PARAMS,
     published_source="Mikami et al., arXiv:1811.05233 v1, table of GPU scaling efficiency: 91.62% on 1088 Tesla V100",
     inputs=(
         ("compute", "40 ms for forward+backward of 32 images (800 img/s): mixed-precision ResNet-50 on one V100 was "
@@ -581,6 +678,26 @@ def count_parameters(model_name: str) -> int:
     return sum(p.numel() for p in create_model(model_name, 1000).parameters())
 
 
+def model_shapes(model_name: str, image_size: int = 224) -> list[list[tuple]]:
+    """Shapes of the parameters of ``model_name`` from the zoo (1000 classes), in the optimizer's
+    groups (biases and normalisation weights apart), built on the meta device."""
+    import torch
+
+    from largebatch.footprint import model_groups
+    from largebatch.models import available_models, create_model
+
+    if model_name not in available_models():
+        raise UsageError(f"--model {model_name!r} is not a model of the zoo: use one of "
+                         f"{', '.join(available_models())}")
+    with torch.device("meta"):
+        model = create_model(model_name, 1000, image_size=image_size)
+    return model_groups(model)
+
+
+def _numel(shape) -> int:
+    return math.prod(shape)
+
+
 # --- output -----------------------------------------------------------------------------------
 
 def _algorithm_name(cluster: Cluster) -> str:
@@ -605,23 +722,38 @@ def describe(cluster: Cluster, workload: Workload, baseline_workers: int = 1) ->
         f"{cluster.inter_latency * 1e6:g} us per message",
         f"allreduce        {_algorithm_name(cluster)}",
     ]
+    if w.shard == "optimizer":
+        lines.append(f"sharding         optimizer (ZeRO-1): the allreduce, then an allgather of "
+                     f"{w.parameter_bytes / 1e6:.1f} MB of updated parameters")
+    elif w.shard == "full":
+        lines += [f"sharding         full (ZeRO-3), in blocks of {w.bucket_bytes / MIB:.2f} MiB of gradient: "
+                  f"{w.parameter_bytes / 1e6:.1f} MB of parameters",
+                  f"                 all-gathered in forward and again in backward, {w.gradient_bytes / 1e6:.1f} MB "
+                  "of gradient reduce-scattered"]
     if w.update_time:
-        lines.append(f"update           {w.update_time * 1e3:.1f} ms per step after the allreduce")
+        per = " (each worker 1/p of it)" if w.shard != "none" else ""
+        lines.append(f"update           {w.update_time * 1e3:.1f} ms per step after the allreduce{per}")
     if baseline_workers != 1:
         lines.append(f"efficiency       against {baseline_workers} workers")
     return lines
 
 
-def format_table(rows: Sequence[StepPrediction], mark: int | None = None) -> str:
-    """The prediction table; the row of ``mark`` workers gets a '*'."""
+def format_table(rows: Sequence[StepPrediction], mark: int | None = None,
+                 memory: dict[int, float] | None = None, collectives: bool = False) -> str:
+    """The prediction table; the row of ``mark`` workers gets a '*'. ``memory``: bytes per worker
+    by worker count, as a last column; ``collectives``: call the count column that (sharded runs
+    gather and reduce-scatter besides allreducing)."""
+    count = "collectives" if collectives else "allreduces"
+    width = len(count)
     header = (f"{'workers':>8} {'nodes':>6} {'step ms':>9} {'compute ms':>11} {'comm ms':>9} {'exposed ms':>11} "
-              f"{'allreduces':>10} {'images/s':>11} {'efficiency':>11}")
+              f"{count:>{width}} {'images/s':>11} {'efficiency':>11}") + (f" {'GiB/worker':>11}" if memory else "")
     lines = [header]
     for r in rows:
         star = "*" if r.workers == mark else " "
         lines.append(f"{r.workers:>7}{star} {r.nodes:>6} {r.step_time * 1e3:>9.1f} {r.compute_time * 1e3:>11.1f} "
-                     f"{r.comm_time * 1e3:>9.1f} {r.exposed_comm * 1e3:>11.1f} {r.allreduces:>10} "
-                     f"{r.throughput:>11.0f} {r.efficiency:>10.1%}")
+                     f"{r.comm_time * 1e3:>9.1f} {r.exposed_comm * 1e3:>11.1f} {r.allreduces:>{width}} "
+                     f"{r.throughput:>11.0f} {r.efficiency:>10.1%}"
+                     + (f" {memory[r.workers] / 2 ** 30:>11.2f}" if memory else ""))
     return "\n".join(lines)
 
 
@@ -741,8 +873,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--accumulation-steps", type=int, metavar="A", help="micro-batches per optimizer step (default 1)")
     w.add_argument("--model", metavar="NAME", help="gradient size from the parameters of NAME in the zoo")
     w.add_argument("--gradient-mb", type=float, metavar="MB", help="gradient size in MB (10^6 bytes)")
-    w.add_argument("--bytes-per-value", type=int, choices=(2, 4), help="with --model/--measure: 4 (fp32, default) "
-                   "or 2 (fp16/bf16 gradients)")
+    w.add_argument("--params", type=float, metavar="N",
+                   help="parameters of the model, e.g. 1e9: sets the gradient size and replaces --model's count "
+                        "(the tensors' shapes are then not known: memory is split evenly over the workers)")
+    w.add_argument("--bytes-per-value", type=int, choices=(2, 4), help="with --model/--measure/--params: 4 (fp32, "
+                   "default) or 2 (fp16/bf16 gradients; with --shard full, parameters gathered in bf16)")
+    w.add_argument("--shard", choices=SHARDS, help="comm.shard: none (DDP, default), optimizer (ZeRO-1) or full "
+                   "(ZeRO-3, --bucket-mb per block); prints memory per worker")
+    w.add_argument("--optimizer", choices=OPTIMIZERS, help="for memory per worker: sgd (default), lars, larc or lamb "
+                   "(momentum 0.9)")
     w.add_argument("--backward-fraction", type=float, metavar="F", help="backward share of forward+backward (2/3)")
     w.add_argument("--bucket-mb", type=float, metavar="MIB", help="allreduce bucket in MiB (default 25)")
     w.add_argument("--fusion", choices=FUSIONS, help="fixed buckets (DDP) or greedy tensor fusion (Horovod)")
@@ -796,11 +935,19 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--backward-fraction {args.backward_fraction:g} is not allowed: use a number in (0, 1]")
     if args.compute_ms is not None and args.measure:
         raise UsageError("--compute-ms and --measure both give the compute time: use one")
+    if args.params is not None and not (math.isfinite(args.params) and args.params >= 1
+                                        and args.params == int(args.params)):
+        raise UsageError(f"--params {args.params:g} is not allowed: use a whole number of parameters >= 1, e.g. 1e9")
+    if args.params is not None and args.gradient_mb is not None:
+        raise UsageError("--params and --gradient-mb both give the gradient size: use one")
     sources = [f for f, v in (("--model", args.model), ("--gradient-mb", args.gradient_mb)) if v is not None]
     if len(sources) > 1:
         raise UsageError(f"{' and '.join(sources)} both give the gradient size: use one")
     if args.validate and args.preset:
         raise UsageError("--validate runs every preset: leave out --preset")
+    if args.validate and any(v is not None for v in (args.shard, args.params, args.optimizer)):
+        raise UsageError("--validate predicts the published runs as they ran: leave out --shard, --params and "
+                         "--optimizer (give them with --preset NAME instead)")
     for flag, path in (("--plot", args.plot), ("--json", args.json)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder is not None and not os.path.isdir(folder):
@@ -809,8 +956,21 @@ def _validate_args(args: argparse.Namespace) -> None:
         raise UsageError("--plot draws with matplotlib, which is not installed: pip install 'largebatch[report]'")
 
 
-def _resolve(args: argparse.Namespace) -> tuple[Cluster, Workload, Preset | None, int, str | None]:
-    """(cluster, workload, preset, baseline workers, note on how the compute time was found)."""
+@dataclass(frozen=True)
+class ModelSize:
+    """What the memory lines and the sharded collectives need to know about the model."""
+
+    parameters: int
+    """Parameters of the model (0: not known)."""
+    shapes: Optional[list] = None
+    """Shapes of its parameter tensors in the optimizer's groups, where the model is built here;
+    None: a count only (--params, --gradient-mb, a preset), split evenly over the workers."""
+    source: str = ""
+    """Where the count comes from, as printed."""
+
+
+def _resolve(args: argparse.Namespace) -> tuple[Cluster, Workload, Preset | None, int, str | None, ModelSize]:
+    """(cluster, workload, preset, baseline workers, note on how the compute time was found, model size)."""
     preset = PRESETS[args.preset] if args.preset else None
     cluster = preset.cluster if preset else _DEFAULT_CLUSTER
     note = None
@@ -818,8 +978,18 @@ def _resolve(args: argparse.Namespace) -> tuple[Cluster, Workload, Preset | None
     micro = args.micro_batch if args.micro_batch is not None else (preset.workload.micro_batch if preset else 32)
     bytes_per_value = args.bytes_per_value or 4
     grad = args.gradient_mb * 1e6 if args.gradient_mb is not None else None
+    size = ModelSize(0)
+    if preset is not None:
+        size = ModelSize(preset.parameters, None, f"the {preset.name} preset's model")
+        if args.bytes_per_value is None:
+            bytes_per_value = round(preset.workload.gradient_bytes / preset.parameters)
+    if grad is not None:
+        size = ModelSize(round(grad / bytes_per_value), None, f"--gradient-mb {args.gradient_mb:g} at "
+                                                             f"{bytes_per_value} bytes per value")
     if args.model is not None:
-        grad = count_parameters(args.model) * bytes_per_value
+        shapes = model_shapes(args.model)
+        size = ModelSize(sum(_numel(t) for g in shapes for t in g), shapes, args.model)
+        grad = size.parameters * bytes_per_value
     if args.measure:
         seconds, params = measure_compute(args.measure, micro, args.image_size, 1000, args.measure_iterations)
         compute = seconds
@@ -827,11 +997,24 @@ def _resolve(args: argparse.Namespace) -> tuple[Cluster, Workload, Preset | None
                 f"on this machine, median of {args.measure_iterations}: {seconds * 1e3:.1f} ms")
         if grad is None:
             grad = params * bytes_per_value
+            size = ModelSize(params, model_shapes(args.measure, args.image_size), args.measure)
+    if args.params is not None:
+        size = ModelSize(int(args.params), None, "--params")
+        grad = size.parameters * bytes_per_value
+    shard = args.shard or "none"
+    gather = None
+    if shard != "none" and size.parameters:
+        # ZeRO-1 sends the updated fp32 weights; ZeRO-3 gathers weights in the compute dtype
+        # (bytes_per_value: 2 for bf16/fp16 mixed precision) and reduce-scatters fp32 gradients.
+        gather = size.parameters * (4 if shard == "optimizer" else bytes_per_value)
+        if shard == "full":
+            grad = size.parameters * 4
     if preset is None:
         if compute is None:
             raise UsageError("give the compute time: --compute-ms MS, --measure MODEL, or --preset NAME")
         if grad is None:
-            raise UsageError("give the gradient size: --model NAME, --gradient-mb MB, --measure MODEL, or --preset NAME")
+            raise UsageError("give the gradient size: --model NAME, --gradient-mb MB, --params N, --measure MODEL, "
+                             "or --preset NAME")
         workload = Workload(compute_time=compute, micro_batch=micro, gradient_bytes=grad)
     else:
         workload = replace(preset.workload, micro_batch=micro)
@@ -839,6 +1022,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Cluster, Workload, Preset | None
             workload = replace(workload, compute_time=compute)
         if grad is not None:
             workload = replace(workload, gradient_bytes=grad)
+    workload = replace(workload, shard=shard, gather_bytes=gather)
     w_over = {"accumulation_steps": args.accumulation_steps, "backward_fraction": args.backward_fraction,
               "bucket_bytes": args.bucket_mb * MIB if args.bucket_mb is not None else None, "fusion": args.fusion,
               "cycle_time": args.cycle_ms / 1e3 if args.cycle_ms is not None else None,
@@ -855,7 +1039,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Cluster, Workload, Preset | None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     baseline = args.baseline_workers or (preset.baseline_workers if preset else 1)
-    return cluster, workload, preset, baseline, note
+    return cluster, workload, preset, baseline, note, size
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -896,7 +1080,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 _OVERRIDES = ("compute_ms", "measure", "micro_batch", "accumulation_steps", "model", "gradient_mb", "backward_fraction",
               "bucket_mb", "fusion", "cycle_ms", "update_ms", "workers_per_node", "intra_gbit", "intra_latency_us",
-              "inter_gbit", "inter_latency_us", "algorithm", "inter_algorithm", "baseline_workers")
+              "inter_gbit", "inter_latency_us", "algorithm", "inter_algorithm", "baseline_workers", "params", "shard")
 
 
 def _overrides(args: argparse.Namespace) -> bool:
@@ -908,6 +1092,27 @@ def _fits(cluster: Cluster, workers: int) -> bool:
     return workers <= k or workers % k == 0
 
 
+def model_footprints(size: ModelSize, workers: int, optimizer: str,
+                     accumulation_steps: int = 1) -> dict[str, Footprint]:
+    """Bytes per worker under each comm.shard mode: from the tensors' shapes where known, else
+    the parameter count split evenly."""
+    if size.shapes is not None:
+        return footprints(size.shapes, workers, optimizer, 0.9, accumulation_steps)
+    return even_footprints(size.parameters, workers, optimizer, 0.9, accumulation_steps)
+
+
+def memory_lines(size: ModelSize, workers: int, optimizer: str, shard: str, rows: dict[str, Footprint]) -> list[str]:
+    """The memory-per-worker block: what it counts, then a row per comm.shard mode."""
+    copies, scalars = state_per_parameter(optimizer, 0.9)
+    state = f"{copies} fp32 cop{'y' if copies == 1 else 'ies'} per parameter" + (
+        " and a step count per tensor" if scalars else "")
+    split = "tensors split by rows (ZeRO-1: whole tensors)" if size.shapes is not None else \
+        "split evenly (tensor shapes not known)"
+    return [f"memory per worker at {workers} workers, fp32, without activations ({shard} marked *):",
+            f"  {size.parameters:,} parameters ({size.source}), {split}",
+            f"  {optimizer} (momentum 0.9): {state}", *table(rows, mark=shard)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate_args(args)
@@ -915,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_validate(args)
     if args.variations and not args.preset:
         raise UsageError("--variations needs --preset NAME or --validate")
-    cluster, workload, preset, baseline, note = _resolve(args)
+    cluster, workload, preset, baseline, note, size = _resolve(args)
     if args.workers:
         workers = _parse_workers(args.workers)
     else:
@@ -933,6 +1138,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{p} workers do not fill whole nodes of {k}: use a multiple of {k} "
                              f"(e.g. {max(k, p // k * k)} or {(p // k + 1) * k}) or at most {k}")
     rows = sweep(cluster, workload, workers, baseline)
+    with_memory = any(v is not None for v in (args.shard, args.params, args.optimizer))
+    optimizer = args.optimizer or "sgd"
+    memory_at = mark or max(workers)
+    per_worker = {p: model_footprints(size, p, optimizer, workload.accumulation_steps) for p in workers} \
+        if with_memory else {}
     if preset is not None:
         print(f"{preset.name}: {preset.title}")
         print(f"published: {preset.published_efficiency:.2%} at {preset.workers} workers; {preset.published_source}")
@@ -945,8 +1155,13 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     for line in describe(cluster, workload, baseline):
         print(("  " if preset is not None else "") + line)
+    if with_memory:
+        print()
+        for line in memory_lines(size, memory_at, optimizer, workload.shard, per_worker[memory_at]):
+            print(line)
     print()
-    print(format_table(rows, mark))
+    print(format_table(rows, mark, {p: f[workload.shard].total for p, f in per_worker.items()} or None,
+                       collectives=workload.shard != "none"))
     if preset is not None and args.variations:
         print()
         print(format_variations(preset))
@@ -955,9 +1170,14 @@ def main(argv: list[str] | None = None) -> int:
         write_plot(args.plot, [(preset.name if preset else "prediction", rows)], published)
         print(f"\nwrote {args.plot}")
     if args.json:
-        write_json(args.json, {"preset": preset.name if preset else None, "cluster": asdict(cluster),
-                               "workload": asdict(workload), "baseline_workers": baseline,
-                               "rows": [asdict(r) for r in rows]})
+        payload = {"preset": preset.name if preset else None, "cluster": asdict(cluster),
+                   "workload": asdict(workload), "baseline_workers": baseline, "rows": [asdict(r) for r in rows]}
+        if with_memory:
+            payload["memory"] = {"parameters": size.parameters, "optimizer": optimizer, "shard": workload.shard,
+                                 "exact_shapes": size.shapes is not None,
+                                 "per_worker": {str(p): {m: {**asdict(f), "total": f.total} for m, f in fs.items()}
+                                                for p, fs in per_worker.items()}}
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

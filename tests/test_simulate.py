@@ -18,12 +18,14 @@ from largebatch.simulate import (
     comm_timeline,
     default_workers,
     format_validation,
+    gather_time,
     halving_doubling_time,
     main,
     measure_compute,
     predict_preset,
     predict_step,
     ring_allreduce_time,
+    shard_timeline,
     validation_rows,
 )
 
@@ -326,3 +328,153 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("largebatch: error: ") and message in lines[0], lines[0]
+
+
+# --- sharding -------------------------------------------------------------------------------------
+
+def two_workers(bandwidth):
+    """Two workers on one node, no latency: an allreduce of n bytes takes n / bandwidth."""
+    return Cluster(workers_per_node=2, intra_bandwidth=bandwidth, intra_latency=0.0, inter_bandwidth=1e9,
+                   inter_latency=0.0)
+
+
+def two_blocks(shard="full", **kw):
+    # 0.3 s of compute: forward 0.1 s, backward 0.2 s; 100 MB of gradient in two blocks of 50 MB
+    return Workload(compute_time=0.3, micro_batch=32, gradient_bytes=1e8, bucket_bytes=5e7, shard=shard, **kw)
+
+
+def test_gather_is_half_an_allreduce():
+    # ring over 4 workers of a node: (p-1) a + (p-1)/p n b
+    assert gather_time(cluster("ring"), 4, N) == pytest.approx(3 * A_I + 0.75 * N * B_I)
+    assert gather_time(cluster("ring"), 1, N) == 0.0
+
+
+def test_full_sharding_overlaps_gathers_with_compute_by_hand():
+    # a 50 MB block gathers in 50e6 / 2.5e9 / 2 = 10 ms (half the 20 ms allreduce)
+    cl = two_workers(2.5e9)
+    # forward: gather 0 [0, 10]; block 0 computes [10, 60] while gather 1 runs [10, 20]; block 1 [60, 110].
+    # backward: gather 1 [110, 120]; block 1 [120, 220] while gather 0 runs [120, 130]; reduce-scatter 1
+    # [220, 230] while block 0 computes [220, 320]; reduce-scatter 0 [320, 330].
+    end, comm, count = shard_timeline(cl, two_blocks(), 2)
+    assert (end, comm, count) == (pytest.approx(0.33), pytest.approx(0.06), 6)
+    s = predict_step(cl, two_blocks(update_time=0.02), 2)
+    assert s.step_time == pytest.approx(0.33 + 0.01)  # each worker updates half the model
+    assert s.compute_time == pytest.approx(0.31) and s.exposed_comm == pytest.approx(0.03)
+    assert s.allreduces == 6
+
+
+def test_full_sharding_bound_by_the_network_by_hand():
+    cl = two_workers(3.125e8)  # 80 ms per block's gather or reduce-scatter
+    # forward: gather 0 [0, 80], block 0 [80, 130], gather 1 [80, 160], block 1 [160, 210];
+    # backward: gather 1 [210, 290], block 1 [290, 390], gather 0 [290, 370], reduce-scatter 1 [390, 470],
+    # block 0 [390, 490], reduce-scatter 0 [490, 570]
+    end, comm, _ = shard_timeline(cl, two_blocks(), 2)
+    assert end == pytest.approx(0.57) and comm == pytest.approx(0.48)
+
+
+def test_full_sharding_gathers_parameters_in_their_own_dtype():
+    cl = two_workers(2.5e9)
+    # bf16 weights gathered (25 MB per block: 5 ms), fp32 gradients reduce-scattered (10 ms):
+    # forward [5, 55] and [55, 105]; backward gather 1 [105, 110], block 1 [110, 210], gather 0 [110, 115],
+    # reduce-scatter 1 [210, 220], block 0 [210, 310], reduce-scatter 0 [310, 320]
+    end, comm, _ = shard_timeline(cl, two_blocks(gather_bytes=5e7), 2)
+    assert end == pytest.approx(0.32) and comm == pytest.approx(0.04)
+
+
+def test_full_sharding_with_accumulation_reduce_scatters_once():
+    cl = two_workers(2.5e9)
+    # the first micro-batch as above without its reduce-scatters: block 0's backward ends at 320 ms
+    assert shard_timeline(cl, two_blocks(), 2, reduce=False)[0] == pytest.approx(0.32)
+    s = predict_step(cl, two_blocks(accumulation_steps=2), 2)
+    assert s.step_time == pytest.approx(0.32 + 0.33) and s.allreduces == 4 + 6
+    assert s.compute_time == pytest.approx(0.6)
+
+
+def test_full_sharding_on_one_worker_has_no_communication():
+    s = predict_step(two_workers(2.5e9), two_blocks(), 1)
+    assert (s.step_time, s.comm_time, s.allreduces) == (pytest.approx(0.3), 0.0, 0)
+
+
+def test_optimizer_sharding_adds_a_parameter_allgather_after_the_update():
+    cl = two_workers(2.5e9)
+    # one bucket: the 100 MB allreduce (40 ms) after backward, the update (20 ms / 2), then the allgather of
+    # 100 MB of fp32 weights (20 ms)
+    wl = two_blocks("optimizer", gather_bytes=1e8, update_time=0.02)
+    s = predict_step(cl, replace(wl, bucket_bytes=1e12), 2)
+    assert s.step_time == pytest.approx(0.3 + 0.04 + 0.01 + 0.02) and s.allreduces == 2
+    none = predict_step(cl, replace(wl, shard="none", bucket_bytes=1e12), 2)
+    assert none.step_time == pytest.approx(0.3 + 0.04 + 0.02)
+
+
+def test_shard_workload_validation():
+    with pytest.raises(ValueError, match="shard='zero' is not allowed"):
+        two_blocks("zero")
+    with pytest.raises(ValueError, match="fusion='greedy' is not allowed with shard='full'"):
+        two_blocks(fusion="greedy")
+
+
+def test_cli_shard_full_with_params_prints_memory_and_writes_json(tmp_path, capsys):
+    js = str(tmp_path / "s.json")
+    assert main(["--params", "1e9", "--shard", "full", "--bytes-per-value", "2", "--optimizer", "lamb",
+                 "--compute-ms", "100", "--workers", "1,8", "--workers-per-node", "8", "--json", js]) == 0
+    out = capsys.readouterr().out
+    assert "memory per worker at 8 workers" in out
+    assert "1,000,000,000 parameters (--params), split evenly (tensor shapes not known)" in out
+    data = json.load(open(js))
+    w = data["workload"]
+    # under full: fp32 gradients reduce-scattered, bf16 parameters gathered
+    assert (w["shard"], w["gradient_bytes"], w["gather_bytes"]) == ("full", 4e9, 2e9)
+    mem = data["memory"]["per_worker"]
+    # 1e9 / 8 = 125e6 values per worker: 500 MB of parameters and of gradients, 1 GB of LAMB moments
+    assert mem["8"]["full"] == {"mode": "full", "parameters": 500_000_000, "gradients": 500_000_000,
+                                "optimizer": 1_000_000_000, "total": 2_000_000_000}
+    assert mem["8"]["optimizer"]["optimizer"] == 1_000_000_000 and mem["8"]["optimizer"]["parameters"] == 4e9
+    assert mem["8"]["none"]["total"] == 4e9 + 4e9 + 8e9 and mem["1"]["full"]["total"] == 16e9
+    lines = out.splitlines()
+    header = next(ln for ln in lines if ln.split()[:2] == ["workers", "nodes"])
+    assert header.split()[-1] == "GiB/worker" and "collectives" in header
+    row8 = lines[lines.index(header) + 2].split()
+    assert row8[0] == "8" and float(row8[-1]) == pytest.approx(2e9 / 2 ** 30, abs=0.005)
+
+
+def test_cli_shard_optimizer_with_a_zoo_model_counts_whole_tensors(tmp_path):
+    js = str(tmp_path / "s.json")
+    assert main(["--model", "resnet50", "--shard", "optimizer", "--compute-ms", "100", "--workers", "512",
+                 "--workers-per-node", "8", "--json", js]) == 0
+    mem = json.load(open(js))["memory"]
+    assert mem["exact_shapes"] is True and mem["parameters"] == 25_557_032
+    # 161 tensors on 512 workers: one at most each; the largest is a 3x3 convolution of 512 -> 512 channels
+    assert mem["per_worker"]["512"]["optimizer"]["optimizer"] == 4 * 512 * 512 * 3 * 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--params", "1.5", "--compute-ms", "10"], "--params 1.5 is not allowed: use a whole number of parameters >= 1"),
+    (["--params", "1e9", "--gradient-mb", "5", "--compute-ms", "10"], "--params and --gradient-mb both give"),
+    (["--params", "1e9", "--compute-ms", "10", "--shard", "full", "--fusion", "greedy"],
+     "fusion='greedy' is not allowed with shard='full'"),
+])
+def test_cli_bad_shard_input_is_one_line_and_exit_2(args, message):
+    r = run_module("largebatch.simulate", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_docs_sharding_transcripts_are_what_the_commands_print(capsys):
+    with open(os.path.join(REPO, "docs", "simulator.md")) as fh:
+        docs = fh.read()
+    section = docs[docs.index("### Coates et al. 2013"):]
+    block = section[section.index("```\n") + 4:]
+    block = block[:block.index("```")]
+    transcripts = block.split("$ ")[1:]
+    assert len(transcripts) == 6
+    for t in transcripts:
+        command, *shown = t.rstrip("\n").split("\n")
+        tail = None
+        if " | tail -" in command:
+            command, tail = command.split(" | tail -")
+        argv = command.split()
+        assert argv[:3] == ["python", "-m", "largebatch.simulate"]
+        assert main(argv[3:]) == 0
+        printed = capsys.readouterr().out.rstrip("\n").split("\n")
+        assert shown == (printed[-int(tail):] if tail else printed), command

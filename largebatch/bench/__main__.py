@@ -14,8 +14,12 @@ and writes ``DIR/bench-<name>.json``:
   overlap    compute only against the full synchronised step: the share of communication hidden
   optim      LARS and LAMB step time against SGD(foreach) on ResNet-50's parameters, fused SGD and
              AdamW beside them (target on the CPU <= 2x; on CUDA LARS <= 1.3x, LAMB <= 1.5x)
-  memory     peak resident memory of the engine against the plain loop (target <= 1.05x), and at
-             global batches 1K to 32K at a fixed micro-batch (accumulation keeps it flat)
+  memory     peak resident memory of the engine against the plain loop (target <= 1.05x), at
+             global batches 1K to 32K at a fixed micro-batch (accumulation keeps it flat), and the
+             bytes of parameters, gradients and LAMB state each worker holds under comm.shard none,
+             optimizer and full (targets on 2+ workers: optimizer state <= 0.55x of none with
+             optimizer, all three <= 0.55x with full; --memory-cases, --shard-model, --image-size,
+             --micro-batch, --steps)
   buckets    the size comm.bucket_mb=auto picks, against every candidate size and DDP's 25 MiB
              default timed side by side (--step-model, --image-size, --micro-batch)
   throughput images/s of fit's loop in steady state on one worker against a plain loop over batches
@@ -78,12 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--step-model", default="resnet18", help="model for overlap and buckets (default resnet18)")
     ap.add_argument("--image-size", type=int, default=None,
                     help="synthetic image size for overlap and buckets (default 64); throughput: replaces the "
-                         "cases' own")
+                         "cases' own; memory's shard case: default 32")
     ap.add_argument("--micro-batch", type=int, default=None,
-                    help="micro-batch for overlap and buckets (default 32); throughput: replaces the cases' own")
+                    help="micro-batch for overlap and buckets (default 32); throughput: replaces the cases' own; "
+                         "memory's shard case: default 8")
     ap.add_argument("--case", default=None, help="throughput: run this case only (resnet50 or resnet9)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="throughput: optimizer steps per timed window or round (default: the case's own)")
+                    help="throughput: optimizer steps per timed window or round (default: the case's own); "
+                         "memory's shard case: steps before counting (default 3)")
+    ap.add_argument("--memory-cases", default=None, metavar="LIST",
+                    help="memory: comma-separated cases among engine, accumulation, shard (default: all)")
+    ap.add_argument("--shard-model", default="resnet50",
+                    help="memory's shard case: the model, with LAMB and 1000 classes (default resnet50)")
     ap.add_argument("--compile", default="auto",
                     help="throughput: torch.compile the engine and the best plain loop: auto (on CUDA only), "
                          "true or false (default auto)")
@@ -111,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     from largebatch.bench import throughput
 
     throughput.check_args(args)
+    from largebatch.bench.memory import parse_cases
+
+    parse_cases(args.memory_cases)
+    from largebatch.models import available_models
+
+    if args.shard_model not in available_models():
+        raise UsageError(f"--shard-model {args.shard_model!r} is not a model of the zoo; choose from "
+                         f"{', '.join(available_models())}")
     # None: throughput keeps each case's own size and batch; overlap and buckets take 64 and 32
     args.case_image_size, args.case_micro_batch = args.image_size, args.micro_batch
     args.image_size = 64 if args.image_size is None else args.image_size

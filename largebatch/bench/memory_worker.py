@@ -1,6 +1,10 @@
 """One worker of a ``largebatch.bench memory`` measurement (started by it under torchrun).
 
-    python -m largebatch.bench.memory_worker engine|plain OUT.json STEPS [section.key=value ...]
+    python -m largebatch.bench.memory_worker engine|plain|shard OUT.json STEPS [section.key=value ...]
+
+``engine`` and ``plain`` report each worker's peak resident MiB; ``shard`` (the engine, under the
+config's comm.shard) reports each worker's bytes of parameters, gradients and optimizer state as
+it holds them after the steps, and its peak.
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def held_bytes(model: torch.nn.Module, optimizer) -> dict:
+    """Bytes of parameters, gradients and optimizer state this worker holds: the local shards of
+    DTensors (comm.shard=full), the state of ZeroRedundancyOptimizer's inner optimizer (only this
+    worker's tensors; comm.shard=optimizer)."""
+    from largebatch.distributed.shard import local
+
+    def size(t) -> int:
+        t = local(t)
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its share in .optim
+    state = sum(size(v) for st in inner.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+    return {"parameter_bytes": sum(size(p) for p in params),
+            "gradient_bytes": sum(size(p.grad) for p in params if p.grad is not None),
+            "optimizer_bytes": state}
+
+
 def main() -> None:
     mode, out, steps, overrides = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     from largebatch.config.loader import load_config
@@ -25,7 +47,7 @@ def main() -> None:
 
     cfg = load_config(None, overrides)
     topo = discover()
-    if mode == "engine":
+    if mode in ("engine", "shard"):
         from largebatch.engine import Trainer
         from largebatch.engine.guards import StopSignal
 
@@ -37,6 +59,8 @@ def main() -> None:
         for step in range(steps):
             trainer.run_step(batches, bp, step, stop)
         comm = trainer.comm
+        if mode == "shard":
+            held = held_bytes(comm.unwrap(trainer.model), trainer.optimizer)
     else:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -63,12 +87,13 @@ def main() -> None:
                 batch = train.__getitems__(list(range(start, start + bp.micro_batch)))
                 F.cross_entropy(ddp(batch.images), batch.labels).backward()
             sgd.step()
-    peaks = comm.all_gather_object(_peak_mib())
+    report = {**held, "peak_mib": _peak_mib()} if mode == "shard" else _peak_mib()
+    reports = comm.all_gather_object(report)
     if topo.is_main:
         with open(out, "w") as f:
-            json.dump(peaks, f)
+            json.dump(reports, f)
     comm.barrier()
-    if mode == "engine":
+    if mode in ("engine", "shard"):
         trainer.close()
     else:
         comm.close()
