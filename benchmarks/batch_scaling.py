@@ -5,6 +5,8 @@
         --small-batch 64 --image-size 14 --width 16 --epochs 20 --seeds 0 1 2
     python benchmarks/batch_scaling.py ... --methods lars+warmup --factors 32 \\
         --compression none fp16 powersgd --workers 2   # compressed allreduce at the largest batch
+    python benchmarks/batch_scaling.py ... --methods lars+warmup lamb+warmup --factors 32 \\
+        --shard none full --workers 2                  # sharded data parallelism at the largest batch
 
 Trains the same model for the same number of epochs at a small batch (momentum SGD, the
 baseline) and at batches ``factors`` times larger with:
@@ -28,7 +30,8 @@ final validation accuracy over the seeds, and the min-max range.
 ``--compression`` adds runs of each method at the largest batch on ``--workers`` gloo workers
 (started through torchrun on this machine) with each ``comm.compression``, PowerSGD at rank 2 from
 step 10: compression changes the averaged gradient, so these runs need real workers. 'none' on
-the same workers is their control.
+the same workers is their control. ``--shard`` does the same with each ``comm.shard`` ('none' is
+again the control): sharding must not change the optimisation, trust ratios included.
 """
 
 from __future__ import annotations
@@ -88,12 +91,14 @@ def train_once(args, method: str, batch: int, seed: int) -> dict:
     return summary
 
 
-def train_workers(args, method: str, batch: int, seed: int, compression: str) -> dict:
-    """One run on ``args.workers`` gloo workers started by torchrun, with ``comm.compression``."""
-    run_dir = os.path.join(args.out, "runs", f"{method}-b{batch}-s{seed}-w{args.workers}-{compression}")
+def train_workers(args, method: str, batch: int, seed: int, setting: tuple[str, str]) -> dict:
+    """One run on ``args.workers`` gloo workers started by torchrun, with ``setting`` (a
+    ('compression' or 'shard', value) pair: comm.compression or comm.shard)."""
+    key, value = setting
+    run_dir = os.path.join(args.out, "runs", f"{method}-b{batch}-s{seed}-w{args.workers}-{key}-{value}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
            "-m", "largebatch.train", *overrides(args, method, batch, seed, run_dir),
-           f"comm.compression={compression}", "checkpoint.resume=never", "comm.backend=gloo"]
+           f"comm.{key}={value}", "checkpoint.resume=never", "comm.backend=gloo"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
     t0 = time.perf_counter()
     with open(os.path.join(args.out, "train.log"), "a") as log:
@@ -106,14 +111,15 @@ def train_workers(args, method: str, batch: int, seed: int, compression: str) ->
     return summary
 
 
-def compression_table(results: list[dict]) -> str:
-    rows = [r for r in results if r.get("compression")]
+def workers_table(results: list[dict], key: str) -> str:
+    """The runs on several workers with each value of ``key`` ('compression' or 'shard')."""
+    rows = [r for r in results if r.get(key)]
     keys = sorted({(r["method"], r["batch"], r["workers"]) for r in rows}, key=str)
-    kinds = list(dict.fromkeys(r["compression"] for r in rows))
-    lines = ["| method | batch | workers | " + " | ".join(f"compression {c}" for c in kinds) + " |",
+    kinds = list(dict.fromkeys(r[key] for r in rows))
+    lines = ["| method | batch | workers | " + " | ".join(f"{key} {c}" for c in kinds) + " |",
              "|" + " --- |" * (3 + len(kinds))]
     for method, batch, workers in keys:
-        cells = [_cell([r["val_acc"] for r in rows if (r["method"], r["batch"], r["workers"], r["compression"])
+        cells = [_cell([r["val_acc"] for r in rows if (r["method"], r["batch"], r["workers"], r[key])
                         == (method, batch, workers, c)]) for c in kinds]
         lines.append(f"| {method} | {batch} | {workers} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -129,7 +135,7 @@ def _cell(accs: list[float]) -> str:
 def table(results: list[dict], small_batch: int, factors: list[int]) -> str:
     def accs(method, batch):
         return [r["val_acc"] for r in results if r["method"] == method and r["batch"] == batch
-                and not r.get("compression")]
+                and not r.get("compression") and not r.get("shard")]
 
     batches = [small_batch * f for f in factors]
     head = "| method | " + " | ".join([f"batch {small_batch}"] + [f"batch {b} ({f}×)" for b, f in zip(batches, factors)])
@@ -148,7 +154,7 @@ def plot(results: list[dict], small_batch: int, factors: list[int], path: str) -
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    results = [r for r in results if not r.get("compression")]
+    results = [r for r in results if not r.get("compression") and not r.get("shard")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     base = [r["val_acc"] for r in results if r["method"] == "sgd" and r["batch"] == small_batch]
     batches = [small_batch * f for f in factors]
@@ -190,7 +196,13 @@ def main() -> None:
     ap.add_argument("--compression", nargs="+", default=[], choices=("none", "fp16", "powersgd"),
                     help="also run each method at the largest batch on --workers workers with these "
                          "comm.compression values")
-    ap.add_argument("--workers", type=int, default=2, help="workers for the --compression runs (default 2)")
+    ap.add_argument("--shard", nargs="+", default=[], choices=("none", "optimizer", "full"),
+                    help="also run each method at the largest batch on --workers workers with these comm.shard "
+                         "values")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="workers for the --compression and --shard runs (default 2)")
+    ap.add_argument("--workers-only", action="store_true",
+                    help="only the --compression and --shard runs, not the one-process runs of the methods")
     ap.add_argument("--out", default="runs/batch_scaling")
     args = ap.parse_args()
     if args.small_batch is None:
@@ -198,33 +210,37 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     jobs = [("sgd", args.small_batch)] if "sgd" in args.methods else []
     jobs += [(m, args.small_batch * f) for f in args.factors for m in args.methods]
+    if args.workers_only:
+        jobs = []
     largest = args.small_batch * max(args.factors)
-    compressed = [(m, largest, c) for c in args.compression for m in args.methods]
+    on_workers = [(m, largest, ("compression", c)) for c in args.compression for m in args.methods]
+    on_workers += [(m, largest, ("shard", c)) for c in args.shard for m in args.methods]
     results = []
     for seed in args.seeds:
-        for method, batch, compression in [(m, b, None) for m, b in jobs] + compressed:
-            if compression is None:
+        for method, batch, setting in [(m, b, None) for m, b in jobs] + on_workers:
+            if setting is None:
                 s, where = train_once(args, method, batch, seed), ""
             else:
-                s = train_workers(args, method, batch, seed, compression)
-                where = f" on {args.workers} workers, compression {compression}"
+                s = train_workers(args, method, batch, seed, setting)
+                where = f" on {args.workers} workers, {setting[0]} {setting[1]}"
             results.append(dict(method=method, batch=batch, seed=seed, val_acc=s["val_acc"],
-                                best_val_acc=s["best_val_acc"], wall_s=s["wall_s"], compression=compression,
-                                workers=args.workers if compression else 1))
+                                best_val_acc=s["best_val_acc"], wall_s=s["wall_s"],
+                                **({setting[0]: setting[1]} if setting else {}),
+                                workers=args.workers if setting else 1))
             print(f"{method:<12} batch {batch:>5} seed {seed}{where}: val_acc {s['val_acc']:.4f} "
                   f"(best {s['best_val_acc']:.4f}) {s['wall_s']:.0f}s", flush=True)
             with open(os.path.join(args.out, "results.json"), "w") as fh:
                 json.dump(dict(args=vars(args), hyper=HYPER, results=results), fh, indent=1)
-    text = table(results, args.small_batch, args.factors)
-    if compressed:
-        text += "\n\n" + compression_table(results)
+    parts = [table(results, args.small_batch, args.factors)] if jobs else []
+    parts += [workers_table(results, key) for key in ("compression", "shard") if any(r.get(key) for r in results)]
+    text = "\n\n".join(parts)
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text + "\n")
     print()
     print(f"data {args.data} {args.root or ''}, model {args.model} (width {args.width}), {args.epochs} epochs, "
           f"seeds {args.seeds}: final validation accuracy %, mean ± std (min–max)")
     print(text)
-    if plot(results, args.small_batch, args.factors, os.path.join(args.out, "batch_scaling.png")):
+    if jobs and plot(results, args.small_batch, args.factors, os.path.join(args.out, "batch_scaling.png")):
         print(f"plot: {os.path.join(args.out, 'batch_scaling.png')}")
         curves(args, jobs)
 
