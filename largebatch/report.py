@@ -9,6 +9,7 @@ Reads each run's ``metrics.jsonl`` and ``config.yaml`` and writes to ``--out`` (
 - ``loss.png``       training loss against epochs and against wall time
 - ``lr.png``         the learning-rate schedule, step by step (rebuilt from the config)
 - ``throughput.png`` training images per second, epoch by epoch
+- ``noise_scale.png`` the gradient noise scale B_simple, epoch by epoch (runs with train.noise_scale=true)
 - ``summary.md``     final and best accuracy, time to target, images/s, cost, world size, global batch
 
 Each run is labelled by its folder name and the settings that differ between the runs given and
@@ -170,8 +171,8 @@ def summary_table(runs: list[Run]) -> str:
         return "—" if v is None else format(v, fmt)
 
     head = ("| run | final acc | best acc | top-5 | time to target | epoch at target | images/s | cost | "
-            "world size | global batch | wall time |")
-    rows = [head, "|" + " --- |" * 11]
+            "world size | global batch | wall time | noise scale |")
+    rows = [head, "|" + " --- |" * 12]
     for r in runs:
         s = r.summary or {}
         target = s.get("time_to_target_s")
@@ -180,6 +181,7 @@ def summary_table(runs: list[Run]) -> str:
             "—" if target is None else f"{target:.1f} s", num(s.get("epoch_to_target"), "d"),
             num(s.get("samples_per_sec"), ",.0f"), num(s.get("cost"), ".2f"), num(s.get("world_size"), "d"),
             num(s.get("global_batch"), "d"), "—" if s.get("elapsed_s") is None else f"{s['elapsed_s']:.1f} s",
+            num(s.get("noise_scale"), ",.0f"),
         ]) + " |")
     return "\n".join(rows)
 
@@ -246,6 +248,22 @@ def figures(runs: list[Run]) -> dict:
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)
     out["throughput.png"] = fig
+
+    noisy = [r for r in runs if any(e.get("noise_scale") is not None for e in r.epochs)]
+    if noisy:
+        fig, axes = plt.subplots(1, 2, figsize=(11 + legend_in, 4.2))
+        for r in noisy:
+            pts = [e for e in r.epochs if e.get("noise_scale") is not None]
+            axes[0].plot([e["epoch"] for e in pts], [e["noise_scale"] for e in pts], marker=".", label=r.label)
+            axes[1].plot([e["step"] for e in pts], [e["noise_scale"] for e in pts], marker=".", label=r.label)
+        for ax, xlabel in zip(axes, ("epoch", "optimizer step")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("noise scale B_simple (images)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        _legend_outside(fig, axes[1])
+        fig.suptitle("gradient noise scale")
+        out["noise_scale.png"] = fig
     for fig in out.values():
         fig.tight_layout()
     return out

@@ -249,6 +249,15 @@ class TrainConfig:
     train.global_batch); the batch plan and the scaled lr are recomputed at each boundary and
     validation uses the last phase's size. The epochs must add up to train.epochs. Empty: one
     phase of train.epochs at data.image_size and train.global_batch."""
+    noise_scale: bool = False
+    """Measure the gradient noise scale B_simple = tr(Σ)/|G|² (McCandlish et al. 2018) while training:
+    each epoch line of metrics.jsonl (and TensorBoard) gets noise_scale (in images), grad_sq_norm
+    (|G|²) and grad_var (tr Σ), smoothed over about the last 100 steps, and the summary the last
+    epoch's; python -m largebatch.advise turns them into advice on the global batch and the worker
+    count. It compares two batch sizes per step: the per-worker and the global batch on several
+    workers; the micro-batch and the batch on one worker, which then needs train.max_micro_batch
+    below its batch. One extra pass over the gradient per step. Not with comm.shard=full or
+    comm.compression=powersgd. Off: the step does nothing more."""
 
     def __post_init__(self):
         _require(self.global_batch >= 1, "train.global_batch", self.global_batch, "use an integer >= 1")
@@ -271,6 +280,7 @@ class TrainConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                  "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")
+        _require(isinstance(self.noise_scale, bool), "train.noise_scale", self.noise_scale, "use true or false")
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.device", self.device, DEVICES)
         _require(self.channels_last in (True, False, "auto"), "train.channels_last", self.channels_last,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from largebatch.distributed.noise_hook import LocalSquaredNorm, default_allreduce_hook, measuring
 from largebatch.distributed.rendezvous import endpoint
 from largebatch.distributed.shard import SHARD_MODES, device_mesh, fully_shard_model, is_fsdp, local, shard_units
 from largebatch.distributed.topology import Topology
@@ -239,7 +240,7 @@ class Communicator:
     def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: Optional[float],
                  timeout_s: float = 600.0, master_addr: Optional[str] = None, compression: str = "none",
                  powersgd_rank: int = 2, powersgd_start_step: int = 10, shard: str = "none",
-                 param_dtype: Optional[torch.dtype] = None):
+                 param_dtype: Optional[torch.dtype] = None, noise_scale: bool = False):
         if shard not in SHARD_MODES:
             raise ValueError(f"shard={shard!r}: use one of {', '.join(SHARD_MODES)}")
         if shard == "full" and (backend == "mpi" or compression != "none"):
@@ -254,6 +255,8 @@ class Communicator:
         self.compression, self.powersgd_rank, self.powersgd_start_step = compression, powersgd_rank, powersgd_start_step
         self.powersgd_state = None
         self.distributed = topology.world_size > 1
+        # train.noise_scale: each worker's |G_b|², summed over the gradient buckets by the DDP hook
+        self.noise_meter = LocalSquaredNorm() if noise_scale and self.distributed and shard != "full" else None
         self.store = None
         self.hook = None
         self.owns_group = False  # started the process group here, so close() ends it
@@ -314,23 +317,27 @@ class Communicator:
             gradient_as_bucket_view=True,
             **({} if sync_weights or not _DDP_TAKES_INIT_SYNC else {"init_sync": False}),
         )
+        hook, state = None, None
         if self.backend == "mpi":
             from largebatch.distributed import mpi
 
             self.hook = self.hook or mpi.AllreduceHook(fp16=self.compression == "fp16")
-            ddp.register_comm_hook(state=None, hook=self.hook.allreduce)
+            hook = self.hook.allreduce
         elif self.compression in ("fp16", "bf16"):
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
             hook = default_hooks.fp16_compress_hook if self.compression == "fp16" else default_hooks.bf16_compress_hook
-            ddp.register_comm_hook(state=None, hook=hook)
         elif self.compression == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
             self.powersgd_state = powerSGD_hook.PowerSGDState(
                 process_group=None, matrix_approximation_rank=self.powersgd_rank,
                 start_powerSGD_iter=powersgd_start_step or self.powersgd_start_step, random_seed=0)
-            ddp.register_comm_hook(state=self.powersgd_state, hook=_one_bucket_at_a_time(powerSGD_hook.powerSGD_hook))
+            hook, state = _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook), self.powersgd_state
+        if self.noise_meter is not None:  # torch's own allreduce hook where DDP would use its built-in one
+            hook = measuring(hook or default_allreduce_hook(), self.noise_meter)
+        if hook is not None:
+            ddp.register_comm_hook(state=state, hook=hook)
         return ddp
 
     def _shard_fully(self, model: nn.Module, sync_weights: bool) -> nn.Module:
@@ -338,6 +345,11 @@ class Communicator:
             self._broadcast_tensors([t.detach() for t in model.parameters()] + list(model.buffers()))
         self.shard_blocks = len(shard_units(model))
         return fully_shard_model(model, device_mesh(self.world_size, self.device), self.param_dtype)
+
+    def local_sq_norm(self) -> torch.Tensor:
+        """train.noise_scale: |G_b|² of this worker's gradient in the last backward pass that ran the
+        allreduce (0-dim float32 on the device, not read), and a fresh sum."""
+        return self.noise_meter.take(self.device)
 
     @property
     def world_size(self) -> int:

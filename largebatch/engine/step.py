@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largebatch.distributed import local
+from largebatch.engine.noise import batch_sizes, first_micro_batch_sq_norm, squared_norm_of_norms
 
 APPLIED, NONFINITE, SCALER_SKIP = 1, 0, 2
 
@@ -40,7 +41,8 @@ class Stepper:
     def __init__(self, model: nn.Module, bare_model: nn.Module, optimizer: torch.optim.Optimizer, comm,
                  device: torch.device, autocast: Callable, scaler: Optional[torch.amp.GradScaler], faults,
                  label_smoothing: float = 0.0, channels_last: bool = False,
-                 on_allreduce_error: Callable[[BaseException, int], None] = None):
+                 on_allreduce_error: Callable[[BaseException, int], None] = None, noise=None,
+                 noise_source: Optional[str] = None):
         self.model, self.optimizer, self.comm, self.device = model, optimizer, comm, device
         self.autocast, self.scaler, self.faults = autocast, scaler, faults
         self.label_smoothing = label_smoothing
@@ -53,6 +55,9 @@ class Stepper:
         # flag; any other optimizer is stepped only after the flag is read on the host. Under
         # comm.shard=optimizer the optimizer inside the ZeroRedundancyOptimizer decides.
         self.device_skip = getattr(optimizer, "_step_supports_amp_scaling", False)
+        # train.noise_scale: a largebatch.engine.noise.NoiseScale, and where its two batch sizes come
+        # from ('workers' or 'micro-batches'); None: nothing is measured and the step does no more.
+        self.noise, self.noise_source = noise, noise_source
 
     def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A micro-batch on the device, in the model's memory format."""
@@ -70,6 +75,9 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         wait = 0.0
+        small = None  # train.noise_scale: |G_b|² of the smaller batch, on the device
+        if self.noise is not None and self.noise_source == "workers":
+            self.comm.noise_meter.reset()
         for k in range(accum_steps):
             t0 = time.perf_counter()
             x, y = next(batches)
@@ -90,8 +98,24 @@ class Stepper:
                     self._backward(scaled, step)
                 else:
                     scaled.backward()
+                    if k == 0 and self.noise is not None and self.noise_source == "micro-batches":
+                        # the first micro-batch's gradient is G_b / accum_steps (loss / per_worker_batch)
+                        small = first_micro_batch_sq_norm([p.grad for p in self.params], accum_steps,
+                                                          self._loss_scale())
             total += loss.detach().double()
-        return total, self._update(), wait
+        sizes = None
+        if self.noise is not None:
+            if self.noise_source == "workers":
+                small = self.comm.local_sq_norm()
+                if self.scaler is not None:  # the hook saw the scaled gradient
+                    small = small / self._loss_scale().float().square()
+            sizes = batch_sizes(self.noise_source, per_worker_batch * self.comm.topology.world_size,
+                                per_worker_batch, per_worker_batch // accum_steps)
+        return total, self._update(small, sizes), wait
+
+    def _loss_scale(self) -> Optional[torch.Tensor]:
+        """fp16's loss scale as a device tensor, or None."""
+        return None if self.scaler is None else self.scaler._get_scale_async()
 
     def _backward(self, loss: torch.Tensor, step: int) -> None:
         try:
@@ -102,16 +126,22 @@ class Stepper:
             self.on_allreduce_error(exc, step)
             raise
 
-    def _update(self) -> torch.Tensor:
-        """Check the averaged gradient and apply it, or skip the update, all on the device."""
+    def _update(self, small: Optional[torch.Tensor] = None, sizes: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Check the averaged gradient and apply it, or skip the update, all on the device. With
+        ``small`` (train.noise_scale: |G_b|²) and ``sizes`` (b, B), the step is folded into the noise
+        scale's averages first, from the per-tensor norms of the check (LARS and LAMB rewrite the
+        gradients in place)."""
         opt = self.optimizer
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         grads = [local(p.grad) for p in self.params if p.grad is not None]
-        found = (~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()) if grads else \
+        norms = torch._foreach_norm(grads) if grads else []
+        found = (~torch.isfinite(torch.stack(norms)).all()) if grads else \
             torch.zeros((), dtype=torch.bool, device=self.device)
         if self.agree:
             found = self.comm.any_on_device(found)
+        if small is not None and norms:  # |G_B|² of the averaged gradient; a non-finite step is left out
+            self.noise.update(small, squared_norm_of_norms(norms), *sizes, skip=found)
         if self.scaler is not None:
             self.scaler.step(opt)  # hands its own found_inf to the optimizer, or skips after reading it
             self.scaler.update()

@@ -33,6 +33,7 @@ from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_c
 from largebatch.engine.precise_bn import recompute_batchnorm
 from largebatch.engine.run_plan import Phase, RunPlan, check_trainable, has_batchnorm, make_run_plan, phase_line
 from largebatch.engine import checkpoint as ckpt
+from largebatch.engine.noise import NoiseScale, choose_source
 from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
 from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
 from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger, Stepper
@@ -169,7 +170,7 @@ class Trainer:
                                  master_addr=cfg.comm.master_addr, compression=cfg.comm.compression,
                                  powersgd_rank=cfg.comm.powersgd_rank,
                                  powersgd_start_step=cfg.comm.powersgd_start_step, shard=cfg.comm.shard,
-                                 param_dtype=param_dtype)
+                                 param_dtype=param_dtype, noise_scale=cfg.train.noise_scale)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype and param_dtype is None \
             else contextlib.nullcontext
         self.scaler = self.comm.grad_scaler() if cfg.train.precision == "fp16" else None
@@ -208,6 +209,7 @@ class Trainer:
         self.train_set, self.val_set, self.info = parts.train_set, parts.val_set, parts.info
         self.model_name, self.data_name = parts.model_name, parts.data_name
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
+        self.noise_source = self._noise_source() if cfg.train.noise_scale else None
         sizes = sorted({p.image_size or self.info.image_size for p in self.plan.phases})
         limit = self.info.max_image_size
         if limit is not None and sizes[-1] > limit:
@@ -274,7 +276,10 @@ class Trainer:
                     self.loader.start()
         self.stepper = Stepper(self.model, self.bare_model, self.optimizer, self.comm, self.device, self.autocast,
                                self.scaler, self.faults, cfg.train.label_smoothing, self.channels_last,
-                               on_allreduce_error=self._name_missing_workers)
+                               on_allreduce_error=self._name_missing_workers,
+                               noise=NoiseScale(self.device) if self.noise_source else None,
+                               noise_source=self.noise_source)
+        self.noise_values = None  # train.noise_scale: the last epoch's estimates (NoiseEstimate)
         if cfg.train.compile is not False:
             size = first.image_size or self.info.image_size
             # Under comm.shard=full the rehearsal reduce-scatters its gradients: every worker runs it
@@ -288,6 +293,29 @@ class Trainer:
                 "set train.compile=false"))
             self.compile_s = seconds
         self.built_s = time.perf_counter() - self.started
+
+    def _noise_source(self) -> str:
+        """train.noise_scale: where the two batch sizes come from, or a one-line refusal."""
+        cfg, workers = self.cfg, self.topology.world_size
+        if cfg.comm.shard == "full":
+            raise UsageError("train.noise_scale=true needs each worker's gradient before it is averaged, which "
+                             "comm.shard=full (FSDP2) never holds; use comm.shard=optimizer or none, or "
+                             "train.noise_scale=false")
+        if cfg.comm.compression == "powersgd":
+            raise UsageError("train.noise_scale=true measures the averaged gradient, which comm.compression=powersgd "
+                             "replaces by a low-rank approximation; use comm.compression=none or fp16, or "
+                             "train.noise_scale=false")
+        source = None
+        for phase in self.plan.phases:
+            bp = phase.batch
+            try:
+                source = choose_source(workers, bp.accum_steps)
+            except ValueError:
+                raise UsageError(f"train.noise_scale=true compares the gradients of two batch sizes, and one worker "
+                                 f"without accumulation steps sees one (global batch {bp.global_batch}); set "
+                                 f"train.max_micro_batch={max(1, bp.per_worker_batch // 2)} or lower, or train on 2 "
+                                 "or more workers") from None
+        return source
 
     def _choose_data_path(self) -> "_DataPath":
         """data.device_cache: hold the dataset on the device, or read it through the loader."""
@@ -383,6 +411,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.stepper.noise is not None and state.get("noise"):
+            self.stepper.noise.load_state_dict(state["noise"])
         ckpt.set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
         if same_world:
             loss_part, window_part = state["loss_parts"][topo.rank], state["window_parts"][topo.rank]
@@ -406,12 +436,16 @@ class Trainer:
         self._gather_skipped(record)
         rngs = self.comm.all_gather_object(ckpt.rng_state(self.device))
         parts = self.comm.all_gather_object((float(loss_sum.item()), float(window_loss.item())))
-        error = self._write_checkpoint(pos, record, rngs, parts, window_steps)
+        noise = None
+        if self.stepper.noise is not None:  # the workers' averages made equal (changes no later value), kept
+            self.stepper.noise.epoch_values(self.comm.all_reduce_sum)
+            noise = self.stepper.noise.state_dict()
+        error = self._write_checkpoint(pos, record, rngs, parts, window_steps, noise)
         # every worker learns whether rank 0 managed, so none waits for a rank 0 that has stopped
         self.comm.raise_if_any_failed(error, kind=RunStopped)
 
     def _write_checkpoint(self, pos: _Position, record: _Record, rngs: list, parts: list,
-                          window_steps: int) -> Optional[RunStopped]:
+                          window_steps: int, noise: Optional[dict] = None) -> Optional[RunStopped]:
         """Every worker; returns this worker's failure to write, if any."""
         from largebatch.distributed import sharded_state
         from largebatch.distributed.shard import is_fsdp
@@ -427,6 +461,7 @@ class Trainer:
         state = dict(scaler=None if self.scaler is None else self.scaler.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
+                     noise=noise,
                      world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
                      bucket_mb=None if self.bucket_choice is None else self.bucket_choice.bucket_mb,
                      config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
@@ -567,12 +602,18 @@ class Trainer:
                     extra.update(global_batch=bp.global_batch, image_size=phase.image_size or self.info.image_size)
                 if self.info.reads_files:
                     extra["skipped_files"] = record.skipped_files
+                if self.stepper.noise is not None:  # every worker: one allreduce of three numbers
+                    self.noise_values = self.stepper.noise.epoch_values(self.comm.all_reduce_sum)
+                    extra.update(self.noise_values.fields())
+                noise_scale = None if self.noise_values is None else self.noise_values.noise_scale
                 metrics.write("epoch", epoch=epoch + 1, step=pos.step, train_loss=train_loss, val_loss=result.loss,
                               val_acc=result.accuracy, **extra, lr=lr, samples_per_sec=sps, elapsed_s=pos.elapsed,
                               skipped_steps=pos.skipped_steps)
                 progress.print(f"epoch {epoch + 1:>3}/{plan.epochs}  step {pos.step:>6}  train_loss {train_loss:.4f}  "
                                f"val_loss {result.loss:.4f}  val_acc {result.accuracy:.4f}"
                                + (f"  top5 {result.top5:.4f}" if result.top5 is not None else "")
+                               + ("" if self.noise_values is None else "  noise scale "
+                                  + ("— (noise swamps the gradient)" if noise_scale is None else f"{noise_scale:,.0f}"))
                                + f"  lr {lr:.4g}  {sps:,.0f} img/s  {pos.elapsed:.1f}s")
                 pos.epoch, pos.step_in_epoch, pos.skipped_in_epoch = epoch + 1, 0, 0
                 if cfg.checkpoint.at_epoch_end:
@@ -798,6 +839,8 @@ class Trainer:
             summary["scaler_skipped_steps"] = pos.scaler_skipped_steps
         if getattr(self, "startup_s", None) is not None:
             summary["startup_s"] = self.startup_s
+        if getattr(self, "noise_values", None) is not None:
+            summary.update(self.noise_values.fields())
         if result.top5 is not None:
             summary.update(val_acc_top5=result.top5, best_val_acc_top5=record.best_top5)
         if self.info.reads_files:
