@@ -1,0 +1,200 @@
+"""python -m largebatch.advise: McCandlish et al.'s steps model from a run's noise scale, joined to the simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_module
+from largebatch import advise, simulate
+from largebatch.advise import Segment, fit_curve, knee, read_run, steps_model
+from largebatch.config import load_config, to_dict
+from largebatch.errors import UsageError
+
+
+# -- the model ---------------------------------------------------------------------------------------------
+
+def test_one_noise_scale_gives_mccandlish_curve_through_the_measured_run():
+    model = steps_model([Segment(steps=600, batch=32, noise_scale=96)])
+    assert model.b_crit == pytest.approx(96)
+    assert model.steps(32) == pytest.approx(600)  # the measured run lies on its curve
+    assert model.s_min == pytest.approx(600 / (1 + 96 / 32))
+    for batch in (8, 96, 1000):  # S/S_min - 1 = (E/E_min - 1)^-1
+        s, e = model.steps(batch), model.images(batch)
+        assert s / model.s_min - 1 == pytest.approx(1 / (e / model.e_min - 1))
+    assert model.steps(96) == pytest.approx(2 * model.s_min)  # at B_crit: twice the fewest steps
+
+
+def test_epochs_of_growing_noise_are_each_rescaled_and_sum_to_the_same_form():
+    segments = [Segment(250, 32, 40), Segment(250, 32, 160), Segment(100, 64, 640)]  # a phase doubles the batch
+    model = steps_model(segments)
+    for batch in (16, 64, 512, 8192):
+        per_epoch = sum(s.steps * (1 + s.noise_scale / batch) / (1 + s.noise_scale / s.batch) for s in segments)
+        assert model.steps(batch) == pytest.approx(per_epoch)
+    assert 40 < model.b_crit < 640 and model.measured_steps == 600 and model.measured_batch == 32
+    with pytest.raises(ValueError):
+        steps_model([Segment(100, 32, 0.0)])
+
+
+def test_knee_and_fit_find_the_critical_batch_of_an_exact_curve():
+    truth = advise.StepsModel(s_min=50, b_crit=300, measured_batch=32, measured_steps=0)
+    batches = [32 * 2 ** i for i in range(8)]
+    steps = [truth.steps(b) for b in batches]
+    assert knee(batches, steps) == pytest.approx(300, rel=0.15)  # S(2B)/S(B) = 0.75 exactly at B_crit
+    fitted = fit_curve(batches, steps)
+    assert fitted.s_min == pytest.approx(50) and fitted.b_crit == pytest.approx(300)
+    assert knee([32, 64], [100, 99]) == 32.0  # already flat
+    assert knee([32, 64, 128], [100, 50, 25]) is None  # still halving
+    with pytest.raises(ValueError):
+        knee([32, 96], [10, 5])
+
+
+# -- a run folder ------------------------------------------------------------------------------------------
+
+def _run(folder, epochs, *, batch=64, target=None, reached=None, price=None, weights=True, summary=True,
+         extra=()) -> str:
+    """A run folder as the trainer writes it: config.yaml, metrics.jsonl, checkpoints/final.pt."""
+    os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
+    overrides = [f"run.dir={folder}", f"train.global_batch={batch}", f"train.epochs={len(epochs)}", *extra]
+    if target is not None:
+        overrides.append(f"train.target_accuracy={target}")
+    if price is not None:
+        overrides.append(f"run.cost_per_node_hour={price}")
+    with open(os.path.join(folder, "config.yaml"), "w") as fh:
+        yaml.safe_dump(to_dict(load_config(None, overrides)), fh)
+    lines = [dict(event="epoch", epoch=i + 1, step=125 * (i + 1), train_loss=1.0 / (i + 1), val_acc=e[0],
+                  samples_per_sec=4000.0, lr=0.1, elapsed_s=i + 1.0, **e[1]) for i, e in enumerate(epochs)]
+    if summary:
+        lines.append(dict(event="summary", val_acc=epochs[-1][0], best_val_acc=max(e[0] for e in epochs),
+                          world_size=1, samples_per_sec=4000.0, global_batch=batch, steps=125 * len(epochs),
+                          epoch_to_target=reached, time_to_target_s=None if reached is None else 1.0))
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as fh:
+        fh.write("".join(json.dumps(x) + "\n" for x in lines))
+    if weights:
+        state = {"conv.weight": torch.zeros(500, 100), "bn.weight": torch.zeros(100),
+                 "bn.running_mean": torch.zeros(100), "bn.num_batches_tracked": torch.zeros((), dtype=torch.long)}
+        torch.save({"model": state, "step": 125 * len(epochs)}, os.path.join(folder, "checkpoints", "final.pt"))
+    return folder
+
+
+def _ns(scale, g2=0.01):
+    return dict(noise_scale=scale, grad_sq_norm=g2, grad_var=None if scale is None else scale * g2)
+
+
+EPOCHS = [(0.90, _ns(None, -0.01)), (0.95, _ns(200)), (0.97, _ns(400)), (0.98, _ns(800))]
+
+
+def test_a_run_folder_gives_its_segments_up_to_the_target(tmp_path):
+    run = _run(str(tmp_path / "run"), EPOCHS)
+    whole = read_run(run)  # no target: the whole run, the loss it ended at
+    assert [s.steps for s in whole.segments] == [125, 125, 125, 125]
+    assert [s.noise_scale for s in whole.segments] == [200, 200, 400, 800]  # the first epoch's gap is filled
+    assert whole.global_batch == 64 and whole.micro_batch == 64 and whole.num_train == 8000
+    assert whole.gradient_bytes == (500 * 100 + 100) * 4  # running statistics are not gradients
+    to_96 = read_run(run, 0.96)  # crossed halfway through the third epoch
+    assert [s.steps for s in to_96.segments] == [125, 125, pytest.approx(62.5)]
+    assert "val_acc 0.96" in to_96.target
+    reached = read_run(_run(str(tmp_path / "reached"), EPOCHS, target=0.95, reached=2))  # the run's own target
+    assert sum(s.steps for s in reached.segments) == pytest.approx(250)
+    with pytest.raises(UsageError, match="never reached val_acc 0.99 \\(best 0.9800\\)"):
+        read_run(run, 0.99)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d, "is not a run folder: metrics.jsonl is missing"),
+    (lambda d: _run(d, [(0.9, {}), (0.95, {})]), "was trained without train.noise_scale=true"),
+    (lambda d: _run(d, [(0.9, _ns(None, -1.0)), (0.95, _ns(None, -1.0))]), "noise swamped"),
+])
+def test_runs_without_a_noise_scale_are_refused_in_one_line(tmp_path, make, message):
+    folder = str(tmp_path / "run")
+    os.makedirs(folder)
+    with pytest.raises(UsageError, match=message):
+        read_run(make(folder))
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+CLUSTER = ["--workers-per-node", "4", "--intra-gbit", "100", "--inter-gbit", "25", "--inter-latency-us", "20"]
+
+
+def test_the_table_marks_the_fastest_and_the_cheapest_and_agrees_with_the_simulator(tmp_path, capsys):
+    run = _run(str(tmp_path / "run"), EPOCHS, price=3.0)
+    out_json, out_png = str(tmp_path / "advice.json"), str(tmp_path / "advice.png")
+    assert advise.main([run, *CLUSTER, "--compute-ms", "50", "--micro-batch", "32", "--gradient-mb", "40",
+                        "--workers", "1,4,16,64", "--batches", "64,256,1024,4096", "--json", out_json,
+                        "--plot", out_png]) == 0
+    text = capsys.readouterr().out
+    doc = json.load(open(out_json))
+    rows = [advise.Choice(**c) for c in doc["choices"]]
+    assert {(r.global_batch, r.workers) for r in rows} == {(b, n) for b in (64, 256, 1024, 4096) for n in (1, 4, 16, 64)
+                                                            if b % n == 0}
+    fast, cheap = advise.Choice(**doc["fastest"]), advise.Choice(**doc["cheapest"])
+    assert fast.wall_s == min(r.wall_s for r in rows) and cheap.cost == min(r.cost for r in rows)
+    cluster = simulate.Cluster(**doc["cluster"])
+    for r in rows:
+        assert r.steps == pytest.approx(steps_model(read_run(run).segments).steps(r.global_batch))
+        work = simulate.Workload(**{**doc["workload"], "compute_time": 0.05 * r.micro_batch / 32,
+                                    "micro_batch": r.micro_batch, "accumulation_steps": r.accum_steps})
+        assert r.step_time == pytest.approx(simulate.predict_step(cluster, work, r.workers).step_time)
+        assert r.micro_batch * r.accum_steps * r.workers == r.global_batch and r.micro_batch <= 32
+        assert r.wall_s == pytest.approx(r.steps * r.step_time)
+        assert r.cost == pytest.approx(3.0 * r.nodes * r.wall_s / 3600)  # the run's price
+    assert "<- fastest" in text and "<- cheapest" in text and "assumptions:" in text
+    assert all(a in text for a in advise.ASSUMPTIONS)
+    with open(out_png, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compute_time_and_gradient_come_from_the_run_when_not_given(tmp_path, capsys):
+    # a probe's micro-batches (here 4 of 16) serve the measurement: the largest micro-batch in the
+    # simulation is the per-worker batch unless --micro-batch says otherwise
+    run = _run(str(tmp_path / "run"), EPOCHS, extra=["train.max_micro_batch=16"])
+    assert read_run(run).micro_batch == 16 and read_run(run).per_worker_batch == 64
+    assert advise.main([run, *CLUSTER, "--workers", "1,4", "--batches", "64,128"]) == 0
+    text = capsys.readouterr().out
+    # 4,000 images/s on one worker: 16 ms per micro-batch of 64; 50,100 parameters x 4 bytes
+    assert "16.00 ms per micro-batch of 64" in text and "gradient 0.20 MB" in text
+    assert "node-hours" in text  # no price: cost in node-hours
+    bare = _run(str(tmp_path / "bare"), EPOCHS, weights=False)
+    with pytest.raises(UsageError, match="no checkpoints/final.pt to size the gradient: give --gradient-mb"):
+        advise.main([bare, *CLUSTER])
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give one run folder"),
+    (["RUN", "--validate"], "--validate is an option of python -m largebatch.simulate that advise does not take"),
+    (["RUN", "--batches", "64,x"], "--batches '64,x': 'x' is not an integer"),
+    (["RUN", "--target-accuracy", "2"], "--target-accuracy 2 is not allowed"),
+    (["RUN", "--workers", "3", "--batches", "64"], "no worker count of [3] divides"),
+    (["RUN", "--config", "x.yaml"], "--config describes a probe run: add --probe"),
+    (["RUN", "--compute-ms", "-1"], "--compute-ms -1 is not allowed"),
+])
+def test_bad_input_is_one_line(tmp_path, argv, message):
+    run = _run(str(tmp_path / "run"), EPOCHS)
+    argv = [run if a == "RUN" else a for a in argv]
+    with pytest.raises(UsageError) as err:
+        advise.main(argv + CLUSTER)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_command_exits_2_with_one_line(tmp_path):
+    r = run_module("largebatch.advise", str(tmp_path / "missing"), *CLUSTER)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"largebatch: error: '{tmp_path / 'missing'}' is not a run folder: "
+                                             "metrics.jsonl is missing; give the run.dir of a run trained with "
+                                             "train.noise_scale=true, or use --probe"]
+
+
+def test_a_probe_run_trains_with_the_noise_scale_and_is_read(tmp_path, capsys):
+    run = str(tmp_path / "probe")
+    assert advise.main(["--probe", f"run.dir={run}", "train.global_batch=64", "train.epochs=2", "model.width=8",
+                        *CLUSTER, "--workers", "1,4", "--batches", "64,256"]) == 0
+    cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+    assert cfg["train"]["noise_scale"] is True and cfg["train"]["max_micro_batch"] == 16
+    measured = read_run(run)
+    assert len(measured.segments) == 2 and all(s.noise_scale > 0 for s in measured.segments)
+    assert "fastest:" in capsys.readouterr().out
