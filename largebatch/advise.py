@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Optional, Sequence
 
 from largebatch.errors import UsageError, run_cli
+from largebatch.report import read_metrics
 
 ASSUMPTIONS = (
     "B_crit = B_simple: the simple noise scale (per-image gradient variance / squared gradient) stands in for "
@@ -189,18 +190,6 @@ class Measured:
     cost_per_node_hour: Optional[float]
 
 
-def _lines(path: str) -> list[dict]:
-    out = []
-    with open(path) as fh:
-        for n, text in enumerate(fh, 1):
-            if text.strip():
-                try:
-                    out.append(json.loads(text))
-                except json.JSONDecodeError:
-                    raise UsageError(f"{path} line {n} is not JSON; the file is damaged") from None
-    return out
-
-
 def _gradient_bytes(run_dir: str) -> Optional[float]:
     path = os.path.join(run_dir, "checkpoints", "final.pt")
     if not os.path.isfile(path):
@@ -228,7 +217,7 @@ def read_run(run_dir: str, target_accuracy: Optional[float] = None) -> Measured:
         if not os.path.isfile(f):
             raise UsageError(f"'{run_dir}' is not a run folder: {os.path.basename(f)} is missing; give the run.dir "
                              "of a run trained with train.noise_scale=true, or use --probe")
-    lines = _lines(metrics)
+    lines = read_metrics(metrics)
     with open(config) as fh:
         cfg = yaml.safe_load(fh) or {}
     epochs = [x for x in lines if x.get("event") == "epoch"]

@@ -40,19 +40,25 @@ class Run:
     label: str = ""
 
 
-def load_run(path: str) -> Run:
-    metrics, config = os.path.join(path, "metrics.jsonl"), os.path.join(path, "config.yaml")
-    for f in (metrics, config):
-        if not os.path.isfile(f):
-            raise UsageError(f"'{path}' is not a run folder: {os.path.basename(f)} is missing")
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file; a line that is not JSON is named in a UsageError."""
     lines = []
-    with open(metrics) as fh:
+    with open(path) as fh:
         for n, text in enumerate(fh, 1):
             if text.strip():
                 try:
                     lines.append(json.loads(text))
                 except json.JSONDecodeError:
-                    raise UsageError(f"{metrics} line {n} is not JSON; the file is damaged") from None
+                    raise UsageError(f"{path} line {n} is not JSON; the file is damaged") from None
+    return lines
+
+
+def load_run(path: str) -> Run:
+    metrics, config = os.path.join(path, "metrics.jsonl"), os.path.join(path, "config.yaml")
+    for f in (metrics, config):
+        if not os.path.isfile(f):
+            raise UsageError(f"'{path}' is not a run folder: {os.path.basename(f)} is missing")
+    lines = read_metrics(metrics)
     with open(config) as fh:
         cfg = yaml.safe_load(fh) or {}
     summaries = [x for x in lines if x.get("event") == "summary"]
