@@ -3,6 +3,10 @@
 Every process started here trains on the CPU, whatever GPUs the machine has (CUDA_VISIBLE_DEVICES
 is emptied), so that the multi-process tests behave the same on a GPU workstation; tests of the
 CUDA paths pass ``cuda=True`` and are skipped where no GPU is visible.
+
+``python -m MODULE`` processes (run_module, launch_workers, start) are forked from servers that have
+imported torch already (see forkserver.py), which saves each one 4-5 s of CPU; torchrun's agent and
+the workers it starts, and the documented commands, are exec'd as a user's are.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import forkserver
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENVIRON = dict(os.environ)
+"""The environment pytest started with: the fork servers' (a test's monkeypatched variables are not)."""
 TIMEOUT_S = 240
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -31,8 +39,8 @@ class Result:
     """For launch_workers: wall time from the start until this worker had exited."""
 
 
-def _env(extra: dict | None = None, cuda: bool = False) -> dict:
-    env = dict(os.environ)
+def _env(extra: dict | None = None, cuda: bool = False, base: dict | None = None) -> dict:
+    env = dict(os.environ if base is None else base)
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
     # Whatever launched pytest (torchrun, mpirun, an sbatch script) must not leak into the runs.
@@ -53,12 +61,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_SERVERS: dict[int, forkserver.Server] = {}
+
+
+def start(module: str, *args: str, cwd: str | None = None, env: dict | None = None, slot: int = 0,
+          new_session: bool = False):
+    """``python -m module args`` (``python module args`` for a path ending in .py) with stdout and
+    stderr piped, ``env`` as it is (build it with _env): forked from fork server ``slot`` where the
+    environment allows it, else exec'd. Returns a subprocess.Popen or a forkserver.Process (the same
+    poll, wait, communicate, send_signal, kill, pid and returncode)."""
+    cwd = os.path.abspath(cwd or os.getcwd())
+    env = _env() if env is None else env
+    if forkserver.enabled():
+        for k in range(max(slot, 1) + 1):  # rank 0's and rank 1's servers import side by side
+            if k not in _SERVERS:
+                _SERVERS[k] = forkserver.Server(_env(base=_ENVIRON))
+                _SERVERS[k].launch()
+        server = _SERVERS[slot]
+        if forkserver.servable(env, server.env):
+            return server.spawn(module, list(args), cwd, env, new_session=new_session)
+    target = [module] if module.endswith(".py") else ["-m", module]
+    return subprocess.Popen([sys.executable, *target, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+
+
+LONGEST_FIRST = ("test_training.py", "test_docs_commands.py", "test_reliability.py", "test_engine_speed.py",
+                 "test_api.py", "test_bench.py", "test_observe.py", "test_first_hour.py", "test_simulate.py")
+"""Files that take longest, run first: with two pytest workers (pyproject's addopts) taking whole
+files, the last files to start are short ones and neither worker waits long for the other."""
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: the rest in order
+
+
+def pytest_sessionfinish(session):
+    """The fork servers stop with the session (the processes they started have all been waited for)."""
+    for server in _SERVERS.values():
+        server.close()
+    _SERVERS.clear()
+
+
+def _finish(p, timeout: float) -> tuple[str, str]:
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise
+
+
 def run_module(module: str, *args: str, cwd: str | None = None, env: dict | None = None,
                timeout: float = TIMEOUT_S, cuda: bool = False) -> Result:
     """``python -m module args`` in a fresh process (on the CPU unless ``cuda``)."""
-    p = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=_env(env, cuda), capture_output=True,
-                       text=True, timeout=timeout)
-    return Result(p.returncode, p.stdout, p.stderr)
+    p = start(module, *args, cwd=cwd, env=_env(env, cuda))
+    out, err = _finish(p, timeout)
+    return Result(p.returncode, out, err)
 
 
 def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeout: float = TIMEOUT_S,
@@ -70,19 +130,19 @@ def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeou
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+def worker_env(rank: int, nproc: int, port: int, extra: dict | None = None) -> dict:
+    """The environment of worker ``rank`` of ``nproc`` started by hand, as torchrun sets it."""
+    return _env({**(extra or {}), "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
+                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+
+
 def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
                    timeout: float = TIMEOUT_S, env: dict | None = None) -> list[Result]:
     """N worker processes started by hand with torchrun's variables, no agent in between,
     so each worker's own exit status is seen; ``env`` adds variables (LARGEBATCH_FAULT, say).
     ``module`` is a module run with ``-m``, or a script's path (ending in .py)."""
     port = free_port()
-    procs = []
-    for rank in range(nproc):
-        worker_env = _env({**(env or {}), "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        target = [module] if module.endswith(".py") else ["-m", module]
-        procs.append(subprocess.Popen([sys.executable, *target, *args], cwd=cwd, env=worker_env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = [start(module, *args, cwd=cwd, env=worker_env(rank, nproc, port, env), slot=rank) for rank in range(nproc)]
     import time
 
     results, t0 = [], time.perf_counter()

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO, _env, launch_workers, load_weights, max_abs_diff, run_module, torchrun
+from conftest import REPO, _env, launch_workers, load_weights, max_abs_diff, run_module
 from largebatch.engine import checkpoint as ckpt
 
 USER_CODE = '''
@@ -127,10 +127,11 @@ def test_fit_resumes_exactly_on_2_workers(project):
 
 def test_factory_names_on_the_command_line(project):
     d = str(project / "names")
-    r = torchrun(2, "largebatch.train", "model.name=mine:build", "model.options={hidden: 16}", "data.name=mine:data",
-                 "train.global_batch=64", "train.epochs=2", f"run.dir={d}", cwd=str(project))
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "mine:build on mine:data, 2 worker(s)" in r.stderr
+    results = launch_workers(2, "largebatch.train", "model.name=mine:build", "model.options={hidden: 16}",
+                             "data.name=mine:data", "train.global_batch=64", "train.epochs=2", f"run.dir={d}",
+                             cwd=str(project))
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    assert "mine:build on mine:data, 2 worker(s)" in results[0].stderr
     weights = load_weights(d)
     assert weights["body.1.weight"].shape == (16, 64) and weights["body.3.weight"].shape == (4, 16)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_weights, max_abs_diff, run_module, torchrun
+from conftest import launch_workers, load_weights, max_abs_diff, run_module
 from largebatch.batching import plan
 from largebatch.config import load_config
 from largebatch.data import MicroBatchSampler, Request, build_datasets, eval_loader
@@ -121,7 +121,8 @@ def test_augmented_training_is_the_same_on_one_and_two_workers(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     r1 = run_module("largebatch.train", *args, f"run.dir={one}")
     assert r1.returncode == 0, r1.stderr[-2000:]
-    r2 = torchrun(2, "largebatch.train", *args, "train.max_micro_batch=10", "data.num_workers=1", f"run.dir={two}")
+    r2 = launch_workers(2, "largebatch.train", *args, "train.max_micro_batch=10", "data.num_workers=1",
+                        f"run.dir={two}")[0]
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert all("augmentation           pad_crop_flip (training images only)" in r.stderr for r in (r1, r2))
     assert max_abs_diff(load_weights(one), load_weights(two)) <= 1e-4

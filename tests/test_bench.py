@@ -1,4 +1,5 @@
-"""``python -m largebatch.bench`` starts its own workers and writes what it printed as JSON."""
+"""``python -m largebatch.bench`` starts its own workers and writes what it printed as JSON; started
+with the workers' variables (as torchrun starts it), it runs on those workers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import launch_workers, run_module
 from largebatch.models import create_model
 
 
@@ -39,9 +40,10 @@ def test_bench_refuses_an_unknown_name():
 
 def test_bench_buckets_reports_the_tuners_pick_against_each_size(tmp_path):
     out = str(tmp_path / "bench")
-    r = run_module("largebatch.bench", "buckets", "--rounds", "2", "--step-model", "resnet9", "--image-size", "16",
-                   "--micro-batch", "4", "--out", out, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    results = launch_workers(2, "largebatch.bench", "buckets", "--rounds", "2", "--step-model", "resnet9",
+                             "--image-size", "16", "--micro-batch", "4", "--out", out, timeout=300)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    r = results[0]
     result = json.load(open(os.path.join(out, "bench-buckets.json")))
     # ResNet-9's 25.1 MiB of gradients: 1, 4, 16 and 25 MiB buckets, and 64 MiB for one bucket
     assert 25.0 < result["gradient_mb"] < 25.2
@@ -59,10 +61,11 @@ def test_bench_throughput_runs_a_tiny_version_and_writes_json(tmp_path):
     out = str(tmp_path / "bench")
     cuda = torch.cuda.is_available()
     workers = "1" if cuda and torch.cuda.device_count() < 2 else "2"  # rank 0 runs it, the others wait
-    r = run_module("largebatch.bench", "throughput", "--case", "resnet9", "--image-size", "16", "--micro-batch", "8",
-                   "--steps", "1", "--rounds", "2", "--compile", "false", "--workers", workers, "--out", out,
-                   timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    results = launch_workers(int(workers), "largebatch.bench", "throughput", "--case", "resnet9", "--image-size",
+                             "16", "--micro-batch", "8", "--steps", "1", "--rounds", "2", "--compile", "false",
+                             "--workers", workers, "--out", out, timeout=300)
+    assert [r.returncode for r in results] == [0] * int(workers), results[0].stderr[-3000:]
+    r = results[0]
     result = json.load(open(os.path.join(out, "bench-throughput.json")))
     rows = result["rows"]
     assert [row["feed"].split(",")[0] for row in rows] == ["device-resident", "loader"]

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import launch_workers, load_weights, max_abs_diff, torchrun
+from conftest import launch_workers, load_weights, max_abs_diff
 from largebatch.config import load_config
 from largebatch.engine.bucket_tuning import candidate_sizes, choose
 from largebatch.errors import UsageError
@@ -142,9 +142,9 @@ def _events(run_dir: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def auto_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("auto") / "run")
-    r = torchrun(2, "largebatch.train", *QUICK, *AUTO, f"run.dir={run_dir}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir, r.stderr
+    results = launch_workers(2, "largebatch.train", *QUICK, *AUTO, f"run.dir={run_dir}")
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    return run_dir, results[0].stderr
 
 
 def test_auto_run_is_the_run_at_the_size_it_chose(auto_run, tmp_path):
@@ -157,8 +157,8 @@ def test_auto_run_is_the_run_at_the_size_it_chose(auto_run, tmp_path):
     assert chosen == tuning[0]["bucket_mb"] and chosen in tuning[0]["candidates_mb"]
 
     fixed_dir = str(tmp_path / "fixed")
-    r = torchrun(2, "largebatch.train", *QUICK, f"comm.bucket_mb={chosen}", f"run.dir={fixed_dir}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    results = launch_workers(2, "largebatch.train", *QUICK, f"comm.bucket_mb={chosen}", f"run.dir={fixed_dir}")
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
     assert max_abs_diff(load_weights(auto_dir), load_weights(fixed_dir)) == 0.0
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, _env, free_port, launch_workers, run_module
+from conftest import REPO, _env, free_port, launch_workers, run_module, start, worker_env
 from largebatch.batching import is_sensible, nearest_sensible, plan, plan_warning
 from largebatch.config import load_config
 from largebatch.data import build_datasets
@@ -45,9 +45,8 @@ def _stopped_step(stderr):
 
 def test_ctrl_c_single_process_checkpoints_and_resumes(tmp_path):
     d = str(tmp_path / "run")
-    args = ["train.epochs=10", f"run.dir={d}"]
-    p = subprocess.Popen([sys.executable, "-m", "largebatch.train", *args], cwd=REPO, env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["train.epochs=4", f"run.dir={d}"]
+    p = start("largebatch.train", *args, cwd=REPO)
     try:
         _wait_for_checkpoint(d, [p])
         p.send_signal(signal.SIGINT)
@@ -73,12 +72,9 @@ def test_ctrl_c_on_two_workers_and_their_loader_processes(tmp_path):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = _env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, "-m", "largebatch.train", "train.epochs=30", f"run.dir={d}",
-                                       "data.num_workers=1", "data.device_cache=off"], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                      start_new_session=True))
+        procs.append(start("largebatch.train", "train.epochs=30", f"run.dir={d}", "data.num_workers=1",
+                           "data.device_cache=off", cwd=REPO, env=worker_env(rank, 2, port), slot=rank,
+                           new_session=True))
     try:
         _wait_for_checkpoint(d, procs)
         for p in procs:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_module, torchrun
+from conftest import launch_workers, run_module
 from largebatch.config import load_config
 from largebatch.data import Request, build_datasets
 from largebatch.data.pack import main as pack_main
@@ -182,8 +182,8 @@ def folder_and_packed_runs(tree_and_pack, tmp_path_factory):
     runs = {}
     for name, data in (("imagefolder", [f"data.root={root}"]), ("packed", [f"data.root={dest}"])):
         d = base / name
-        r = torchrun(2, "largebatch.train", f"data.name={name}", *data, *common, f"run.dir={d}")
-        assert r.returncode == 0, r.stderr[-2000:]
+        results = launch_workers(2, "largebatch.train", f"data.name={name}", *data, *common, f"run.dir={d}")
+        assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:]
         runs[name] = d
     return runs
 

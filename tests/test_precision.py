@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import load_weights, max_abs_diff, run_module, torchrun
+from conftest import launch_workers, load_weights, max_abs_diff, run_module
 
 QUICK = ["model.name=mlp", "model.norm=none", "train.epochs=2", "train.global_batch=64", "run.seed=5"]
 
@@ -22,8 +22,8 @@ def _cpu_fp16_autocast() -> bool:
 
 
 def _train(run_dir: str, *args: str) -> dict:
-    r = torchrun(2, "largebatch.train", *QUICK, *args, f"run.dir={run_dir}")
-    assert r.returncode == 0, r.stderr[-3000:]
+    results = launch_workers(2, "largebatch.train", *QUICK, *args, f"run.dir={run_dir}")
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
     return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
 
 

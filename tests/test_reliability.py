@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, _env, launch_workers, load_weights, max_abs_diff, run_module, torchrun
+from conftest import REPO, _env, free_port, launch_workers, load_weights, max_abs_diff, run_module, start, worker_env
 from largebatch.engine import checkpoint as ckpt
 
 TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost", "startup_s", "first_step_s",
@@ -31,8 +31,8 @@ def _same_weights(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted_2w(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("plain") / "run")
-    r = torchrun(2, "largebatch.train", *BASE, f"run.dir={d}")
-    assert r.returncode == 0, r.stderr[-2000:]
+    results = launch_workers(2, "largebatch.train", *BASE, f"run.dir={d}")
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-2000:]
     return d
 
 
@@ -144,19 +144,29 @@ def test_forced_nan_is_skipped_or_stops(tmp_path):
 
 
 def test_sleeping_worker_triggers_named_timeout(tmp_path):
-    results = launch_workers(2, "largebatch.train", "train.epochs=2", "comm.timeout_s=5", f"run.dir={tmp_path}",
-                             timeout=120, env={"LARGEBATCH_FAULT": "sleep@3:1:20"})
-    lines = [x for x in results[0].stderr.splitlines() if x.startswith("largebatch: stopped:")]
-    assert results[0].returncode == 3 and lines, results[0].stderr[-2000:]
+    sleep_s, port = 60, free_port()
+    fault = {"LARGEBATCH_FAULT": f"sleep@3:1:{sleep_s}"}
+    procs = [start("largebatch.train", "train.epochs=2", "comm.timeout_s=5", f"run.dir={tmp_path}",
+                   env=worker_env(rank, 2, port, fault), slot=rank) for rank in range(2)]
+    t0 = time.perf_counter()
+    try:
+        _, err = procs[0].communicate(timeout=120)
+        seconds = time.perf_counter() - t0
+    finally:
+        for p in procs:  # rank 1 sleeps on; what it does after the sleep is not this test's
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    lines = [x for x in err.splitlines() if x.startswith("largebatch: stopped:")]
+    assert procs[0].returncode == 3 and lines, err[-2000:]
     assert "step 3" in lines[0] and "rank 1 (last at step 2)" in lines[0]
     # rank 0 gave up within the timeout plus start-up (imports, data, rendezvous), not after the sleep
-    assert results[0].seconds < 20
+    assert seconds < sleep_s
 
 
 def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     d = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-m", "largebatch.train", "train.epochs=10", f"run.dir={d}"], cwd=REPO,
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = start("largebatch.train", "train.epochs=4", f"run.dir={d}", cwd=REPO)
     deadline = time.time() + 60
     while not ckpt.list_checkpoints(d) and time.time() < deadline:
         time.sleep(0.05)
@@ -165,7 +175,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     assert p.returncode == 0 and "stopping on a signal" in err, err[-2000:]
     stopped = int(err.split("stopping on a signal after step ")[1].split(":")[0])
     assert os.path.basename(ckpt.list_checkpoints(d)[0]) == f"step-{stopped:09d}.pt"
-    r = run_module("largebatch.train", "train.epochs=10", f"run.dir={d}")
+    r = run_module("largebatch.train", "train.epochs=4", f"run.dir={d}")
     assert r.returncode == 0 and f"step {stopped}" in r.stderr
 
 
@@ -217,16 +227,9 @@ def test_two_workers_refuse_a_live_lock_in_one_line(tmp_path):
 
 
 def test_workers_with_different_configs_are_stopped(tmp_path):
-    from conftest import free_port
-
     port = free_port()
-    procs = []
-    for rank, lr in ((0, "0.2"), (1, "0.3")):
-        env = _env({"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, "-m", "largebatch.train", f"optim.base_lr={lr}",
-                                       f"run.dir={tmp_path}"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+    procs = [start("largebatch.train", f"optim.base_lr={lr}", f"run.dir={tmp_path}", env=worker_env(rank, 2, port),
+                   slot=rank) for rank, lr in ((0, "0.2"), (1, "0.3"))]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [2, 2]
     assert "workers [1] run a different config or largebatch version" in outs[0][1]
