@@ -80,10 +80,19 @@ def remove_tree(path: str) -> None:
 
 
 def publish_tree(tmp: str, path: str) -> None:
-    """Rename the finished folder ``tmp`` to ``path`` (replacing a folder there), durably: its files
-    are fsync'd first, so ``path`` appears whole or not at all."""
+    """Rename the finished folder ``tmp`` to ``path``, durably: its files are fsync'd first, so
+    ``path`` appears whole or not at all. A folder already at ``path`` (a damaged checkpoint of the
+    same step, written again) is renamed to a hidden name first and deleted only once the new one
+    is in place."""
+    import shutil
+
     fsync_tree(tmp)
+    parent, name = os.path.split(os.path.abspath(path))
+    old = None
     if os.path.isdir(path):
-        remove_tree(path)
+        old = os.path.join(parent, f".{name}.deleting-{os.getpid()}")
+        os.replace(path, old)
     os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

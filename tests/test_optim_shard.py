@@ -43,7 +43,7 @@ WORKER = textwrap.dedent('''
 
 
     def shard_sum(t):
-        dist.all_reduce(t)  # the collective of largebatch.distributed.Communicator.shard_sum
+        dist.all_reduce(t)  # the collective of largebatch.distributed.Communicator.all_reduce_sum
         return t
 
 

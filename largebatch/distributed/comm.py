@@ -389,7 +389,7 @@ class Communicator:
         """The optimizer of ``cfg`` (an OptimConfig) for ``model`` (the unwrapped module) under
         ``comm.shard``: as is ('none'); inside a ZeroRedundancyOptimizer that keeps this worker's
         share of the optimizer state ('optimizer'); over the local shards, its norms summed across
-        the workers by :meth:`shard_sum` ('full')."""
+        the workers by :meth:`all_reduce_sum` ('full')."""
         from largebatch import optim
 
         if self.shard == "optimizer":
@@ -398,7 +398,7 @@ class Communicator:
             optim.prepare_state(zero.optim)
             return zero
         if self.shard == "full":
-            return optim.build_optimizer(model, cfg, shard_sum=self.shard_sum)
+            return optim.build_optimizer(model, cfg, shard_sum=self.all_reduce_sum)
         return optim.build_optimizer(model, cfg)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
@@ -412,13 +412,6 @@ class Communicator:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all workers, in place; returns it."""
         if self.distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
-    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over all workers, in place, on its device; returns it. What the optimizers
-        get under comm.shard=full to turn the squared norms of local shards into whole-tensor ones."""
-        if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 

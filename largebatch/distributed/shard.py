@@ -12,7 +12,7 @@
   backward pass of each block and freed after; gradients are reduce-scattered.
 
 The optimizers see the local shards only; a per-tensor norm is the square root of the sum over the
-workers of the local shards' squared norms (:func:`largebatch.distributed.Communicator.shard_sum`).
+workers of the local shards' squared norms (:meth:`largebatch.distributed.Communicator.all_reduce_sum`, handed to them as ``shard_sum``).
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def check_sharding(opt) -> None:
 
     if opt.shard_sum is None and any(is_sharded(p) for g in opt.param_groups for p in g["params"]):
         raise ValueError(f"{type(opt).__name__}: the parameters are sharded (DTensors), so their norms need a sum "
-                         "over the workers: pass shard_sum= (largebatch.distributed.Communicator.shard_sum)")
+                         "over the workers: pass shard_sum= (largebatch.distributed.Communicator.all_reduce_sum)")
 
 
 def locals_of(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple]:
