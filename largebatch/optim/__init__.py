@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from largebatch.optim._norms import fusable_dtype
+from largebatch.optim._norms import fusable_dtype, zero_momentum
 from largebatch.optim.groups import param_groups
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
@@ -54,9 +54,8 @@ def prepare_state(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     also the state ``torch.distributed.checkpoint`` expects to find."""
     if isinstance(opt, ShardedSGD) or (isinstance(opt, torch.optim.SGD) and opt.defaults.get("fused")):
         for group in opt.param_groups:
-            for p in group["params"] if group["momentum"] != 0 else ():
-                if opt.state[p].get("momentum_buffer") is None:
-                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["momentum"] != 0:
+                zero_momentum(opt.state, group["params"])
     return opt
 
 

@@ -49,6 +49,16 @@ def fusable_dtype(op: str, device_type: str, dtype: torch.dtype) -> bool:
     return not (op == "_fused_sgd_" and device_type == "cpu" and dtype in _LOW)
 
 
+def zero_momentum(state: dict, params: list[torch.Tensor]) -> list[dict]:
+    """The optimizer ``state`` entries of ``params``, each given a zero ``momentum_buffer`` shaped
+    like its parameter where it has none (a DTensor for a sharded parameter)."""
+    states = [state[p] for p in params]
+    for p, st in zip(params, states):
+        if st.get("momentum_buffer") is None:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return states
+
+
 def on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     """``t`` on ``device`` (no copy when it is there already), or None."""
     return None if t is None else t.to(device)

@@ -62,7 +62,7 @@ import torch
 from torch.optim import Optimizer
 
 from largebatch.optim._norms import (Bucket, Plans, ShardNorms, check_sharding, local_states, locals_of,
-                                     make_buckets, norms, on, skip_on_host, wide)
+                                     make_buckets, norms, on, skip_on_host, wide, zero_momentum)
 
 
 class LARS(Optimizer):
@@ -93,19 +93,13 @@ class LARS(Optimizer):
         check_sharding(self)
         if shard_sum is not None:  # state exists from the start (what torch.distributed.checkpoint expects)
             for group in self.param_groups:
-                for p in group["params"] if group["momentum"] != 0 else ():
-                    self._buffer(p)
+                if group["momentum"] != 0:
+                    zero_momentum(self.state, group["params"])
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("shard_sum", None)
         self._plans = Plans()  # the state tensors may have been replaced
-
-    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
-        st = self.state[p]
-        if st.get("momentum_buffer") is None:
-            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return st["momentum_buffer"]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -134,10 +128,7 @@ class LARS(Optimizer):
         return loss
 
     def _states(self, params: list[torch.Tensor], momentum: bool) -> list[dict]:
-        if momentum:
-            for p in params:
-                self._buffer(p)
-        return [self.state[p] for p in params]
+        return zero_momentum(self.state, params) if momentum else [self.state[p] for p in params]
 
     def _plan(self, params: list[torch.Tensor], grads: list[torch.Tensor], momentum: bool) -> list[Bucket]:
         return make_buckets(params, grads, self._states(params, momentum), "_fused_sgd_",

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from largebatch.optim._norms import Plans, local_states, locals_of, make_buckets, on
+from largebatch.optim._norms import Plans, local_states, locals_of, make_buckets, on, zero_momentum
 from largebatch.optim.lars import _lars_multi
 
 
@@ -35,11 +35,7 @@ class ShardedSGD(torch.optim.SGD):
         self._plans = Plans()  # the state tensors may have been replaced
 
     def _states(self, params: list[torch.Tensor], momentum: bool) -> list[dict]:
-        states = [self.state[p] for p in params]
-        for p, st in zip(params, states):
-            if momentum and st.get("momentum_buffer") is None:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return states
+        return zero_momentum(self.state, params) if momentum else [self.state[p] for p in params]
 
     @torch.no_grad()
     def step(self, closure=None):
