@@ -17,9 +17,10 @@ baseline) and at batches ``factors`` times larger with:
     (d) lamb+warmup    LAMB, square-root lr scaling, warmup      (You et al. 2019)
 
 All runs share the rest: linear decay to 0 after warmup (poly, power 1), Nesterov momentum 0.9 (sgd,
-lars), weight decay off biases and BatchNorm, and BatchNorm statistics recomputed over 4096
-training images before each validation (``train.precise_bn_images``), without which BatchNorm's
-running averages lag the weights at a few steps per epoch. The learning rates were chosen by a
+lars), weight decay off biases and BatchNorm, and the default ``train.precise_bn_images=auto``:
+BatchNorm statistics recomputed over up to 4096 training images before each validation where an
+epoch has fewer than 50 steps (the large batches), without which BatchNorm's running averages lag
+the weights, and the running averages otherwise (``benchmarks/precise_bn.py`` measures both). The learning rates were chosen by a
 single-seed sweep at the largest batch on MNIST; ``HYPER`` states them.
 Every run is one process with world size 1:
 the engine's batches and gradients do not depend on the world size, so this measures the
@@ -58,7 +59,7 @@ HYPER = {
     "lamb+warmup": dict(name="lamb", base_lr=0.015, scaling="sqrt", warmup=5.0, weight_decay=0.01),
 }
 WEIGHT_DECAY = 5e-4
-COMMON = ["schedule.decay=poly", "schedule.power=1", "schedule.end_lr=0", "train.precise_bn_images=4096"]
+COMMON = ["schedule.decay=poly", "schedule.power=1", "schedule.end_lr=0"]
 
 
 def overrides(args, method: str, batch: int, seed: int, run_dir: str) -> list[str]:

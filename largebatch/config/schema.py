@@ -217,10 +217,13 @@ class TrainConfig:
     log_every_steps: int = 0
     """Add a {"event": "step"} line to metrics.jsonl every this many optimizer steps (loss, lr,
     images/s, share of time spent waiting for data); 0 = epoch lines only."""
-    precise_bn_images: int = 0
+    precise_bn_images: Union[int, str] = "auto"
     """Before each validation, recompute BatchNorm statistics with the current weights over this
     many training images (split over the workers); 0 = keep the running averages. Large global
-    batches have few steps per epoch, and BatchNorm's running averages then lag the weights."""
+    batches have few steps per epoch, and BatchNorm's running averages then lag the weights.
+    'auto': on, over min(4096, training images), for a model with BatchNorm when an epoch has fewer
+    than 5 / momentum steps (50 at BatchNorm's default momentum 0.1), off otherwise; decided per
+    phase and said in the run header (docs/batch_scaling.md has the measurements)."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     eval_batch: int = 1024
@@ -275,8 +278,10 @@ class TrainConfig:
         _require(self.max_skipped_steps >= 1, "train.max_skipped_steps", self.max_skipped_steps, "use an integer >= 1")
         _require(self.log_every_steps >= 0, "train.log_every_steps", self.log_every_steps,
                  "use 0 (off) or a number of steps")
-        _require(self.precise_bn_images >= 0, "train.precise_bn_images", self.precise_bn_images,
-                 "use 0 (off) or a number of images")
+        _require(self.precise_bn_images == "auto" or (isinstance(self.precise_bn_images, int)
+                                                       and not isinstance(self.precise_bn_images, bool)
+                                                       and self.precise_bn_images >= 0),
+                 "train.precise_bn_images", self.precise_bn_images, "use auto, 0 (off) or a number of images")
         _require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing,
                  "use a value in [0, 1)")
         _require(self.eval_batch >= 1, "train.eval_batch", self.eval_batch, "use an integer >= 1")

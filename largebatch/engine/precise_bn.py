@@ -10,15 +10,72 @@ section 3; the PRECISE_BN option of pycls). The optimizer step is not touched.
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+AUTO_IMAGES = 4096
+"""Images ``train.precise_bn_images=auto`` recomputes the statistics over (all of them in a smaller
+training set): a few thousand, as Wu & Johnson recommend."""
+
+AUTO_EPOCH_FRACTION = 0.2
+"""``auto`` turns precise statistics on when BatchNorm's running averages span more than this
+fraction of an epoch: when an epoch has fewer than ``AUTO_EPOCH_FRACTION**-1 / momentum`` steps
+(50 at PyTorch's default momentum 0.1). The threshold comes from the measurements in
+docs/batch_scaling.md (benchmarks/precise_bn.py)."""
+
+
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@dataclass(frozen=True)
+class PreciseBN:
+    """What ``train.precise_bn_images`` means for one phase of a run."""
+
+    images: int
+    """Training images to recompute the statistics over before each validation; 0 = off."""
+    reason: str
+    """Why, for the run header."""
+
+    def line(self) -> str:
+        if self.images:
+            return f"precise: recomputed over {self.images:,} training images before each validation ({self.reason})"
+        return f"running averages ({self.reason})"
+
+
+def choose_precise_bn(setting: Union[int, str], model: nn.Module, steps_per_epoch: int,
+                      num_train: int) -> PreciseBN:
+    """Resolve ``train.precise_bn_images`` (a number of images, or 'auto') for a phase with
+    ``steps_per_epoch`` optimizer steps per epoch over ``num_train`` training images.
+
+    'auto': on, over ``min(AUTO_IMAGES, num_train)`` images, for a model with BatchNorm layers that
+    keep running statistics whose running averages cover more than ``AUTO_EPOCH_FRACTION`` of an
+    epoch (about ``1 / momentum`` steps each; the smallest momentum of the model counts, and a
+    cumulative average, momentum None, always does); off otherwise."""
+    if setting != "auto":
+        images = int(setting)
+        return PreciseBN(images, f"train.precise_bn_images={images}")
+    layers = batchnorm_layers(model)
+    if not layers:
+        return PreciseBN(0, "auto: the model has no BatchNorm layers")
+    momenta = [m.momentum for m in layers]
+    momentum: Optional[float] = None if any(x is None for x in momenta) else min(momenta)
+    if momentum is not None and momentum <= 0:
+        return PreciseBN(0, "auto: BatchNorm momentum 0 keeps its statistics fixed")
+    images = min(AUTO_IMAGES, num_train)
+    if momentum is None:
+        return PreciseBN(images, "auto: BatchNorm keeps a cumulative average, momentum None")
+    limit = 1.0 / (AUTO_EPOCH_FRACTION * momentum)
+    if steps_per_epoch < limit:
+        return PreciseBN(images, f"auto: {steps_per_epoch} steps per epoch, fewer than {limit:g} = "
+                                 f"{1 / AUTO_EPOCH_FRACTION:g} / BatchNorm momentum {momentum:g}")
+    return PreciseBN(0, f"auto: {steps_per_epoch} steps per epoch, not fewer than {limit:g} = "
+                        f"{1 / AUTO_EPOCH_FRACTION:g} / BatchNorm momentum {momentum:g}")
 
 
 @torch.no_grad()

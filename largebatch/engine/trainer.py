@@ -30,7 +30,7 @@ from largebatch.data import IGNORE, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
-from largebatch.engine.precise_bn import recompute_batchnorm
+from largebatch.engine.precise_bn import choose_precise_bn, recompute_batchnorm
 from largebatch.engine.run_plan import Phase, RunPlan, check_trainable, has_batchnorm, make_run_plan, phase_line
 from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.noise import NoiseScale, choose_source
@@ -221,6 +221,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.bare_model = parts.build_model(sizes[0])
         check_trainable(self.plan, has_batchnorm(self.bare_model))
+        self.precise_bn = [choose_precise_bn(cfg.train.precise_bn_images, self.bare_model, p.steps_per_epoch,
+                                             self.info.num_train) for p in self.plan.phases]
         if not self.info.num_classes:  # data passed in that does not say: the model's output size
             self.info = complete_info(parts, self.bare_model).info
         if cfg.train.target_metric == "top5" and self.info.num_classes <= 5:
@@ -589,8 +591,8 @@ class Trainer:
                 progress.end_epoch()
                 counted = max(phase.steps_per_epoch - pos.skipped_in_epoch, 1) * topo.world_size
                 train_loss = self.comm.all_reduce_sum(loss_sum).item() / counted
-                if cfg.train.precise_bn_images:
-                    self._precise_bn(epoch, phase)
+                if self.precise_bn[phase.index].images:
+                    self._precise_bn(epoch, phase, self.precise_bn[phase.index].images)
                 result = self._evaluate()
                 self._gather_skipped(record)
                 pos.elapsed = time.perf_counter() - start
@@ -799,6 +801,12 @@ class Trainer:
             progress.print("  gradient buckets       comm.bucket_mb=auto does not apply under comm.shard=full (FSDP2 "
                            "reduce-scatters each block's gradients); no tuning")
         progress.print(f"  training data          {self.data_path.line}")
+        choices = list(dict.fromkeys(self.precise_bn))
+        if len(choices) == 1:
+            progress.print(f"  BatchNorm statistics   {choices[0].line()}")
+        else:
+            for phase, choice in zip(self.plan.phases, self.precise_bn):
+                progress.print(f"  BatchNorm statistics   phase {phase.index + 1}: {choice.line()}")
         speed = [f"channels-last {'on' if self.channels_last else 'off'}"]
         if self.compile_s is not None:
             mode = "default" if cfg.train.compile is True else cfg.train.compile
@@ -861,12 +869,12 @@ class Trainer:
         return evaluate(model, self.val_loader, self.comm, self.device, self.info.num_classes, self.memory_format,
                         lockstep)
 
-    def _precise_bn(self, epoch: int, phase: Phase) -> None:
+    def _precise_bn(self, epoch: int, phase: Phase, images: int) -> None:
         """Recompute BatchNorm statistics from this epoch's first training micro-batches, at the
         validation image size (the statistics serve validation). Every worker runs as many forward
         passes (the sampler gives each the same number of micro-batches), as comm.shard=full needs."""
         bp = phase.batch
-        per_worker = -(-self.cfg.train.precise_bn_images // bp.world_size)
+        per_worker = -(-images // bp.world_size)
         self.sampler.set_phase(bp, self.plan.eval_size)
         self.sampler.set_epoch(epoch)
         count = min(-(-per_worker // bp.micro_batch), len(self.sampler))
