@@ -8,7 +8,8 @@ torchrun or mpirun, it uses the workers it was given. Each sub-benchmark prints 
 and writes ``DIR/bench-<name>.json``:
 
   step       the engine's training step against a plain DistributedDataParallel loop with the
-             same model, micro-batch, data and workers (target: ratio <= 1.03)
+             same model, micro-batch, data and workers (target: ratio <= 1.03); with
+             --noise-scale, the engine measuring the gradient noise scale beside it (target <= 1.03)
   allreduce  bus bandwidth of the gradient allreduce as the engine runs it against one flat
              allreduce of the same bytes (target: >= 0.9 of that ceiling)
   overlap    compute only against the full synchronised step: the share of communication hidden
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", default="auto",
                     help="throughput: torch.compile the engine and the best plain loop: auto (on CUDA only), "
                          "true or false (default auto)")
+    ap.add_argument("--noise-scale", action="store_true",
+                    help="step: also time the engine with train.noise_scale=true beside it (target: <= 1.03 "
+                         "of the engine without; on 1 worker every arm takes 2 accumulation steps)")
     ap.add_argument("--out", default="bench", help="folder for the JSON files (default ./bench)")
     return ap
 
