@@ -13,8 +13,9 @@ A batch-scaling sweep and a probe, on the same data, model, optimizer and schedu
   accuracy on a geometric grid of steps (every ``--eval-growth`` times more steps), and record the
   steps at which it first reaches ``--target`` (linear interpolation between the two evaluations
   around the crossing). McCandlish et al.'s model assumes a tuned learning rate: each batch is run
-  at each of ``--lr-factors`` times its scaled lr, and the fewest steps count (a run stops once it
-  has taken more steps than the best so far).
+  at each of ``--lr-factors`` times its scaled lr, and further doubled (halved) while the best is
+  the largest (smallest) tried, so that the best lr is bracketed; the fewest steps count (a run
+  stops once it has taken more steps than the best so far).
 - **probe**: the runs at the smallest batch (the best of them), up to the target, measure the gradient noise scale as
   the engine does with one worker and ``train.noise_scale=true``: ``|G_b|²`` from the first of 4
   micro-batches, ``|G_B|²`` from the step's gradient, the exponential averages of
@@ -285,6 +286,8 @@ def main() -> None:
     ap.add_argument("--max-lr", type=float, default=32.0, help="cap on the linearly scaled lr")
     ap.add_argument("--lr-factors", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                     help="lrs tried at each batch, as factors of the scaled lr; the fewest steps count")
+    ap.add_argument("--lr-extensions", type=int, default=3,
+                    help="tries beyond --lr-factors while the best lr is the largest or smallest tried")
     ap.add_argument("--warmup-epochs", type=float, default=2.0)
     ap.add_argument("--max-images", type=float, default=2e6, help="give up on a batch after this many images")
     ap.add_argument("--eval-growth", type=float, default=1.1, help="evaluate every this many times more steps")
@@ -304,17 +307,34 @@ def main() -> None:
     results, tries = [], []
 
     def best_of(batch: int, probe: bool) -> dict:
-        """The fewest steps over the lr factors (McCandlish et al.'s model assumes a tuned lr); a factor
-        stops once it has run more steps than the best so far."""
-        best = None
-        for factor in args.lr_factors:
+        """The fewest steps over the lr factors (McCandlish et al.'s model assumes a tuned lr): the
+        factors of --lr-factors, nearest 1 first, then, while the best is the largest (smallest) lr
+        tried, twice that (half that) again, up to --lr-extensions times, so that the best lr is
+        bracketed. A try stops once it has run more steps than the best so far."""
+        best, tried = None, {}
+
+        def attempt(factor: float) -> None:
+            nonlocal best
             r = train_to_target(args, data, batch, probe, factor, best["steps"] if best else math.inf)
             shown = "not reached" if r["steps"] is None else f"{r['steps']:.0f} steps"
             print(f"batch {batch:>5} lr {r['lr']:<8.4g}: {shown} ({r['wall_s']:.0f}s)", flush=True)
             tries.append({k: v for k, v in r.items() if k != "noise_epochs"})
+            tried[factor] = r
             if r["steps"] is not None and (best is None or r["steps"] < best["steps"]):
                 best = r
-        return best or r
+
+        for factor in sorted(args.lr_factors, key=lambda f: abs(math.log(f))):
+            attempt(factor)
+        for _ in range(args.lr_extensions):
+            if best is None:
+                break
+            if best["factor"] == max(tried):
+                attempt(2 * max(tried))
+            elif best["factor"] == min(tried):
+                attempt(min(tried) / 2)
+            else:
+                break
+        return best or tried[max(tried)]
 
     probe = best_of(batches[0], probe=True)
     if probe["steps"] is None:
