@@ -19,7 +19,7 @@ baseline) and at batches ``factors`` times larger with:
 All runs share the rest: linear decay to 0 after warmup (poly, power 1), Nesterov momentum 0.9 (sgd,
 lars), weight decay off biases and BatchNorm, and the default ``train.precise_bn_images=auto``:
 BatchNorm statistics recomputed over up to 4096 training images before each validation where an
-epoch has fewer than 50 steps (the large batches), without which BatchNorm's running averages lag
+epoch has fewer than 30 steps (the large batches), without which BatchNorm's running averages lag
 the weights, and the running averages otherwise (``benchmarks/precise_bn.py`` measures both). The learning rates were chosen by a
 single-seed sweep at the largest batch on MNIST; ``HYPER`` states them.
 Every run is one process with world size 1:

@@ -72,7 +72,7 @@ def _flatten(cfg: dict) -> dict:
 
 SHOWN_THOUGH_SAFE = frozenset({
     "train.epochs", "train.max_micro_batch", "train.stop_at_target", "train.device", "train.channels_last",
-    "train.compile", "comm.backend",
+    "train.compile", "comm.backend", "train.precise_bn_images",
 })
 """Keys a resumed run may change (checkpoint.SAFE_TO_CHANGE) that still change the results or the speed."""
 

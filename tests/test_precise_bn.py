@@ -38,16 +38,16 @@ def _bn_model(momentum=0.1) -> nn.Module:
                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
 
 
-def test_auto_turns_precise_statistics_on_below_five_over_momentum_steps_per_epoch():
+def test_auto_turns_precise_statistics_on_below_three_over_momentum_steps_per_epoch():
     model = _bn_model()
-    on = choose_precise_bn("auto", model, 49, 100_000)
-    off = choose_precise_bn("auto", model, 50, 100_000)
-    assert on.images == AUTO_IMAGES and "49 steps per epoch" in on.line()
+    on = choose_precise_bn("auto", model, 29, 100_000)
+    off = choose_precise_bn("auto", model, 30, 100_000)
+    assert on.images == AUTO_IMAGES and "29 steps per epoch" in on.line()
     assert off.images == 0 and off.line().startswith("running averages")
     assert choose_precise_bn("auto", model, 3, 1438).images == 1438  # a small training set: all of it
-    # the slowest running average counts: momentum 0.01 spans ~100 steps, on below 500 steps per epoch
-    assert choose_precise_bn("auto", _bn_model(0.01), 499, 100_000).images == AUTO_IMAGES
-    assert choose_precise_bn("auto", _bn_model(0.01), 500, 100_000).images == 0
+    # the slowest running average counts: momentum 0.01 spans ~100 steps, on below 300 steps per epoch
+    assert choose_precise_bn("auto", _bn_model(0.01), 299, 100_000).images == AUTO_IMAGES
+    assert choose_precise_bn("auto", _bn_model(0.01), 300, 100_000).images == 0
     # a cumulative average (momentum None) never forgets the first weights
     assert choose_precise_bn("auto", _bn_model(None), 10_000, 100_000).images == AUTO_IMAGES
 
@@ -58,12 +58,40 @@ def test_auto_is_off_without_running_statistics_and_explicit_values_are_kept():
     assert choose_precise_bn("auto", untracked, 1, 5000).images == 0
     assert choose_precise_bn(0, _bn_model(), 1, 5000).images == 0
     assert choose_precise_bn(300, _bn_model(), 1000, 5000).images == 300
-    assert choose_precise_bn(300, nn.Linear(2, 2), 1, 5000).images == 300
+    none = choose_precise_bn(300, nn.Linear(2, 2), 1, 5000)  # nothing to recompute, whatever the setting
+    assert none.images == 0 and none.line().startswith("none to recompute")
+
+
+def test_the_images_are_whole_micro_batches_shared_by_the_workers_and_at_most_one_epoch():
+    choice = choose_precise_bn("auto", _bn_model(), 3, 100_000)
+    # 4,096 images over 512 workers: 8 each, rounded up to one micro-batch of 64
+    wide = choice.for_phase(512, 64, 3)
+    assert (wide.micro_batches, wide.used) == (1, 32_768) and "32,768 training images" in wide.line()
+    # 2 workers, micro-batches of 100: 2,048 each, 21 micro-batches; an epoch of 12 caps it
+    assert choice.for_phase(2, 100, 40).micro_batches == 21
+    assert choice.for_phase(2, 100, 12).used == 2400
+    assert choose_precise_bn(0, _bn_model(), 3, 1000).for_phase(2, 100, 12).micro_batches == 0
+
+
+def test_auto_is_decided_per_phase(tmp_path):
+    """Phases at global batch 32 (44 steps per epoch) and 512 (2): precise statistics in the second only."""
+    from largebatch.config import load_config
+    from largebatch.distributed import SINGLE
+    from largebatch.engine import Trainer
+
+    cfg = load_config(None, ["data.name=digits", f"run.dir={tmp_path}", "checkpoint.resume=never", "train.epochs=2",
+                             "train.phases=[{epochs: 1, global_batch: 32}, {epochs: 1, global_batch: 512}]"])
+    trainer = Trainer(cfg, SINGLE)
+    try:
+        assert [c.micro_batches for c in trainer.precise_bn] == [0, 2]
+        assert [c.used for c in trainer.precise_bn] == [0, 1024]
+    finally:
+        trainer.close()
 
 
 def test_auto_is_the_default_and_the_run_header_says_what_it_chose(tmp_path):
     """Digits (1,438 training images) at global batch 512: 2 steps per epoch, so 'auto' recomputes
-    the statistics over all 1,438 images, exactly as the explicit value does; 0 keeps the averages."""
+    the statistics over one epoch's 1,024 images, exactly as the explicit value does; 0 keeps the averages."""
     common = ["data.name=digits", "train.global_batch=512", "train.epochs=2", "optim.name=lars",
               "checkpoint.resume=never"]
     runs = {}
@@ -72,9 +100,9 @@ def test_auto_is_the_default_and_the_run_header_says_what_it_chose(tmp_path):
         r = run_module("largebatch.train", *common, *extra, f"run.dir={tmp_path / name}")
         assert r.returncode == 0, r.stderr[-2000:]
         runs[name] = (r.stderr, [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")])
-    assert ("BatchNorm statistics   precise: recomputed over 1,438 training images before each validation "
-            "(auto: 2 steps per epoch, fewer than 50 = 5 / BatchNorm momentum 0.1)") in runs["auto"][0]
-    assert "BatchNorm statistics   precise: recomputed over 1,438 training images before each validation " \
+    assert ("BatchNorm statistics   precise: recomputed over 1,024 training images before each validation "
+            "(auto: 2 steps per epoch, fewer than 30 = 3 / BatchNorm momentum 0.1)") in runs["auto"][0]
+    assert "BatchNorm statistics   precise: recomputed over 1,024 training images before each validation " \
            "(train.precise_bn_images=1438)" in runs["explicit"][0]
     assert "BatchNorm statistics   running averages (train.precise_bn_images=0)" in runs["off"][0]
 

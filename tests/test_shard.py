@@ -44,7 +44,7 @@ CASES["lamb, fp16"] = (["optim.name=lamb", "train.precision=fp16", *ACCUMULATE],
 # BatchNorm under full: each worker's running statistics follow its own micro-batches, and rank
 # 0's are broadcast before validation (DDP's rule), so rank 0's match DDP's and every worker ends
 # with them; with precise BN the statistics are averaged over the workers in both modes.
-CASES["batchnorm"] = (["model.norm=batch", "optim.name=lars", *ACCUMULATE],
+CASES["batchnorm"] = (["model.norm=batch", "optim.name=lars", "train.precise_bn_images=0", *ACCUMULATE],
                       {"none": ["comm.shard=none"], "full": ["comm.shard=full"]})
 CASES["batchnorm, precise BN"] = (["model.norm=batch", "optim.name=sgd", "train.precise_bn_images=200"],
                                   {"none": ["comm.shard=none"], "full": ["comm.shard=full"]})

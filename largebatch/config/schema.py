@@ -221,9 +221,10 @@ class TrainConfig:
     """Before each validation, recompute BatchNorm statistics with the current weights over this
     many training images (split over the workers); 0 = keep the running averages. Large global
     batches have few steps per epoch, and BatchNorm's running averages then lag the weights.
-    'auto': on, over min(4096, training images), for a model with BatchNorm when an epoch has fewer
-    than 5 / momentum steps (50 at BatchNorm's default momentum 0.1), off otherwise; decided per
-    phase and said in the run header (docs/batch_scaling.md has the measurements)."""
+    'auto': on, over 4096 images, for a model with BatchNorm when an epoch has fewer than
+    3 / momentum steps (30 at BatchNorm's default momentum 0.1), off otherwise; decided per phase
+    and said in the run header (docs/batch_scaling.md has the measurements). Each worker takes
+    its share in whole micro-batches, and at most one epoch's."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss, in [0, 1)."""
     eval_batch: int = 1024

@@ -44,7 +44,7 @@ SAFE_TO_CHANGE = frozenset({
     "data.root", "data.num_workers", "data.cache", "data.train_samples", "data.on_corrupt", "comm.backend",
     "comm.bucket_mb", "comm.bucket_candidates_mb", "comm.master_addr",
     "comm.timeout_s", "comm.shard", "checkpoint.every_steps", "checkpoint.at_epoch_end", "checkpoint.keep",
-    "checkpoint.resume", "log.tensorboard", "train.noise_scale",
+    "checkpoint.resume", "log.tensorboard", "train.noise_scale", "train.precise_bn_images",
 })
 
 

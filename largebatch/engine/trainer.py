@@ -222,7 +222,9 @@ class Trainer:
         self.bare_model = parts.build_model(sizes[0])
         check_trainable(self.plan, has_batchnorm(self.bare_model))
         self.precise_bn = [choose_precise_bn(cfg.train.precise_bn_images, self.bare_model, p.steps_per_epoch,
-                                             self.info.num_train) for p in self.plan.phases]
+                                             self.info.num_train).for_phase(
+                               p.batch.world_size, p.batch.micro_batch, p.steps_per_epoch * p.batch.accum_steps)
+                           for p in self.plan.phases]
         if not self.info.num_classes:  # data passed in that does not say: the model's output size
             self.info = complete_info(parts, self.bare_model).info
         if cfg.train.target_metric == "top5" and self.info.num_classes <= 5:
@@ -591,8 +593,8 @@ class Trainer:
                 progress.end_epoch()
                 counted = max(phase.steps_per_epoch - pos.skipped_in_epoch, 1) * topo.world_size
                 train_loss = self.comm.all_reduce_sum(loss_sum).item() / counted
-                if self.precise_bn[phase.index].images:
-                    self._precise_bn(epoch, phase, self.precise_bn[phase.index].images)
+                if self.precise_bn[phase.index].micro_batches:
+                    self._precise_bn(epoch, phase, self.precise_bn[phase.index].micro_batches)
                 result = self._evaluate()
                 self._gather_skipped(record)
                 pos.elapsed = time.perf_counter() - start
@@ -869,16 +871,14 @@ class Trainer:
         return evaluate(model, self.val_loader, self.comm, self.device, self.info.num_classes, self.memory_format,
                         lockstep)
 
-    def _precise_bn(self, epoch: int, phase: Phase, images: int) -> None:
-        """Recompute BatchNorm statistics from this epoch's first training micro-batches, at the
-        validation image size (the statistics serve validation). Every worker runs as many forward
-        passes (the sampler gives each the same number of micro-batches), as comm.shard=full needs."""
+    def _precise_bn(self, epoch: int, phase: Phase, micro_batches: int) -> None:
+        """Recompute BatchNorm statistics from this epoch's first ``micro_batches`` training
+        micro-batches on each worker, at the validation image size (the statistics serve validation).
+        Every worker runs as many forward passes, as comm.shard=full needs."""
         bp = phase.batch
-        per_worker = -(-images // bp.world_size)
         self.sampler.set_phase(bp, self.plan.eval_size)
         self.sampler.set_epoch(epoch)
-        count = min(-(-per_worker // bp.micro_batch), len(self.sampler))
-        batches = itertools.islice(iter(self.loader), count)
+        batches = itertools.islice(iter(self.loader), min(micro_batches, len(self.sampler)))
         recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
         self.sampler.set_phase(bp, phase.image_size)
 
