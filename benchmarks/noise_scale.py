@@ -326,9 +326,9 @@ def main() -> None:
         for factor in sorted(args.lr_factors, key=lambda f: abs(math.log(f))):
             attempt(factor)
         for _ in range(args.lr_extensions):
-            if best is None:
-                break
-            if best["factor"] == max(tried):
+            if best is None:  # every lr failed: smaller ones
+                attempt(min(tried) / 2)
+            elif best["factor"] == max(tried):
                 attempt(2 * max(tried))
             elif best["factor"] == min(tried):
                 attempt(min(tried) / 2)

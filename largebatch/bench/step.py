@@ -121,7 +121,9 @@ def _time(ctx, trainer, steps: int, noisy=None) -> dict:
 def run(ctx) -> dict:
     rows = {name: _case(ctx, *case) for name, case in CASES.items()}
     worst = max(r["ratio"] for r in rows.values())
-    lines = [f"{ctx.world_size} workers over {ctx.backend}; time per step, median of {ctx.args.rounds} rounds",
+    accum = sorted({r["accum_steps"] for r in rows.values()})
+    shown = "" if accum == [1] else f", every arm in {'/'.join(map(str, accum))} accumulation steps"
+    lines = [f"{ctx.world_size} workers over {ctx.backend}; time per step, median of {ctx.args.rounds} rounds{shown}",
              f"{'case':<44} {'engine':>10} {'plain DDP':>10} {'ratio':>7}"]
     for name, r in rows.items():
         lines.append(f"{name:<44} {r['engine_ms']:>7.2f} ms {r['plain_ms']:>7.2f} ms {r['ratio']:>7.3f}")
