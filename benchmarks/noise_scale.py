@@ -66,6 +66,27 @@ NOISE_MICRO_BATCHES = 4
 """Micro-batches per step in the probe: |G_b|² comes from the first, b = global batch / 4."""
 
 
+class PerTensorNoise:
+    """The same estimates tensor by tensor (exponential averages, decay 0.99): each tensor's own
+    noise scale ``B_l = tr(Σ_l) / |G_l|²``, and their mean weighted by ``|w_l|²``, the noise scale of
+    the gradient as LARS scales it (each tensor's step set to ``η·|w_l|`` by its trust ratio
+    ``η·|w_l| / |G_l|``: ``Σ |w_l|² B_l / Σ |w_l|²``)."""
+
+    def __init__(self, count: int):
+        self.g2, self.var = torch.zeros(count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64)
+
+    def update(self, small: torch.Tensor, large: torch.Tensor, b: int, B: int) -> None:
+        self.g2.mul_(0.99).add_((B * large - b * small).double() / (B - b), alpha=0.01)
+        self.var.mul_(0.99).add_((small - large).double() / (1 / b - 1 / B), alpha=0.01)
+
+    def values(self, weights: list[torch.Tensor]) -> dict:
+        scales = self.var / self.g2
+        ok = (self.g2 > 0) & (self.var > 0)
+        w2 = torch.stack([w.detach().double().square().sum().cpu() for w in weights])
+        trust = float((w2[ok] * scales[ok]).sum() / w2[ok].sum()) if ok.any() else None
+        return dict(per_tensor=[float(x) if good else None for x, good in zip(scales, ok)], trust_scaled=trust)
+
+
 def load_data(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train images, train labels, val images, val labels), decoded once and kept in --out."""
     cache = os.path.join(args.out, f"data-{args.image_size}px.pt")
@@ -123,6 +144,7 @@ def train_to_target(args, data, batch: int, probe: bool, factor: float = 1.0,
     parts = NOISE_MICRO_BATCHES if probe else 1
     micro = batch // parts
     noise = NoiseScale() if probe else None
+    each = PerTensorNoise(len(params)) if probe else None
     evals, epochs, crossed = [], [], None
     step, next_eval, t0 = 0, 1, time.perf_counter()
 
@@ -149,8 +171,11 @@ def train_to_target(args, data, batch: int, probe: bool, factor: float = 1.0,
                 (F.cross_entropy(model(xt[part]), yt[part], reduction="sum") / batch).backward()
                 if probe and k == 0:
                     small = first_micro_batch_sq_norm([p.grad for p in params], parts)
+                    small_each = torch.stack(torch._foreach_norm([p.grad for p in params])).square().cpu() * parts ** 2
             if probe:  # before the step: LARS works in place in the gradients
                 noise.update(small, squared_norm([p.grad for p in params]), micro, batch)
+                each.update(small_each, torch.stack(torch._foreach_norm([p.grad for p in params])).square().cpu(),
+                            micro, batch)
             opt.step()
             step += 1
             if crossed is None and step >= next_eval:
@@ -165,7 +190,8 @@ def train_to_target(args, data, batch: int, probe: bool, factor: float = 1.0,
                 crossed = evaluate(step) if crossed is None else crossed
             acc = evals[-1][1]
             epochs.append(dict(epoch=epoch + 1, step=step, val_acc=acc,
-                               images_per_second=step * batch / (time.perf_counter() - t0), **noise.values().fields()))
+                               images_per_second=step * batch / (time.perf_counter() - t0), **noise.values().fields(),
+                               **each.values(params)))
         if crossed is not None or step > step_limit:
             break
     if probe:
@@ -213,6 +239,20 @@ def write_probe_folder(args, probe: dict, folder: str) -> None:
         fh.write("".join(json.dumps(x) + "\n" for x in lines))
     os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
     shutil.move(os.path.join(args.out, "probe-final.pt"), os.path.join(folder, "checkpoints", "final.pt"))
+
+
+def per_tensor_lines(probe: dict) -> str:
+    """The probe's noise scale tensor by tensor at each epoch's end (PerTensorNoise)."""
+    def show(x):
+        return "—" if x is None else f"{x:.0f}"
+
+    lines = []
+    for r in probe["noise_epochs"]:
+        known = [x for x in r["per_tensor"] if x is not None]
+        span = f"{min(known):.0f}–{max(known):.0f}" if known else "—"
+        lines.append(f"epoch {r['epoch']}: B_simple {show(r['noise_scale'])}; tensor by tensor {span}; "
+                     f"|w|²-weighted (the gradient as LARS scales it) {show(r['trust_scaled'])}")
+    return "\n".join(lines)
 
 
 def table(results: list[dict], model: advise.StepsModel) -> str:
@@ -345,6 +385,7 @@ def main() -> None:
     print(f"probe at batch {probe['batch']} (lr {probe['lr']:.4g}): {probe['steps']:.0f} steps to {args.target}, "
           "noise scale per epoch " + ", ".join(f"{s.noise_scale:.0f}" for s in segments)
           + f"; S_min {model.s_min:.0f}, B_crit {model.b_crit:.0f}", flush=True)
+    print(per_tensor_lines(probe), flush=True)
     folder = os.path.join(args.out, "probe")
     write_probe_folder(args, probe, folder)
     results.append(probe)
@@ -373,7 +414,8 @@ def main() -> None:
              f"predicted B_crit {model.b_crit:.0f}; "
              f"measured knee {'none' if measured_knee is None else f'{measured_knee:.0f}'}"
              + ("" if fitted is None else f", fitted B_crit {fitted.b_crit:.0f} (S_min {fitted.s_min:.0f})")
-             + (f"; predicted / measured knee {model.b_crit / measured_knee:.2f}" if measured_knee else ""))
+             + (f"; predicted / measured knee {model.b_crit / measured_knee:.2f}" if measured_knee else "")
+             + "\n\nthe probe's noise scale tensor by tensor:\n\n" + per_tensor_lines(probe).replace("\n", "\n\n"))
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as fh:
