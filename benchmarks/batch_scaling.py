@@ -182,13 +182,18 @@ def plot(results: list[dict], small_batch: int, factors: list[int], path: str) -
     return True
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_data_and_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """--data, --root, --image-size, --model and --width, which overrides() reads."""
     ap.add_argument("--data", default="digits", help="data.name (default: the bundled digits)")
     ap.add_argument("--root", default=None, help="data.root")
     ap.add_argument("--image-size", type=int, default=None, help="data.image_size (default: the data's own)")
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--width", type=int, default=16, help="model.width")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_data_and_model_arguments(ap)
     ap.add_argument("--small-batch", type=int, default=None, help="baseline batch (default: 64, 16 for digits)")
     ap.add_argument("--factors", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--epochs", type=int, default=20)

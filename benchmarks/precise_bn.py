@@ -27,7 +27,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_scaling import overrides  # noqa: E402  (the same runs as the batch-scaling experiment)
+from batch_scaling import add_data_and_model_arguments, overrides  # noqa: E402  (the same runs as the batch-scaling experiment)
 
 from largebatch.config import load_config  # noqa: E402
 from largebatch.data.sampler import steps_per_epoch  # noqa: E402
@@ -52,11 +52,7 @@ def train(args, batch: int, seed: int, images: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default="digits", help="data.name (default: the bundled digits)")
-    ap.add_argument("--root", default=None, help="data.root")
-    ap.add_argument("--image-size", type=int, default=None, help="data.image_size (default: the data's own)")
-    ap.add_argument("--model", default="cnn")
-    ap.add_argument("--width", type=int, default=16, help="model.width")
+    add_data_and_model_arguments(ap)
     ap.add_argument("--small-batch", type=int, default=None,
                     help="the batch the lr is quoted for (default: 64, 16 for digits)")
     ap.add_argument("--batches", type=int, nargs="+", default=None,
