@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, replace
@@ -598,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print(f"run {run_dir}: global batch {measured.global_batch} on {measured.world_size} worker(s); "
           f"target: {measured.target}")
-    print(f"measured noise scale per epoch (B_simple): "
+    print("measured noise scale per epoch (B_simple): "
           + ", ".join(f"{s.noise_scale:.0f}" for s in measured.segments))
     print(f"model: S(B) = S_min (1 + B_crit/B) with S_min = {model.s_min:.0f} steps, B_crit = {model.b_crit:.0f} "
           f"images, E_min = {model.e_min:,.0f} images")
@@ -621,13 +620,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         write_plot(args.plot, model, rows, fast, cheap, title=f"advice from {run_dir}")
         print(f"\nwrote {args.plot}")
     if args.json:
-        from largebatch.fileio import write_bytes_atomic
-
         payload = dict(run_dir=run_dir, target=measured.target, segments=[asdict(s) for s in measured.segments],
                        model=dict(asdict(model), e_min=model.e_min), cluster=asdict(cluster), workload=asdict(workload),
                        price=price, choices=[asdict(c) for c in rows], fastest=asdict(fast), cheapest=asdict(cheap),
                        assumptions=list(ASSUMPTIONS))
-        write_bytes_atomic((json.dumps(payload, indent=1) + "\n").encode(), args.json)
+        simulate.write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

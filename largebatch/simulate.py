@@ -820,10 +820,11 @@ def write_plot(path: str, series: Sequence[tuple[str, Sequence[StepPrediction]]]
 
 
 def write_json(path: str, payload: dict) -> None:
+    """``payload`` as indented JSON at ``path``, written atomically (--json of simulate and advise)."""
+    from largebatch.fileio import write_bytes_atomic
+
     try:
-        with open(path, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
+        write_bytes_atomic((json.dumps(payload, indent=2) + "\n").encode(), path)
     except OSError as exc:
         raise UsageError(f"--json {path}: cannot write it ({exc.strerror or exc})") from None
 
