@@ -59,6 +59,12 @@ def zero_momentum(state: dict, params: list[torch.Tensor]) -> list[dict]:
     return states
 
 
+def step_states(state: dict, params: list[torch.Tensor], momentum: bool) -> list[dict]:
+    """The optimizer ``state`` entries of ``params`` a step works on: with ``momentum``, each with a
+    momentum buffer (:func:`zero_momentum`)."""
+    return zero_momentum(state, params) if momentum else [state[p] for p in params]
+
+
 def on(t: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     """``t`` on ``device`` (no copy when it is there already), or None."""
     return None if t is None else t.to(device)

@@ -62,7 +62,8 @@ import torch
 from torch.optim import Optimizer
 
 from largebatch.optim._norms import (Bucket, Plans, ShardNorms, check_sharding, local_states, locals_of,
-                                     make_buckets, norms, on, skip_on_host, wide, zero_momentum)
+                                     make_buckets, norms, on, skip_on_host, step_states, wide,
+                                     zero_momentum)
 
 
 class LARS(Optimizer):
@@ -127,11 +128,8 @@ class LARS(Optimizer):
                 _lars_multi(b, b.grads(grads), group, on(grad_scale, dev), on(found_inf, dev))
         return loss
 
-    def _states(self, params: list[torch.Tensor], momentum: bool) -> list[dict]:
-        return zero_momentum(self.state, params) if momentum else [self.state[p] for p in params]
-
     def _plan(self, params: list[torch.Tensor], grads: list[torch.Tensor], momentum: bool) -> list[Bucket]:
-        return make_buckets(params, grads, self._states(params, momentum), "_fused_sgd_",
+        return make_buckets(params, grads, step_states(self.state, params, momentum), "_fused_sgd_",
                             ("momentum_buffer",) if momentum else ())
 
     def _step_sharded(self, grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
@@ -147,11 +145,11 @@ class LARS(Optimizer):
             keys = ("momentum_buffer",) if momentum else ()
             base = sums.reserve(2 * len(ps)) if group["adapt"] else 0
             if not group["foreach"]:
-                states = local_states(params, self._states(params, momentum), keys)
+                states = local_states(params, step_states(self.state, params, momentum), keys)
                 pending.append(_lars_single_sharded(ps, gs, states, group, grad_scale, found_inf, sums, base))
                 continue
             buckets = self._plans.get(index, group, ps, gs, momentum, lambda: make_buckets(
-                ps, gs, local_states(params, self._states(params, momentum), keys), "_fused_sgd_", keys), ident)
+                ps, gs, local_states(params, step_states(self.state, params, momentum), keys), "_fused_sgd_", keys), ident)
             for b in buckets:
                 dev = b.params[0].device
                 b_gs, b_scale, b_inf = b.grads(gs), on(grad_scale, dev), on(found_inf, dev)

@@ -17,7 +17,7 @@ from typing import Iterable
 
 import torch
 
-from largebatch.optim._norms import Plans, local_states, locals_of, make_buckets, on, zero_momentum
+from largebatch.optim._norms import Plans, local_states, locals_of, make_buckets, on, step_states
 from largebatch.optim.lars import _lars_multi
 
 
@@ -33,9 +33,6 @@ class ShardedSGD(torch.optim.SGD):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._plans = Plans()  # the state tensors may have been replaced
-
-    def _states(self, params: list[torch.Tensor], momentum: bool) -> list[dict]:
-        return zero_momentum(self.state, params) if momentum else [self.state[p] for p in params]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -55,7 +52,7 @@ class ShardedSGD(torch.optim.SGD):
             momentum = group["momentum"] != 0
             keys = ("momentum_buffer",) if momentum else ()
             buckets = self._plans.get(index, group, ps, gs, momentum, lambda: make_buckets(
-                ps, gs, local_states(params, self._states(params, momentum), keys), "_fused_sgd_", keys), ident)
+                ps, gs, local_states(params, step_states(self.state, params, momentum), keys), "_fused_sgd_", keys), ident)
             rule = dict(group, adapt=False)  # d = g + weight_decay * p, then momentum: LARS without trust ratios
             for b in buckets:
                 dev = b.params[0].device
