@@ -36,7 +36,7 @@ from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.noise import NoiseScale, choose_source
 from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
 from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
-from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger, Stepper
+from largebatch.engine.step import APPLIED, SCALER_SKIP, Ledger, Stepper
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.parts import PartsSource, complete_info, from_config
