@@ -67,24 +67,24 @@ NOISE_MICRO_BATCHES = 4
 
 
 class PerTensorNoise:
-    """The same estimates tensor by tensor (exponential averages, decay 0.99): each tensor's own
-    noise scale ``B_l = tr(Σ_l) / |G_l|²``, and their mean weighted by ``|w_l|²``, the noise scale of
-    the gradient as LARS scales it (each tensor's step set to ``η·|w_l|`` by its trust ratio
+    """The same estimates tensor by tensor (a :class:`NoiseScale` for each): each tensor's own noise
+    scale ``B_l = tr(Σ_l) / |G_l|²``, and their mean weighted by ``|w_l|²``, the noise scale of the
+    gradient as LARS scales it (each tensor's step set to ``η·|w_l|`` by its trust ratio
     ``η·|w_l| / |G_l|``: ``Σ |w_l|² B_l / Σ |w_l|²``)."""
 
     def __init__(self, count: int):
-        self.g2, self.var = torch.zeros(count, dtype=torch.float64), torch.zeros(count, dtype=torch.float64)
+        self.each = [NoiseScale() for _ in range(count)]
 
     def update(self, small: torch.Tensor, large: torch.Tensor, b: int, B: int) -> None:
-        self.g2.mul_(0.99).add_((B * large - b * small).double() / (B - b), alpha=0.01)
-        self.var.mul_(0.99).add_((small - large).double() / (1 / b - 1 / B), alpha=0.01)
+        for noise, s, g in zip(self.each, small, large):
+            noise.update(s, g, b, B)
 
     def values(self, weights: list[torch.Tensor]) -> dict:
-        scales = self.var / self.g2
-        ok = (self.g2 > 0) & (self.var > 0)
-        w2 = torch.stack([w.detach().double().square().sum().cpu() for w in weights])
-        trust = float((w2[ok] * scales[ok]).sum() / w2[ok].sum()) if ok.any() else None
-        return dict(per_tensor=[float(x) if good else None for x, good in zip(scales, ok)], trust_scaled=trust)
+        scales = [noise.values().noise_scale for noise in self.each]
+        w2 = [float(w.detach().double().square().sum()) for w in weights]
+        known = [(w, x) for w, x in zip(w2, scales) if x is not None]
+        trust = sum(w * x for w, x in known) / sum(w for w, _ in known) if known else None
+        return dict(per_tensor=scales, trust_scaled=trust)
 
 
 def load_data(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
