@@ -878,7 +878,7 @@ class Trainer:
         bp = phase.batch
         self.sampler.set_phase(bp, self.plan.eval_size)
         self.sampler.set_epoch(epoch)
-        batches = itertools.islice(iter(self.loader), min(micro_batches, len(self.sampler)))
+        batches = itertools.islice(iter(self.loader), micro_batches)  # at most one epoch's (PreciseBN.for_phase)
         recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
         self.sampler.set_phase(bp, phase.image_size)
 
