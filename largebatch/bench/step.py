@@ -69,8 +69,16 @@ def _time(ctx, trainer, steps: int, noisy=None) -> dict:
     bp = trainer.plan.phases[0].batch
     trainer.sampler.set_epoch(0, 0)
     batches = list(itertools.islice(iter(trainer.loader), bp.accum_steps * 4))
-    engine_batches, plain_batches, noisy_batches = (itertools.cycle(batches) for _ in range(3))
-    stop, step_no, noisy_step_no = StopSignal(), itertools.count(), itertools.count()
+    plain_batches, stop = itertools.cycle(batches), StopSignal()
+
+    def stepping(t):
+        """``steps`` steps of trainer ``t`` through Trainer.run_step, over its own cycle of the batches."""
+        own_batches, step_no = itertools.cycle(batches), itertools.count()
+
+        def run():
+            for _ in range(steps):
+                t.run_step(own_batches, bp, next(step_no) % t.plan.total_steps, stop)
+        return run
 
     # The plain loop: a copy of the same network with the same weights, in DDP with the same buckets.
     model = copy.deepcopy(trainer.comm.unwrap(trainer.model))
@@ -79,10 +87,6 @@ def _time(ctx, trainer, steps: int, noisy=None) -> dict:
     o = trainer.cfg.optim
     sgd = torch.optim.SGD(model.parameters(), lr=0.01, momentum=o.momentum, nesterov=o.nesterov,
                           weight_decay=o.weight_decay, foreach=True)
-
-    def engine():
-        for _ in range(steps):
-            trainer.run_step(engine_batches, bp, next(step_no) % trainer.plan.total_steps, stop)
 
     def plain_loop():
         for _ in range(steps):
@@ -94,13 +98,9 @@ def _time(ctx, trainer, steps: int, noisy=None) -> dict:
                     F.cross_entropy(ddp(x), y).backward()
             sgd.step()
 
-    def engine_with_noise():
-        for _ in range(steps):
-            noisy.run_step(noisy_batches, bp, next(noisy_step_no) % noisy.plan.total_steps, stop)
-
-    tasks = {"engine": engine, "plain DDP loop": plain_loop}
+    tasks = {"engine": stepping(trainer), "plain DDP loop": plain_loop}
     if noisy is not None:
-        tasks["engine + noise scale"] = engine_with_noise
+        tasks["engine + noise scale"] = stepping(noisy)
         noisy.model.train()
     trainer.model.train()
     model.train()
