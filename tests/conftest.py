@@ -12,6 +12,7 @@ the workers it starts, and the documented commands, are exec'd as a user's are.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -157,13 +158,15 @@ def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
     return results
 
 
+def resumed_at(stderr: str, step: int, rest: str = "") -> bool:
+    """Whether the run's header says it resumed from the checkpoint of ``step`` at that step (then
+    ``rest``, if given, on the same line)."""
+    line = rf"^resuming from \S*step-{step:09d}\.pt at epoch \d+, step {step}" + (re.escape(" " + rest) if rest else "") + "$"
+    return re.search(line, stderr, re.M) is not None
+
+
 def load_weights(run_dir: str) -> dict:
     return torch.load(os.path.join(run_dir, "checkpoints", "final.pt"), weights_only=True)["model"]
-
-
-def max_abs_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import REPO, _env, launch_workers, load_weights, max_abs_diff, run_module
+from checks import max_abs_diff
+from conftest import REPO, _env, launch_workers, load_weights, run_module
 from largebatch.engine import checkpoint as ckpt
 
 USER_CODE = '''

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import launch_workers, load_weights, max_abs_diff, run_module
+from checks import max_abs_diff
+from conftest import launch_workers, load_weights, run_module
 from largebatch.batching import plan
 from largebatch.config import load_config
 from largebatch.data import MicroBatchSampler, Request, build_datasets, eval_loader

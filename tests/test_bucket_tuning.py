@@ -8,7 +8,8 @@ import textwrap
 
 import pytest
 
-from conftest import launch_workers, load_weights, max_abs_diff
+from checks import max_abs_diff
+from conftest import launch_workers, load_weights
 from largebatch.config import load_config
 from largebatch.engine.bucket_tuning import candidate_sizes, choose
 from largebatch.errors import UsageError

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from conftest import CUDA, load_weights, max_abs_diff, needs_cuda, run_module, torchrun
+from checks import max_abs_diff
+from conftest import CUDA, load_weights, needs_cuda, run_module, torchrun
 
 pytestmark = needs_cuda
 

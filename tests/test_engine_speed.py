@@ -9,16 +9,14 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, launch_workers, load_weights, max_abs_diff, run_module
+from checks import host_reads_refused, max_abs_diff
+from conftest import REPO, launch_workers, load_weights, run_module
 from largebatch.config.loader import load_config
 from largebatch.distributed import SINGLE
 from largebatch.engine import Trainer
 from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.guards import StopSignal
 from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger
-
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
 
 def _trainer(tmp_path, *overrides):
     cfg = load_config(None, [f"run.dir={tmp_path}", "checkpoint.resume=never", "train.device=cpu", *overrides])
@@ -38,13 +36,8 @@ def test_a_step_reads_no_tensor_value_on_the_host(tmp_path, monkeypatch, optim, 
         batches, stop = iter(trainer.loader), StopSignal()
         trainer.run_step(batches, bp, 0, stop)  # the first step allocates the optimizer state
 
-        def refuse(self, *args, **kwargs):
-            raise AssertionError("a tensor value was read on the host inside the step")
-
-        for name in HOST_READS:
-            monkeypatch.setattr(torch.Tensor, name, refuse)
-        outcomes = [trainer.run_step(batches, bp, step, stop)[3] for step in range(1, 4)]
-        monkeypatch.undo()
+        with host_reads_refused():
+            outcomes = [trainer.run_step(batches, bp, step, stop)[3] for step in range(1, 4)]
         assert [int(o) for o in outcomes] == [APPLIED] * 3
     finally:
         trainer.close()

@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from conftest import TIMEOUT_S, Result, _env, launch_workers, load_weights, max_abs_diff, torchrun
+from checks import max_abs_diff
+from conftest import TIMEOUT_S, Result, _env, launch_workers, load_weights, torchrun
 
 
 def _mpiexec() -> str | None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from checks import host_reads_refused
 from largebatch.config import load_config
 from largebatch.optim import LAMB, LARS, _norms, build_optimizer, param_groups
 
@@ -549,13 +550,6 @@ def test_grad_scale_divides_the_gradients(kind, path, nesterov, monkeypatch):
     assert not torch.equal(ps_b[0], params[0])
 
 
-def _refuse(*args, **kwargs):
-    raise AssertionError("a device value was read on the host")
-
-
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
-
-
 @pytest.mark.parametrize("kind", ["lars", "larc", "lamb", "sgd"])
 def test_grad_scaler_skips_an_overflow_on_the_device(kind, monkeypatch):
     """torch.amp.GradScaler hands its scale and found_inf to the optimizer: an overflow leaves
@@ -571,8 +565,7 @@ def test_grad_scaler_skips_an_overflow_on_the_device(kind, monkeypatch):
         for p, x in zip(ps, _bad(g, "inf") if overflow else g):
             p.grad = x * scale
         before = _snapshot(opt, ps)
-        with monkeypatch.context() as m:
-            m.setattr(torch.Tensor, "item", _refuse)
+        with host_reads_refused():
             scaler.step(opt)
         scaler.update()
         if overflow:
@@ -594,9 +587,7 @@ def test_multi_tensor_step_reads_nothing_on_the_host(kind, flag, monkeypatch):
     ps = [nn.Parameter(_channels_last(params[0])), *(nn.Parameter(_transposed(p)) for p in params[1:])]
     opt = _make(kind, ps, nesterov=kind != "lamb")
     before = _snapshot(opt, ps)
-    with monkeypatch.context() as m:
-        for name in HOST_READS:
-            m.setattr(torch.Tensor, name, _refuse)
+    with host_reads_refused():
         for g in grads[:3]:
             _step(opt, ps, [_transposed(x) for x in g], found_inf=flag, grad_scale=2.0)
     if flag:
@@ -607,8 +598,7 @@ def test_multi_tensor_step_reads_nothing_on_the_host(kind, flag, monkeypatch):
         assert sum(n for _, n in _buckets(opt)) == 1
         # the same patch catches the single-tensor path reading found_inf
         opt = _make(kind, ps, "single")
-        with monkeypatch.context() as m:
-            m.setattr(torch.Tensor, "item", _refuse)
+        with host_reads_refused():
             with pytest.raises(AssertionError, match="host"):
                 _step(opt, ps, grads[0], found_inf=flag)
 

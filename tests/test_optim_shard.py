@@ -5,12 +5,15 @@ gradients, and checks that they end alike, that a step makes exactly one collect
 number of tensors, that found_inf = 1 leaves everything as it was, and that the state goes through
 torch.distributed.checkpoint's get_state_dict / set_state_dict."""
 
+import os
 import textwrap
 
 from conftest import REPO, launch_workers
 
 WORKER = textwrap.dedent('''
+    import contextlib
     import copy
+    import sys
 
     import torch
     import torch.distributed as dist
@@ -23,6 +26,9 @@ WORKER = textwrap.dedent('''
     from largebatch.config import load_config
     from largebatch.distributed.shard import device_mesh, fully_shard_model, local
     from largebatch.optim import LAMB, LARS, ShardedSGD, build_optimizer, optimizer_parts, prepare_state
+
+    sys.path.insert(0, TESTS)
+    from checks import host_reads_refused, max_abs_diff
 
     TOL = 1e-6
     COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
@@ -114,32 +120,13 @@ WORKER = textwrap.dedent('''
                 assert torch.equal(sx[k], sy[k]), (what, k)
 
 
-    def max_diff(a, b):
-        return max((x - y).abs().max().item() if x.numel() else 0.0 for x, y in zip(a, b))
-
-
-    HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
-
-
     def counted_step(opt, refuse_host_reads):
         """opt.step(), returning (c10d calls, CommDebugMode's count)."""
         calls.clear()
-        saved = {n: getattr(torch.Tensor, n) for n in HOST_READS}
         mode = CommDebugMode()
-        try:
-            if refuse_host_reads:
-                for n in HOST_READS:
-                    setattr(torch.Tensor, n, refuse)
-            with mode:
-                opt.step()
-        finally:
-            for n, f in saved.items():
-                setattr(torch.Tensor, n, f)
+        with host_reads_refused() if refuse_host_reads else contextlib.nullcontext(), mode:
+            opt.step()
         return len(calls), mode.get_total_counts()
-
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a device value was read on the host")
 
 
     def cfg_of(name, wd, extra=()):
@@ -197,14 +184,14 @@ WORKER = textwrap.dedent('''
 
         got = [full(p).detach() for p in sharded.parameters()]
         want = [p.detach() for p in ref.parameters()]
-        assert max_diff(got, want) <= TOL, (what, max_diff(got, want))
-        assert max_diff(want, start) > 1e-3, what  # the steps did move the weights
+        assert max_abs_diff(got, want) <= TOL, (what, max_abs_diff(got, want))
+        assert max_abs_diff(want, start) > 1e-3, what  # the steps did move the weights
         st, ref_st = state_of(opt, sharded), state_of(ref_opt, ref)
         assert st.keys() == ref_st.keys() and st, what
         for n in st:
             assert st[n].keys() == ref_st[n].keys(), (what, n)
             for k in st[n]:
-                assert max_diff([st[n][k].float()], [ref_st[n][k].float()]) <= TOL, (what, n, k)
+                assert max_abs_diff([st[n][k].float()], [ref_st[n][k].float()]) <= TOL, (what, n, k)
         for p in sharded.parameters():  # state shaped like its parameter, as torch's optimizers keep it
             for k, v in opt.state[p].items():
                 if k != "step":
@@ -256,7 +243,7 @@ WORKER = textwrap.dedent('''
                     set_grads(m, grads_at(ref, t))
                 o.step()
         got, want = [p.detach() for p in model.parameters()], [p.detach() for p in ref.parameters()]
-        assert max_diff(got, want) <= TOL, (name, "zero", max_diff(got, want))
+        assert max_abs_diff(got, want) <= TOL, (name, "zero", max_abs_diff(got, want))
         print(f"rank {dist.get_rank()} ok: zero {name}", flush=True)
 
 
@@ -289,7 +276,7 @@ def test_sharded_optimizers_match_unsharded(tmp_path):
     one collective per LARS/LARC/LAMB step (none for SGD) for 10 tensors or 26, found_inf = 1 leaving
     parameters and state as they were, get_state_dict / set_state_dict, and under ZeRO."""
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(WORKER.replace("TESTS", repr(os.path.join(REPO, "tests")), 1))
     results = launch_workers(2, str(script), cwd=REPO)
     for rank, res in enumerate(results):
         assert res.returncode == 0, f"rank {rank}:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from conftest import launch_workers, load_weights, max_abs_diff, run_module
+from checks import max_abs_diff
+from conftest import launch_workers, load_weights, run_module
 
 QUICK = ["model.name=mlp", "model.norm=none", "train.epochs=2", "train.global_batch=64", "run.seed=5"]
 

@@ -20,6 +20,7 @@ import shutil
 import pytest
 import torch
 
+from checks import max_abs_diff
 from conftest import launch_workers, load_weights, run_module
 from largebatch.engine import checkpoint as ckpt
 from largebatch.errors import UsageError
@@ -66,7 +67,7 @@ def _param_diff(a, b):
     micro-batches, so they are left out where the world size changed)."""
     keys = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert keys and set(a) == set(b)
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+    return max_abs_diff(a, b, keys)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import launch_workers, load_weights, max_abs_diff, run_module, torchrun
+from checks import max_abs_diff
+from conftest import launch_workers, load_weights, run_module, torchrun
 
 # Two models without BatchNorm. The MLP keeps rounding-level differences at ~1e-7 over many
 # epochs; the plain CNN's trajectory amplifies them (a property of its training dynamics, not of
