@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, _env, free_port, launch_workers, load_weights, max_abs_diff, run_module, start, worker_env
+from checks import max_abs_diff
+from conftest import (REPO, _env, free_port, launch_workers, load_weights, resumed_at, run_module, start,
+                      worker_env)
 from largebatch.engine import checkpoint as ckpt
 
 TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost", "startup_s", "first_step_s",
@@ -92,10 +94,13 @@ def test_resume_two_worker_checkpoint_on_one_worker(tmp_path):
     ref = str(tmp_path / "ref")
     assert run_module("largebatch.train", *args, f"run.dir={ref}").returncode == 0
     d = str(tmp_path / "run")
-    launch_workers(2, "largebatch.train", *args, f"run.dir={d}", env={"LARGEBATCH_FAULT": "exit@25:0,exit@25:1"})
+    faulted = launch_workers(2, "largebatch.train", *args, f"run.dir={d}", env={"LARGEBATCH_FAULT": "exit@25:0,exit@25:1"})
+    assert [w.returncode for w in faulted] == [137, 137], faulted[0].stderr[-2000:]  # both died at step 25
+    # the newest checkpoint: the end of epoch 1 (1,438 images at 64: 22 steps), after step 20's
+    assert os.path.basename(ckpt.list_checkpoints(d)[0]) == f"step-{22:09d}.pt"
     r = run_module("largebatch.train", *args, f"run.dir={d}")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "on 1 workers instead of 2: same global batch 64, same data position" in r.stderr
+    assert resumed_at(r.stderr, 22, "on 1 workers instead of 2: same global batch 64, same data position")
     assert max_abs_diff(load_weights(ref), load_weights(d)) <= 1e-4
 
 
@@ -176,7 +181,7 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
     stopped = int(err.split("stopping on a signal after step ")[1].split(":")[0])
     assert os.path.basename(ckpt.list_checkpoints(d)[0]) == f"step-{stopped:09d}.pt"
     r = run_module("largebatch.train", "train.epochs=4", f"run.dir={d}")
-    assert r.returncode == 0 and f"step {stopped}" in r.stderr
+    assert r.returncode == 0 and resumed_at(r.stderr, stopped), r.stderr[-2000:]
 
 
 def test_changed_config_is_refused_but_safe_keys_pass(tmp_path):
