@@ -14,6 +14,7 @@ import os
 from datetime import timedelta
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -218,16 +219,18 @@ def _sharded_grad_scaler_class() -> type:
 
 
 class PendingFlag:
-    """A flag agreed across workers by an asynchronous allreduce (see Communicator.start_any)."""
+    """A flag agreed across workers by an asynchronous allreduce (see Communicator.start_any). It
+    lives in host memory, a numpy array, which the allreduce reaches through a tensor view; reading
+    it reads no tensor, let alone a device's."""
 
-    def __init__(self, tensor: torch.Tensor, work):
-        self.tensor, self.work = tensor, work
+    def __init__(self, host: np.ndarray, work):
+        self.host, self.work = host, work
 
     def wait(self) -> bool:
         if self.work is not None:
             self.work.wait()
             self.work = None
-        return bool(self.tensor.numpy()[0])
+        return bool(self.host[0])
 
 
 class Communicator:
@@ -487,10 +490,11 @@ class Communicator:
         """Begin agreeing on ``flag`` (true on every worker if true on any) without waiting: the
         answer is read with ``PendingFlag.wait()`` later, typically one step on, when it has long
         arrived. The flag travels as a CPU tensor over gloo, never through the GPU."""
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        host = np.array([1 if flag else 0], dtype=np.int32)
         if not self.distributed:
-            return PendingFlag(t, None)
-        return PendingFlag(t, dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group, async_op=True))
+            return PendingFlag(host, None)
+        work = dist.all_reduce(torch.from_numpy(host), op=dist.ReduceOp.MAX, group=self.control_group, async_op=True)
+        return PendingFlag(host, work)
 
     def any(self, flag: bool) -> bool:
         """True on every worker if ``flag`` is true on any (a signal seen by one worker, say)."""
