@@ -141,6 +141,14 @@ class _Position:
     scaler_skipped_steps: int = 0
 
 
+def precision_line(precision: str, fsdp_bf16: bool) -> str:
+    """The run header's account of train.precision: what computes in which type."""
+    if fsdp_bf16:
+        return "bf16 compute on float32 master weights (FSDP2 mixed precision)"
+    return {"fp32": "fp32", "bf16": "bf16 autocast (float32 weights and gradients)",
+            "fp16": "fp16 autocast (float32 weights and gradients), the loss scaled by a gradient scaler"}[precision]
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`Config`, a :class:`Topology` and its parts (the
     model and datasets: ``parts``, a :data:`largebatch.parts.PartsSource`; by default those the config
@@ -809,6 +817,7 @@ class Trainer:
         else:
             for phase, choice in zip(self.plan.phases, self.precise_bn):
                 progress.print(f"  BatchNorm statistics   phase {phase.index + 1}: {choice.line()}")
+        progress.print(f"  precision              {precision_line(cfg.train.precision, self.comm.param_dtype is not None)}")
         speed = [f"channels-last {'on' if self.channels_last else 'off'}"]
         if self.compile_s is not None:
             mode = "default" if cfg.train.compile is True else cfg.train.compile
