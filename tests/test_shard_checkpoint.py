@@ -30,6 +30,7 @@ TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost
 ARGS = ["train.epochs=2", "train.max_micro_batch=64", "checkpoint.every_steps=5", "checkpoint.keep=10",
         "train.log_every_steps=4"]
 RESHARD_TOL = 1e-5
+"""The least tolerance of a run resumed on another world size; see _reshard_tolerance."""
 
 
 def _train(nproc, run_dir, optimizer, *extra):
@@ -70,6 +71,18 @@ def _param_diff(a, b):
     return max_abs_diff(a, b, keys)
 
 
+def _reshard_tolerance(ref_dir: str, optimizer: str) -> float:
+    """How far a run resumed on another world size may end from the uninterrupted ``ref_dir``: the
+    rounding a change of summation order gives on this machine. A 2-worker run without sharding
+    is the same training as the reference in another order of sums; how far the two drift apart
+    (~1e-6 to 6e-5, depending on the CPU's kernels) sets the scale, and a resumed run may differ
+    by 10 times that, at least RESHARD_TOL. A misplaced shard or lost optimizer state moves the
+    weights by orders of magnitude more."""
+    control = ref_dir + "-unsharded"
+    _train(2, control, optimizer, "comm.shard=none")
+    return max(RESHARD_TOL, 10 * _param_diff(load_weights(ref_dir), load_weights(control)))
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("full") / "run")
@@ -79,6 +92,7 @@ def full_run(tmp_path_factory):
 
 def test_full_resumes_exactly_and_reshards(full_run, tmp_path):
     ref = load_weights(full_run)
+    tolerance = _reshard_tolerance(full_run, "lars")
     assert _names(full_run) == [f"step-{s:09d}.dcp" for s in (22, 20, 15, 11, 10, 5)]
     folder = os.path.join(full_run, "checkpoints", "step-000000010.dcp")
     assert sorted(os.listdir(folder)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
@@ -105,19 +119,19 @@ def test_full_resumes_exactly_and_reshards(full_run, tmp_path):
     one = _cut_back(full_run, str(tmp_path / "one"), 15)
     err = _train(1, one, "lars", "comm.shard=full")
     assert "step-000000015.dcp at epoch 2, step 15 on 1 workers instead of 2: same global batch 128" in err
-    assert _param_diff(ref, load_weights(one)) <= RESHARD_TOL
+    assert _param_diff(ref, load_weights(one)) <= tolerance
     two = _cut_back(one, str(tmp_path / "two"), 20)
     assert sorted(os.listdir(os.path.join(two, "checkpoints", "step-000000020.dcp"))) == [
         ".metadata", "__0_0.distcp", "meta.pt"]
     err = _train(2, two, "lars", "comm.shard=full")
     assert "step-000000020.dcp at epoch 2, step 20 on 2 workers instead of 1" in err
-    assert _param_diff(ref, load_weights(two)) <= RESHARD_TOL
+    assert _param_diff(ref, load_weights(two)) <= tolerance
 
     # comm.shard may change on resume: the sharded checkpoint continues as a plain run.
     plain = _cut_back(full_run, str(tmp_path / "plain"), 15)
     err = _train(1, plain, "lars", "comm.shard=none")
     assert "step-000000015.dcp at epoch 2, step 15 on 1 workers" in err
-    assert _param_diff(ref, load_weights(plain)) <= RESHARD_TOL
+    assert _param_diff(ref, load_weights(plain)) <= tolerance
     assert _names(plain)[0] == "step-000000022.pt"
 
 
@@ -175,6 +189,7 @@ def test_zero_optimizer_state_reshards_and_changes_mode(tmp_path):
     ref_dir = str(tmp_path / "ref")
     _train(2, ref_dir, "lamb", "comm.shard=optimizer")
     ref = load_weights(ref_dir)
+    tolerance = _reshard_tolerance(ref_dir, "lamb")
     assert _names(ref_dir)[0] == "step-000000022.pt"
     # rank 0 wrote every worker's share of the optimizer state: moments for every weight
     from largebatch.models import create_model
@@ -187,12 +202,12 @@ def test_zero_optimizer_state_reshards_and_changes_mode(tmp_path):
     one = _cut_back(ref_dir, str(tmp_path / "one"), 15)
     err = _train(1, one, "lamb", "comm.shard=optimizer")
     assert "on 1 workers instead of 2" in err
-    assert _param_diff(ref, load_weights(one)) <= RESHARD_TOL
+    assert _param_diff(ref, load_weights(one)) <= tolerance
 
     # comm.shard may change on resume: a plain checkpoint's weights and optimizer state are split
     # over the workers of a sharded run.
     full = _cut_back(ref_dir, str(tmp_path / "full"), 15)
     err = _train(2, full, "lamb", "comm.shard=full")
     assert f"resuming from {full}/checkpoints/step-000000015.pt at epoch 2, step 15\n" in err
-    assert _param_diff(ref, load_weights(full)) <= RESHARD_TOL
+    assert _param_diff(ref, load_weights(full)) <= tolerance
     assert _names(full)[0] == "step-000000022.dcp"
