@@ -150,13 +150,15 @@ def test_a_plain_dataset_without_batched_fetch_or_classes(project, tmp_path):
         print("SUMMARY", s["val_acc"])
     '''))
     d = str(tmp_path / "run")
-    r = launch_workers(1, str(script), "train.epochs=2", "data.num_workers=2", "train.global_batch=64",
+    r = launch_workers(1, str(script), "train.epochs=10", "data.num_workers=2", "train.global_batch=64",
                        f"run.dir={d}", cwd=str(project))[0]
     assert r.returncode == 0, r.stderr[-3000:]
     # no val_set: data.val_fraction (0.2) of the 640 samples is held out, and the class count comes
     # from the model's output
     assert "(512 training images)" in r.stderr
-    assert float(r.stdout.split("SUMMARY")[1]) > 0.3
+    # the largest class is 36% of the samples; 10 epochs learn the labels to ~0.80 (0.80-0.81 over
+    # three seeds), which wrong labels or images could not reach
+    assert float(r.stdout.split("SUMMARY")[1]) > 0.65
 
 
 @pytest.mark.parametrize("args,message", [

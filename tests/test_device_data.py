@@ -323,7 +323,8 @@ def test_start_prefetches_and_iter_continues_from_it(tmp_path):
     assert len(got) == len(want) == 20 and all(torch.equal(a, c) for (a, _), (c, _) in zip(got, want))
     assert got[0][0].min() >= 5000
     batches.start()  # validation-style restart with nothing changed: the same epoch again
-    assert all(torch.equal(a, c) for (a, _), (c, _) in zip(list(batches), want))
+    again = list(batches)
+    assert len(again) == len(want) and all(torch.equal(a, c) for (a, _), (c, _) in zip(again, want))
 
 
 # --- CUDA ------------------------------------------------------------------------------------------
@@ -355,11 +356,11 @@ def test_device_path_never_synchronises_on_cuda(sources, name, augment):
     held, sampler = device_train_loader(train, plan(12, 1, 4), 0, seed=5, device="cuda", image_size=10)
     ev = device_eval_loader(val, 0, 1, 5, "cuda")
     cpu, cs = device_train_loader(train, plan(12, 1, 4), 0, seed=5, device="cpu", image_size=10)
-    sampler.set_epoch(0)
-    held.start()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        sampler.set_epoch(0)
+        held.start()  # the prefetch too runs without a synchronisation
         got = [b for epoch in (0, 1) for b in _epoch(held, sampler, epoch)]
         evals = list(ev)
     finally:
