@@ -11,6 +11,7 @@ the workers it starts, and the documented commands, are exec'd as a user's are.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -163,6 +164,32 @@ def resumed_at(stderr: str, step: int, rest: str = "") -> bool:
     ``rest``, if given, on the same line)."""
     line = rf"^resuming from \S*step-{step:09d}\.pt at epoch \d+, step {step}" + (re.escape(" " + rest) if rest else "") + "$"
     return re.search(line, stderr, re.M) is not None
+
+
+def scaler_halvings(run_dir: str) -> int:
+    """How often fp16's gradient scaler lowered its scale in a run, from its newest step checkpoint:
+    torch's GradScaler starts at 2**16, halves on each step it skips and doubles only after
+    growth_interval (2000) clean steps in a row, which a test's short run never has."""
+    newest = sorted(f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if f.startswith("step-"))[-1]
+    state = torch.load(os.path.join(run_dir, "checkpoints", newest), weights_only=True)
+    scaler = state["scaler"]
+    assert state["position"]["step"] < scaler["growth_interval"] and scaler["backoff_factor"] == 0.5
+    halvings = math.log2(2.0 ** 16 / scaler["scale"])
+    assert halvings == int(halvings) >= 0, scaler
+    return int(halvings)
+
+
+def initial_weights(run_dir: str, *args: str) -> dict:
+    """The weights a run with these overrides starts from (the engine seeds and builds the model)."""
+    from largebatch.config.loader import load_config
+    from largebatch.distributed import SINGLE
+    from largebatch.engine import Trainer
+
+    trainer = Trainer(load_config(None, [*args, f"run.dir={run_dir}", "checkpoint.resume=never"]), SINGLE)
+    try:
+        return {k: v.detach().cpu().clone() for k, v in trainer.bare_model.state_dict().items()}
+    finally:
+        trainer.close()
 
 
 def load_weights(run_dir: str) -> dict:
