@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checks import host_reads_refused, max_abs_diff
-from conftest import REPO, launch_workers, load_weights, run_module
+from conftest import REPO, launch_workers, load_weights, needs_cuda, run_module
 from largebatch.config.loader import load_config
 from largebatch.distributed import SINGLE
 from largebatch.engine import Trainer
@@ -74,6 +74,21 @@ def test_ledger_gives_outcomes_in_order_and_holds_back_the_lag():
     assert ledger.take(wait=True) == []
 
 
+@needs_cuda
+def test_ledger_on_cuda_learns_outcomes_when_the_device_has_copied_them():
+    """The deferred path: each outcome is copied into pinned host memory without waiting, and the
+    host takes it once its event says the copy is done, in step order."""
+    codes = torch.tensor([APPLIED, NONFINITE, SCALER_SKIP], dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    ledger = Ledger(torch.device("cuda"))
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of device time ahead of the outcomes
+    for step in range(3):
+        ledger.add(step, codes[step] + 0)  # an outcome computed on the device, behind the sleep
+    assert all(host.is_pinned() for _, host, _ in ledger.pending) and len(ledger) == 3
+    assert ledger.take(wait=False) == []  # nothing has arrived while the device is busy
+    assert ledger.take(wait=True) == [(0, APPLIED), (1, NONFINITE), (2, SCALER_SKIP)] and len(ledger) == 0
+
+
 def _lines(run_dir, event):
     return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl")) if f'"event": "{event}"' in x]
 
@@ -107,7 +122,9 @@ def test_outcomes_learnt_late_give_the_same_run(tmp_path, monkeypatch, capsys):
     for lag in (0, 5):
         d = str(tmp_path / f"lag{lag}")
         held = _fit(d, lag, "nan@3,nan@13,nan@14", monkeypatch, "train.log_every_steps=4", "checkpoint.every_steps=6")
-        assert held == lag  # the lag took effect: up to 5 outcomes were still on their way
+        # the lag took effect: outcomes were still on their way after the host took what had arrived
+        # (up to 3: the step line every 4 steps waits for all of them)
+        assert held == (3 if lag else 0)
         err = capsys.readouterr().err
         assert all(f"skipped step {s}: non-finite loss or gradient" in err for s in (3, 13, 14)), err[-2000:]
         runs[lag] = d
