@@ -30,6 +30,7 @@ _ENVIRON = dict(os.environ)
 TIMEOUT_S = 240
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_2_gpus = pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 
 
 @dataclass
@@ -132,19 +133,23 @@ def torchrun(nproc: int, module: str, *args: str, cwd: str | None = None, timeou
     return Result(p.returncode, p.stdout, p.stderr)
 
 
-def worker_env(rank: int, nproc: int, port: int, extra: dict | None = None) -> dict:
+def worker_env(rank: int, nproc: int, port: int, extra: dict | None = None, cuda: bool = False) -> dict:
     """The environment of worker ``rank`` of ``nproc`` started by hand, as torchrun sets it."""
     return _env({**(extra or {}), "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                 "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, cuda)
 
 
 def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
-                   timeout: float = TIMEOUT_S, env: dict | None = None) -> list[Result]:
+                   timeout: float = TIMEOUT_S, env: dict | None = None, cuda: bool = False) -> list[Result]:
     """N worker processes started by hand with torchrun's variables, no agent in between,
     so each worker's own exit status is seen; ``env`` adds variables (LARGEBATCH_FAULT, say).
-    ``module`` is a module run with ``-m``, or a script's path (ending in .py)."""
+    ``module`` is a module run with ``-m``, or a script's path (ending in .py). On the CPU unless
+    ``cuda`` (then worker k takes GPU k: a test asks for as many GPUs as it starts workers)."""
+    if cuda:
+        assert torch.cuda.device_count() >= nproc, f"{nproc} workers need {nproc} GPUs"
     port = free_port()
-    procs = [start(module, *args, cwd=cwd, env=worker_env(rank, nproc, port, env), slot=rank) for rank in range(nproc)]
+    procs = [start(module, *args, cwd=cwd, env=worker_env(rank, nproc, port, env, cuda), slot=rank)
+             for rank in range(nproc)]
     import time
 
     results, t0 = [], time.perf_counter()

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import launch_workers, run_module
+from conftest import launch_workers, needs_cuda, run_module
 from largebatch.models import create_model
 
 
@@ -57,13 +57,13 @@ def test_bench_buckets_reports_the_tuners_pick_against_each_size(tmp_path):
     assert f"auto picked {result['auto_mb']:g} MiB" in r.stdout
 
 
-def test_bench_throughput_runs_a_tiny_version_and_writes_json(tmp_path):
+@pytest.mark.parametrize("cuda", [False, pytest.param(True, marks=needs_cuda)], ids=["cpu", "cuda"])
+def test_bench_throughput_runs_a_tiny_version_and_writes_json(tmp_path, cuda):
     out = str(tmp_path / "bench")
-    cuda = torch.cuda.is_available()
-    workers = "1" if cuda and torch.cuda.device_count() < 2 else "2"  # rank 0 runs it, the others wait
+    workers = "1" if cuda else "2"  # rank 0 runs it, the others wait; on CUDA one GPU is enough
     results = launch_workers(int(workers), "largebatch.bench", "throughput", "--case", "resnet9", "--image-size",
                              "16", "--micro-batch", "8", "--steps", "1", "--rounds", "2", "--compile", "false",
-                             "--workers", workers, "--out", out, timeout=300)
+                             "--workers", workers, "--out", out, timeout=300, cuda=cuda)
     assert [r.returncode for r in results] == [0] * int(workers), results[0].stderr[-3000:]
     r = results[0]
     result = json.load(open(os.path.join(out, "bench-throughput.json")))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from checks import max_abs_diff
-from conftest import CUDA, initial_weights, load_weights, needs_cuda, run_module, scaler_halvings, torchrun
+from conftest import initial_weights, needs_2_gpus, load_weights, needs_cuda, run_module, scaler_halvings, torchrun
 
 pytestmark = needs_cuda
 
@@ -25,7 +25,19 @@ def test_default_run_on_one_gpu_under_torchrun(tmp_path):
     assert _summary(d)["val_acc"] > 0.9
 
 
-@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_one_gpu_accumulating_matches_one_gpu_whole(tmp_path):
+    """One GPU under torchrun: the global batch in 2 micro-batches trains the weights the whole batch
+    does (what two GPUs, each with half, must match too: see the 2-GPU test)."""
+    whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
+    args = ["train.epochs=2", "model.norm=none", "train.device=cuda", "train.global_batch=128"]
+    r = torchrun(1, "largebatch.train", *args, f"run.dir={whole}", cuda=True)
+    assert r.returncode == 0 and "1 worker(s) on cuda" in r.stderr, r.stderr[-3000:]
+    r = torchrun(1, "largebatch.train", *args, "train.max_micro_batch=64", f"run.dir={halves}", cuda=True)
+    assert r.returncode == 0 and "accumulation steps     2" in r.stderr, r.stderr[-3000:]
+    assert max_abs_diff(load_weights(whole), load_weights(halves)) < 1e-4
+
+
+@needs_2_gpus
 def test_two_workers_over_nccl_match_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     args = ["train.epochs=2", "model.norm=none"]

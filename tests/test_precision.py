@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checks import max_abs_diff
-from conftest import launch_workers, load_weights, run_module, scaler_halvings
+from conftest import launch_workers, load_weights, needs_2_gpus, run_module, scaler_halvings
 
 QUICK = ["model.name=mlp", "model.norm=none", "train.epochs=2", "train.global_batch=64", "run.seed=5"]
 
@@ -22,8 +22,8 @@ def _cpu_fp16_autocast() -> bool:
         return False
 
 
-def _train(run_dir: str, *args: str, env: dict | None = None) -> dict:
-    results = launch_workers(2, "largebatch.train", *QUICK, *args, f"run.dir={run_dir}", env=env)
+def _train(run_dir: str, *args: str, env: dict | None = None, cuda: bool = False) -> dict:
+    results = launch_workers(2, "largebatch.train", *QUICK, *args, f"run.dir={run_dir}", env=env, cuda=cuda)
     assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
     return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))][-1]
 
@@ -49,19 +49,31 @@ def test_fp16_trains_with_a_gradient_scaler(tmp_path, uncompressed):
     assert step["scaler"]["scale"] > 0  # the scaler's state is checkpointed, so resume continues it
 
 
-@pytest.mark.parametrize("compression", [
-    "fp16", "powersgd",
-    pytest.param("bf16", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                   reason="torch's bf16 compression hook needs CUDA and NCCL")),
-])
+def _compressed_run_is_close_and_different(compressed: tuple, plain: tuple, points: float) -> None:
+    (summary, weights), (plain_summary, plain_weights) = compressed, plain
+    assert summary["val_acc"] >= plain_summary["val_acc"] - points
+    # The hook is really in the path: compressed gradients give (slightly) different weights.
+    assert max_abs_diff(weights, plain_weights) > 0
+
+
+@pytest.mark.parametrize("compression", ["fp16", "powersgd"])
 def test_compressed_allreduce_trains_and_changes_the_gradients(compression, tmp_path, uncompressed):
     run_dir = str(tmp_path / "run")
     summary = _train(run_dir, f"comm.compression={compression}", "comm.powersgd_start_step=2")
-    plain_summary, plain_weights = uncompressed
     # Half precision loses little; rank-2 PowerSGD trails by some points this early (2 epochs).
-    assert summary["val_acc"] >= plain_summary["val_acc"] - (0.12 if compression == "powersgd" else 0.02)
-    # The hook is really in the path: compressed gradients give (slightly) different weights.
-    assert max_abs_diff(load_weights(run_dir), plain_weights) > 0
+    _compressed_run_is_close_and_different((summary, load_weights(run_dir)), uncompressed,
+                                           0.12 if compression == "powersgd" else 0.02)
+
+
+@needs_2_gpus
+def test_bf16_compression_on_two_gpus(tmp_path):
+    """torch's bf16 compression hook needs NCCL: one worker per GPU, against the same 2 GPUs uncompressed."""
+    runs = {}
+    for compression in ("none", "bf16"):
+        run_dir = str(tmp_path / compression)
+        runs[compression] = (_train(run_dir, f"comm.compression={compression}", "train.device=cuda", cuda=True),
+                             load_weights(run_dir))
+    _compressed_run_is_close_and_different(runs["bf16"], runs["none"], 0.02)
 
 
 def test_powersgd_before_its_start_step_is_the_plain_allreduce(tmp_path, uncompressed):
