@@ -13,7 +13,7 @@ the conversion and normalisation, which the loader then does on the training dev
 
 A file that cannot be decoded (truncated, empty, not an image) does not stop the run by default
 (``data.on_corrupt: skip``): its place in the batch gets a zero image and the label
-:data:`~largebatch.data.datasets.IGNORE`, so it adds nothing to the loss or to the validation
+:data:`~largebatch.data.base.IGNORE`, so it adds nothing to the loss or to the validation
 counts, and each worker prints one warning naming the file the first time its loader meets it.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from largebatch.data.augment import Augment, flips, to_float, transform_uint8
-from largebatch.data.datasets import IGNORE, ImageDataset
+from largebatch.data.base import IGNORE, ImageDataset
 from largebatch.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

@@ -69,7 +69,7 @@ class Source(Dataset):
             self.splits = {"train": (xtr.numpy(), ytr.numpy()), "val": (xva.numpy(), yva.numpy())}
             self.classes, self.channels = [str(c) for c in range(num_classes)], 3
         elif name == "digits":
-            from largebatch.data.datasets import digits_arrays
+            from largebatch.data.digits import digits_arrays
 
             images, labels, tr, va = digits_arrays(cfg.val_fraction)
             pixels = np.round(images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)[:, None]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from largebatch.data.augment import flips, to_float, transform_uint8
-from largebatch.data.datasets import ImageDataset
+from largebatch.data.base import ImageDataset
 from largebatch.errors import UsageError
 
 MAGIC = b"LBPACK\x00\x00"
