@@ -11,12 +11,11 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from largebatch.distributed.topology import MPIWorld
 from largebatch.errors import UsageError
 
 # numpy has no bfloat16, so MPI cannot sum bf16 buckets through a numpy view.
@@ -30,6 +29,14 @@ def _mpi():
         raise UsageError("this needs mpi4py, which is not installed; pip install 'largebatch[mpi]' "
                          "(or mpi4py built against your cluster's MPI)") from None
     return MPI
+
+
+class MPIWorld(NamedTuple):
+    """This process's place in MPI_COMM_WORLD and in its node."""
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
 
 
 def world() -> MPIWorld:
