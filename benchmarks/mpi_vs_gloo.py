@@ -137,7 +137,7 @@ def main() -> int:
     per_step = {k: med[f"step {k}"] / args.steps for k in ("gloo", "mpi")}
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "mpi": " ".join(mpi._mpi().Get_library_version().splitlines()[0].split()),
+        "torch": torch.__version__, "mpi": " ".join(mpi.import_mpi().Get_library_version().splitlines()[0].split()),
         "workers": n, "rounds": args.rounds, "bucket_mb": args.bucket_mb, "buckets": len(buckets),
         "bucket_bytes": nbytes,
         "busbw_gbps": {k: nbytes / med[f"buckets {k}"] * busbw_factor / 1e9 for k in ("gloo", "mpi")},

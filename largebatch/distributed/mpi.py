@@ -22,7 +22,9 @@ from largebatch.errors import UsageError
 _SUMMABLE = (torch.float32, torch.float64, torch.float16)
 
 
-def _mpi():
+def import_mpi():
+    """mpi4py's ``MPI`` module (importing it the first time initialises MPI), or a UsageError naming
+    the package to install."""
     try:
         from mpi4py import MPI
     except ImportError:
@@ -41,7 +43,7 @@ class MPIWorld(NamedTuple):
 
 def world() -> MPIWorld:
     """This process's rank and size in MPI_COMM_WORLD, and in its node (split by shared memory)."""
-    MPI = _mpi()
+    MPI = import_mpi()
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
@@ -51,12 +53,12 @@ def world() -> MPIWorld:
 
 
 def size() -> int:
-    return _mpi().COMM_WORLD.Get_size()
+    return import_mpi().COMM_WORLD.Get_size()
 
 
 def broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank of MPI_COMM_WORLD."""
-    return _mpi().COMM_WORLD.bcast(obj, root=0)
+    return import_mpi().COMM_WORLD.bcast(obj, root=0)
 
 
 def numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -85,7 +87,7 @@ class AllreduceHook:
     """
 
     def __init__(self, comm: Any = None, fp16: bool = False):
-        MPI = _mpi()
+        MPI = import_mpi()
         if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
             raise UsageError("comm.backend=mpi calls MPI from a communication thread, but this MPI granted only "
                              f"thread level {MPI.Query_thread()}; use an MPI with MPI_THREAD_MULTIPLE support, or "
