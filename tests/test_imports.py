@@ -174,6 +174,51 @@ def describe(cycle: list[str], edges: dict[str, dict[str, int]], known: dict[str
     return " -> ".join(cycle) + "\n" + "\n".join(steps)
 
 
+def _write(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_the_checks_find_hidden_cycles_and_private_reads(tmp_path):
+    """On a package made up here: a cycle hidden in a function through a relative import, one
+    through a name read from the root package, one through a package read by its own submodule;
+    a sibling imported from its defining module inside a package is none."""
+    _write(tmp_path, {
+        f"{PACKAGE}/__init__.py": "def fit():\n    from largebatch.api import run\n    return run\n",
+        f"{PACKAGE}/api.py": "from largebatch.data.base import Base\nfrom largebatch.models import net\nrun = Base\n",
+        f"{PACKAGE}/models.py": "from largebatch import __version__\nnet = __version__\n",
+        f"{PACKAGE}/data/__init__.py": "from largebatch.data.base import Base\nfrom largebatch.data.sets import make\n",
+        f"{PACKAGE}/data/base.py": "class Base:\n    pass\n",
+        f"{PACKAGE}/data/sets.py": "from largebatch.data.base import Base\n_cache = {}\n\n\ndef make():\n"
+                                   "    from .disk import load\n    return load()\n",
+        f"{PACKAGE}/data/disk.py": "from .sets import _cache\n\n\ndef load():\n    return _cache\n",
+        f"{PACKAGE}/engine/__init__.py": "from largebatch.engine.loop import Loop\n",
+        f"{PACKAGE}/engine/loop.py": "from largebatch.engine import state\nfrom largebatch.engine._util import x\n"
+                                     "Loop = state.State\n",
+        f"{PACKAGE}/engine/state.py": "State = 1\n",
+        f"{PACKAGE}/engine/_util.py": "x = 1\n",
+        "bench.py": "from largebatch.engine._util import x\nimport largebatch.data.sets as s\ns._cache\n",
+    })
+    known = modules(str(tmp_path))
+    edges = graph(known)
+    assert "largebatch.data" not in edges["largebatch.data.base"]
+    assert cycles(edges) == [
+        ["largebatch", "largebatch.api", "largebatch.models", "largebatch"],
+        ["largebatch.data.disk", "largebatch.data.sets", "largebatch.data.disk"],
+        ["largebatch.engine", "largebatch.engine.loop", "largebatch.engine"],
+    ]
+    disk = tmp_path / PACKAGE / "data" / "disk.py"
+    assert private_reads("largebatch.data.disk", str(disk), known) == [
+        f"{os.path.relpath(disk, REPO)}:1 imports largebatch.data.sets._cache"]
+    assert private_reads("largebatch.engine.loop", str(tmp_path / PACKAGE / "engine" / "loop.py"), known) == []
+    bench = os.path.relpath(tmp_path / "bench.py", REPO)
+    assert private_reads("bench", str(tmp_path / "bench.py"), known) == [
+        f"{bench}:1 imports the private module largebatch.engine._util",
+        f"{bench}:3 reads largebatch.data.sets._cache"]
+
+
 def test_the_package_has_no_import_cycle():
     known = modules()
     edges = graph(known)
@@ -291,15 +336,34 @@ print(json.dumps(failed))
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks one process per module")
-def test_every_module_imports_first_in_a_fresh_interpreter():
-    """Each module is the first of the package imported in its process: a fork of one fresh
-    interpreter that has imported torch and numpy and nothing of the package."""
-    known = sorted(modules())
-    script = FRESH_IMPORTS.format(preload=PRELOAD, modules=known)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+def import_each_first(root: str, names: list[str], preload: tuple = PRELOAD) -> dict[str, str]:
+    """Import each module of ``names`` (found under ``root``) as the first of its package in its
+    process: forks of one fresh interpreter that has imported ``preload`` and nothing of the
+    package. Returns {module: traceback} of those that fail."""
+    script = FRESH_IMPORTS.format(preload=preload, modules=names)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    failed = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks one process per module")
+
+
+@needs_fork
+def test_a_module_that_imports_only_after_another_is_found(tmp_path):
+    """``a`` imports ``b``, which takes a name ``a`` has not defined yet: ``b`` imported first works,
+    ``a`` imported first fails."""
+    _write(tmp_path, {f"{PACKAGE}/__init__.py": "", f"{PACKAGE}/a.py": "import largebatch.b\nX = 1\n",
+                      f"{PACKAGE}/b.py": "from largebatch.a import X\n"})
+    failed = import_each_first(str(tmp_path), ["largebatch", "largebatch.a", "largebatch.b"], preload=())
+    assert list(failed) == ["largebatch.a"] and "cannot import name 'X'" in failed["largebatch.a"]
+
+
+@needs_fork
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Each module is the first of the package imported in its process: a fork of one fresh
+    interpreter that has imported torch, numpy, yaml and Pillow and nothing of the package."""
+    failed = import_each_first(REPO, sorted(modules()))
     assert not failed, "modules that do not import first:\n" + "\n".join(f"{m}:\n{e}" for m, e in failed.items())
