@@ -161,7 +161,7 @@ class LARS(Optimizer):
                 idx = range(len(ps)) if b.idx is None else b.idx
                 part = sums.add([base + i for i in idx] + [base + len(ps) + i for i in idx],
                                 torch.cat([norms(b.params), norms(b_gs)]))
-                pending.append(functools.partial(_lars_multi_apply, b, b_gs, group, b_inf, part))
+                pending.append(functools.partial(_lars_bucket_apply, b, b_gs, group, b_inf, part))
         totals = sums.reduce(self.shard_sum)
         for apply in pending:
             apply(totals)
@@ -245,8 +245,8 @@ def lars_bucket_step(b: Bucket, gs: list[torch.Tensor], group: dict, grad_scale:
     _lars_update(b, gs, group, wd, grad_scale, found_inf)
 
 
-def _lars_multi_apply(b: Bucket, gs: list[torch.Tensor], group: dict, found_inf: Optional[torch.Tensor], part: int,
-                      totals: list[torch.Tensor]) -> None:
+def _lars_bucket_apply(b: Bucket, gs: list[torch.Tensor], group: dict, found_inf: Optional[torch.Tensor], part: int,
+                       totals: list[torch.Tensor]) -> None:
     """The rest of the multi-tensor path for a bucket of an adapted group, its gradients already
     unscaled, from the whole tensors' norms (``totals[part]``: those of p, then those of g)."""
     if not b.fused and skip_on_host(found_inf):
