@@ -1,7 +1,7 @@
 """Training-loader throughput of each data format on the same images, side by side.
 
     python benchmarks/data_loader.py [--images 2048] [--source-size 128] [--size 112] [--batch 256]
-                                     [--workers 0 2] [--rounds 5] [--json data_loader.json]
+                                     [--workers 0 2] [--rounds 5] [--json runs/data_loader.json]
 
 Writes ``--images`` photo-like RGB images (smooth random colour fields with fine noise, 10
 classes) as JPEG (quality 90) at ``--source-size`` pixels into an image folder, packs that folder
@@ -19,7 +19,8 @@ each without augmentation and with ``crop_flip``, and with each ``--workers`` co
 configurations take turns, round after round, so that a busy machine slows them alike; each
 measurement reads whole epochs for at least 0.5 s and the first round (worker start-up, page
 cache) is not counted. Prints the median images/s of each with its min-max, and the ratio to
-imagefolder with the same augmentation and workers; writes everything to ``--json``.
+imagefolder with the same augmentation and workers; writes everything to ``--json`` (default
+runs/data_loader.json).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from largebatch.bench.machine import describe_machine
+from largebatch.fileio import write_bytes_atomic
 
 
 def write_images(root: str, count: int, size: int, classes: int = 10, val_share: float = 0.05) -> None:
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="data.num_workers values to compare")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (after one warm-up round)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the reading process")
-    ap.add_argument("--json", default="data_loader.json", help="where to write the results")
+    ap.add_argument("--json", default=os.path.join("runs", "data_loader.json"), help="where to write the results")
     args = ap.parse_args()
     problem = next((text for bad, text in [
         (min(args.images, args.source_size, args.size, args.batch, args.rounds, args.threads) < 1,
@@ -159,9 +161,9 @@ def main() -> None:
         span = f"{r['min']:,.0f}-{r['max']:,.0f}"
         print(f"{r['format']:<17}{r['augment']:<11}{r['loader_workers']:>8}{r['images_per_sec']:>11,.0f}{span:>19}"
               f"{r['vs_imagefolder']:>15.1f}x")
-    with open(args.json, "w") as fh:
-        json.dump(dict(machine=describe_machine(), args=vars(args), pack_seconds=pack_s,
-                       jpeg_bytes_per_image=jpeg_bytes / args.images, rows=rows), fh, indent=1)
+    results = dict(machine=describe_machine(), args=vars(args), pack_seconds=pack_s,
+                   jpeg_bytes_per_image=jpeg_bytes / args.images, rows=rows)
+    write_bytes_atomic(json.dumps(results, indent=1).encode(), args.json)
     print(f"\nwrote {args.json}")
 
 

@@ -14,7 +14,7 @@ ratios hold on a noisy machine:
 2. **Steps.** Forward, backward and SGD step of ``--model`` on synthetic images, one DDP model with
    gloo's allreduce and one identical DDP model with the MPI hook.
 
-Prints a table and writes the figures as JSON (``--out``).
+Prints a table and writes the figures as JSON (``--out``, default runs/mpi_vs_gloo.json).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import sys
 import time
 
 import torch
+
+from largebatch.fileio import write_bytes_atomic
 
 
 def _relaunch(args: argparse.Namespace) -> int:
@@ -68,7 +70,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3, help="training steps per round and backend")
-    ap.add_argument("--out", default="mpi_vs_gloo.json")
+    ap.add_argument("--out", default=os.path.join("runs", "mpi_vs_gloo.json"), help="the JSON file to write")
     args = ap.parse_args()
 
     from largebatch.distributed import Communicator, discover
@@ -137,7 +139,7 @@ def main() -> int:
     per_step = {k: med[f"step {k}"] / args.steps for k in ("gloo", "mpi")}
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "mpi": " ".join(mpi._mpi().Get_library_version().splitlines()[0].split()),
+        "torch": torch.__version__, "mpi": " ".join(mpi.import_mpi().Get_library_version().splitlines()[0].split()),
         "workers": n, "rounds": args.rounds, "bucket_mb": args.bucket_mb, "buckets": len(buckets),
         "bucket_bytes": nbytes,
         "busbw_gbps": {k: nbytes / med[f"buckets {k}"] * busbw_factor / 1e9 for k in ("gloo", "mpi")},
@@ -159,8 +161,7 @@ def main() -> int:
         for k in ("gloo", "mpi"):
             print(f"  {k:<8} {per_step[k] * 1e3:>8.1f} ms per step")
         print(f"  mpi / gloo step time: {result['mpi_over_gloo_step_time']:.3f}x")
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_bytes_atomic(json.dumps(result, indent=2).encode(), args.out)
         print(f"wrote {args.out}")
     hook.close()
     comm.close()

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from largebatch.data import DatasetInfo, build_datasets
 from largebatch.data.augment import Augment, resolve
-from largebatch.data.datasets import ImageDataset
+from largebatch.data.base import ImageDataset
 from largebatch.errors import UsageError
 from largebatch.models import create_model
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from largebatch.cli import add_config_arguments, config_from_args
+from largebatch.config.arguments import add_config_arguments, config_from_args
 from largebatch.errors import UsageError, run_cli
 
 DEFAULT_CLASSES = 1000

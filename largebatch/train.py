@@ -25,7 +25,7 @@ import argparse
 import sys
 import traceback
 
-from largebatch.cli import add_config_arguments, config_from_args
+from largebatch.config.arguments import add_config_arguments, config_from_args
 from largebatch.distributed import SINGLE, discover
 from largebatch.errors import RunStopped, UsageError, run_cli
 

@@ -31,6 +31,15 @@ def test_bench_runs_on_two_workers_and_writes_json(tmp_path):
     assert {row["optimizer"] for row in optim["rows"]} >= {"lars (foreach)", "lamb (foreach)"}
 
 
+def test_bench_writes_under_runs_bench_by_default(tmp_path):
+    r = run_module("largebatch.bench", "optim", "--workers", "1", "--rounds", "1", "--optim-model", "cnn",
+                   cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.listdir(tmp_path) == ["runs"] and os.listdir(tmp_path / "runs" / "bench") == ["bench-optim.json"]
+    optim = json.load(open(tmp_path / "runs" / "bench" / "bench-optim.json"))
+    assert optim["rows"][0]["optimizer"] == "sgd (foreach)" and optim["rows"][0]["vs_sgd"] == 1.0
+
+
 def test_bench_refuses_an_unknown_name():
     r = run_module("largebatch.bench", "latency")
     assert r.returncode == 2

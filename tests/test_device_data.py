@@ -14,7 +14,7 @@ from largebatch.batching import plan
 from largebatch.config import load_config
 from largebatch.data import IGNORE, Request, Samples, build_datasets, eval_loader, train_loader
 from largebatch.data.augment import crop_box, crop_hulls, hull, uniforms, uniforms_tensor
-from largebatch.data.datasets import TensorImages
+from largebatch.data.base import TensorImages
 from largebatch.data.device import cacheable_bytes, device_eval_loader, device_train_loader, in_memory
 from largebatch.data.pack import main as pack_main
 from test_data import make_cifar, make_tree

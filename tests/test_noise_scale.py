@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from checks import host_reads_refused
 from conftest import launch_workers
-from largebatch.data.datasets import load_digits
+from largebatch.data.digits import load_digits
 from largebatch.data.sampler import global_batches
 from largebatch.engine.noise import (NoiseScale, batch_sizes, choose_source, estimates, first_micro_batch_sq_norm,
                                      squared_norm)
@@ -205,7 +205,7 @@ _WORKER = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from largebatch.data.datasets import load_digits
+    from largebatch.data.digits import load_digits
     from largebatch.distributed import Communicator, discover
     from largebatch.distributed.noise_hook import LocalSquaredNorm, default_allreduce_hook, measuring
     from largebatch.engine.noise import NoiseScale, squared_norm

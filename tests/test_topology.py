@@ -91,7 +91,7 @@ def test_launcher_variables(env, expected):
 
 
 def test_mpi_launch_without_local_rank_asks_mpi():
-    from largebatch.distributed.topology import MPIWorld
+    from largebatch.distributed.mpi import MPIWorld
 
     asked = []
 
@@ -127,7 +127,7 @@ def test_bad_launcher_variables(env, match):
 
 
 def test_srun_with_pmix_checks_mpi_against_slurm():
-    from largebatch.distributed.topology import MPIWorld
+    from largebatch.distributed.mpi import MPIWorld
 
     env = {"PMIX_RANK": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
            "SLURM_NTASKS_PER_NODE": "4"}

@@ -5,7 +5,7 @@
 With no names, runs them all. Started on its own, it starts ``--workers`` gloo workers on this
 machine through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
 torchrun or mpirun, it uses the workers it was given. Each sub-benchmark prints a table on rank 0
-and writes ``DIR/bench-<name>.json``:
+and writes ``DIR/bench-<name>.json`` (default DIR: runs/bench):
 
   step       the engine's training step against a plain DistributedDataParallel loop with the
              same model, micro-batch, data and workers (target: ratio <= 1.03); with
@@ -44,8 +44,11 @@ from dataclasses import dataclass
 import torch
 
 from largebatch.errors import UsageError, run_cli
+from largebatch.fileio import write_bytes_atomic
 
 NAMES = ("step", "allreduce", "overlap", "optim", "memory", "buckets", "throughput")
+DEFAULT_OUT = os.path.join("runs", "bench")
+"""Where the JSON files go without ``--out``: under runs/, where training runs write theirs."""
 
 
 @dataclass
@@ -101,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--noise-scale", action="store_true",
                     help="step: also time the engine with train.noise_scale=true beside it (target: <= 1.03 "
                          "of the engine without; on 1 worker every arm takes 2 accumulation steps)")
-    ap.add_argument("--out", default="bench", help="folder for the JSON files (default ./bench)")
+    ap.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                    help="folder for the JSON files (default %(default)s, beside the training runs' runs/default)")
     return ap
 
 
@@ -159,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             if topo.is_main and result is not None:
                 print(f"\n== {name} ==")
                 print("\n".join(result["lines"]), flush=True)
-                with open(os.path.join(args.out, f"bench-{name}.json"), "w") as f:
-                    json.dump({k: v for k, v in result.items() if k != "lines"}, f, indent=2)
+                figures = {k: v for k, v in result.items() if k != "lines"}
+                write_bytes_atomic(json.dumps(figures, indent=2).encode(), os.path.join(args.out, f"bench-{name}.json"))
     finally:
         comm.close()
     return 0

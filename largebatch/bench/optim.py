@@ -14,8 +14,7 @@ import torch
 
 from largebatch.bench.timing import alternate, median, spread
 from largebatch.models import create_model
-from largebatch.optim import LAMB, LARS, param_groups
-from largebatch.optim._norms import has_fused_kernel
+from largebatch.optim import LAMB, LARS, has_fused_kernel, param_groups
 
 TARGETS = {"cuda": {"lars": 1.3, "lamb": 1.5}}
 DEFAULT_TARGET = {"lars": 2.0, "lamb": 2.0}

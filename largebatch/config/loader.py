@@ -112,7 +112,8 @@ def _coerce(key: str, value: Any, hint: Any, origin: _Origin | None = None) -> A
     raise UsageError(origin.wrap(f"{key}={value!r} is not allowed: use {allowed}"))
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key=value`` from the command line as (key, value), the value read as a YAML scalar."""
     if "=" not in item:
         raise UsageError(f"argument '{item}' is not key=value; write e.g. optim.base_lr=0.1, and quote a value "
                          "with spaces: schedule.milestones='[30, 60]'")
@@ -213,7 +214,7 @@ def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Confi
         values.update(_read_yaml(path))
         from_file.update(values)
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         values[key] = value
         from_file.discard(key)
     return from_flat(values, {k: path for k in from_file})
@@ -248,10 +249,8 @@ def describe_keys() -> str:
     import ast
     import inspect
 
-    from largebatch.config import schema
-
     docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(schema))
+    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
     for node in tree.body:
         if isinstance(node, ast.ClassDef):
             body = node.body

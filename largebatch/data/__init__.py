@@ -1,7 +1,8 @@
 """Datasets, augmentation, world-size-invariant batch sampling, loaders, device-resident data and the
 packed format."""
 
-from largebatch.data.datasets import IGNORE, DatasetInfo, Samples, build_datasets
+from largebatch.data.base import IGNORE, DatasetInfo, Samples
+from largebatch.data.datasets import build_datasets
 from largebatch.data.device import (DeviceBatches, cacheable_bytes, device_eval_loader, device_train_loader,
                                     in_memory)
 from largebatch.data.loader import Batches, eval_loader, train_loader

@@ -17,7 +17,9 @@ _LAYOUT = {
 }
 
 
-def _folder(root: str, name: str) -> str:
+def batch_folder(root: str, name: str) -> str:
+    """The folder holding ``name``'s (cifar10 or cifar100) python batches: ``root`` or the extracted
+    folder inside it. Raises UsageError where neither holds them."""
     sub, train_files, _, _, _ = _LAYOUT[name]
     for candidate in (root, os.path.join(root, sub)):
         if all(os.path.isfile(os.path.join(candidate, f)) for f in train_files):
@@ -46,7 +48,7 @@ def load_cifar(name: str, root: str | None):
         raise UsageError(f"data.name={name} needs data.root, the folder holding the python batches")
     if not os.path.isdir(root):
         raise UsageError(f"data.root '{root}' does not exist; point it at the extracted {_LAYOUT[name][0]} folder")
-    folder = _folder(root, name)
+    folder = batch_folder(root, name)
     _, train_files, test_files, key, classes = _LAYOUT[name]
     if not all(os.path.isfile(os.path.join(folder, f)) for f in test_files):
         raise UsageError(f"'{folder}' has no {', '.join(test_files)}; the validation split is missing")

@@ -45,18 +45,14 @@ from torch.utils.data import Dataset
 
 from largebatch.batching import BatchPlan
 from largebatch.data.augment import DRAWS, Augment, crop_hulls, normaliser, normalise_uint8, resize, uniforms_tensor
-from largebatch.data.datasets import SyntheticImages, TensorImages, Uint8Images
+from largebatch.data.base import TensorImages, Uint8Images
 from largebatch.data.loader import Skips
+from largebatch.data.packed import PackedImages
 from largebatch.data.sampler import MicroBatchSampler, shard_range
+from largebatch.data.synthetic import SyntheticImages
 
 _COPY_BYTES = 1 << 28
 """Largest piece of a packed file read into host memory at a time while copying it to the device."""
-
-
-def _packed_class():
-    from largebatch.data.packed import PackedImages
-
-    return PackedImages
 
 
 def cacheable_bytes(dataset: Dataset) -> Optional[int]:
@@ -65,7 +61,7 @@ def cacheable_bytes(dataset: Dataset) -> Optional[int]:
     n = len(dataset)
     if isinstance(dataset, (TensorImages, Uint8Images)):
         return dataset.images.numel() * dataset.images.element_size() + 8 * n
-    if isinstance(dataset, _packed_class()):
+    if isinstance(dataset, PackedImages):
         return n * dataset.stored_size ** 2 * dataset.channels + 8 * n
     if isinstance(dataset, SyntheticImages):
         return n * 3 * dataset.image_size ** 2 * 4 + 8 * n
@@ -174,13 +170,12 @@ class DeviceData:
         """The size a batch has when none is asked for."""
         self.unreadable: dict = dict(getattr(dataset, "unreadable", None) or {})
         self.kind = "float"
-        packed = _packed_class()
         if isinstance(dataset, Uint8Images):
             self.kind = "cifar"
             self.images = dataset.images.to(dev)
             self.mean, self.std = dataset.mean.to(dev), dataset.std.to(dev)
             labels = dataset.labels
-        elif isinstance(dataset, packed):
+        elif isinstance(dataset, PackedImages):
             self.kind = "packed"
             self.stored_size = dataset.stored_size
             self.images = self._copy_packed(dataset.array(), dev)

@@ -13,7 +13,7 @@ the conversion and normalisation, which the loader then does on the training dev
 
 A file that cannot be decoded (truncated, empty, not an image) does not stop the run by default
 (``data.on_corrupt: skip``): its place in the batch gets a zero image and the label
-:data:`~largebatch.data.datasets.IGNORE`, so it adds nothing to the loss or to the validation
+:data:`~largebatch.data.base.IGNORE`, so it adds nothing to the loss or to the validation
 counts, and each worker prints one warning naming the file the first time its loader meets it.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from largebatch.data.augment import Augment, flips, to_float, transform_uint8
-from largebatch.data.datasets import IGNORE, ImageDataset
+from largebatch.data.base import IGNORE, ImageDataset
 from largebatch.errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -47,7 +47,8 @@ def unreadable_message(name: str, reason: str) -> str:
             "to train without it")
 
 
-def _reason(exc: BaseException) -> str:
+def unreadable_reason(exc: BaseException) -> str:
+    """Why an image could not be read, in one short line: the exception's type and first line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
@@ -122,7 +123,7 @@ class ImageFolder(ImageDataset):
             try:
                 image = self.read(i, size, aug, None if draws is None else draws[k])
             except Exception as exc:  # Pillow raises many types for a damaged file
-                skipped.append([i, _reason(exc)])
+                skipped.append([i, unreadable_reason(exc)])
                 labels[k] = IGNORE
                 continue
             batch[k] = image
@@ -195,8 +196,8 @@ def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str =
 
     def unreadable(i: int, exc: BaseException) -> None:
         if on_corrupt == "error":
-            raise UsageError(unreadable_message(train[i][0], _reason(exc))) from None
-        bad[i] = _reason(exc)
+            raise UsageError(unreadable_message(train[i][0], unreadable_reason(exc))) from None
+        bad[i] = unreadable_reason(exc)
 
     modes = set()
     for i in sample[:64]:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from largebatch.batching import BatchPlan
 from largebatch.data.augment import normaliser, normalise_uint8
-from largebatch.data.datasets import IGNORE
+from largebatch.data.base import IGNORE
 from largebatch.data.sampler import MicroBatchSampler, Request, shard_range
 from largebatch.errors import UsageError
 
@@ -72,7 +72,7 @@ class Skips:
 
 
 class Batches(Skips):
-    """Iterates ``(images, labels)`` from a DataLoader of :class:`~largebatch.data.datasets.Samples`.
+    """Iterates ``(images, labels)`` from a DataLoader of :class:`~largebatch.data.base.Samples`.
 
     An image the dataset could not read arrives as a zero image labelled IGNORE (it adds nothing to
     the loss or the validation counts); its index is added to ``skipped`` (see :class:`Skips`).

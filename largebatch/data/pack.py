@@ -24,6 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from largebatch.config import load_config
+from largebatch.data.augment import transform_uint8
+from largebatch.data.cifar import batch_folder, load_cifar
+from largebatch.data.datasets import build_datasets
+from largebatch.data.digits import digits_arrays
+from largebatch.data.imagefolder import load_imagefolder, unreadable_message, unreadable_reason
+from largebatch.data.packed import PackWriter, read_meta, verify_images
 from largebatch.errors import UsageError, run_cli
 
 CHUNK = 256
@@ -35,8 +42,6 @@ def _identity(x):
 
 def _resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 (N, C, H, W) -> (N, size, size, C), resized as image folders are."""
-    from largebatch.data.augment import transform_uint8
-
     hwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
     if hwc.shape[1:3] == (size, size):
         return hwc
@@ -51,8 +56,6 @@ class Source(Dataset):
         self.splits: dict = {}
         self.stats = (None, None)
         if name == "imagefolder":
-            from largebatch.data.imagefolder import load_imagefolder
-
             # unreadable files are reported (or refused) as they are met, below
             train, val, classes = load_imagefolder(cfg.root, size, "skip")
             train.warn = val.warn = False
@@ -62,15 +65,11 @@ class Source(Dataset):
             self.stats = (train.mean.tolist(), train.std.tolist())
             self.classes, self.channels, self.size = list(classes), train.channels, train.image_size
         elif name in ("cifar10", "cifar100"):
-            from largebatch.data.cifar import load_cifar
-
             xtr, ytr, xva, yva, num_classes = load_cifar(name, cfg.root)
             self.size = size or 32
             self.splits = {"train": (xtr.numpy(), ytr.numpy()), "val": (xva.numpy(), yva.numpy())}
             self.classes, self.channels = [str(c) for c in range(num_classes)], 3
         elif name == "digits":
-            from largebatch.data.datasets import digits_arrays
-
             images, labels, tr, va = digits_arrays(cfg.val_fraction)
             pixels = np.round(images.astype(np.float64) * (255.0 / 16.0)).astype(np.uint8)[:, None]
             self.size = size or 8
@@ -78,8 +77,6 @@ class Source(Dataset):
                            "val": (pixels[va.numpy()], labels[va.numpy()])}
             self.classes, self.channels = [str(c) for c in range(10)], 1
         elif name == "synthetic":
-            from largebatch.data.datasets import build_datasets
-
             self.size = size or cfg.image_size or 32
             cfg.image_size = self.size
             train, val, _ = build_datasets(cfg)
@@ -109,9 +106,7 @@ class Source(Dataset):
                 try:
                     images.append(data.read(i))
                 except Exception as exc:  # Pillow raises many types for a damaged file
-                    from largebatch.data.imagefolder import _reason
-
-                    skipped.append((path, _reason(exc)))
+                    skipped.append((path, unreadable_reason(exc)))
                     continue
                 labels.append(label)
                 names.append(name)
@@ -133,11 +128,9 @@ def detect(src: str) -> tuple[str, str | None]:
     if os.path.isdir(src):
         if os.path.isdir(os.path.join(src, "train")) and os.path.isdir(os.path.join(src, "val")):
             return "imagefolder", src
-        from largebatch.data.cifar import _folder
-
         for name in ("cifar10", "cifar100"):
             try:
-                _folder(src, name)
+                batch_folder(src, name)
             except UsageError:
                 continue
             return name, src
@@ -155,9 +148,6 @@ def detect(src: str) -> tuple[str, str | None]:
 def pack(src: str, dest: str, size: int | None = None, workers: int = 0, on_corrupt: str = "skip",
          overrides: tuple = (), log=print) -> dict:
     """Pack SRC into DEST; returns the metadata written. Bad input raises UsageError."""
-    from largebatch.config import load_config
-    from largebatch.data.packed import PackWriter
-
     if size is not None and size < 8:
         raise UsageError(f"--size {size} is not allowed: use a size >= 8 pixels")
     if os.path.isdir(dest):
@@ -177,8 +167,6 @@ def pack(src: str, dest: str, size: int | None = None, workers: int = 0, on_corr
         for split, images, labels, names, bad_files in loader:
             for path, reason in bad_files:
                 if on_corrupt == "error":
-                    from largebatch.data.imagefolder import unreadable_message
-
                     raise UsageError(unreadable_message(path, reason).replace("data.on_corrupt=skip",
                                                                               "--on-corrupt skip"))
                 log(f"largebatch: warning: skipping unreadable image '{path}' ({reason})", file=sys.stderr)
@@ -221,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", metavar="FILE", help="check FILE's header, labels and every image byte, then exit")
     args = parser.parse_intermixed_args(argv)
     if args.verify:
-        from largebatch.data.packed import read_meta, verify_images
-
         verify_images(args.verify)
         meta = read_meta(args.verify)
         counts = {s: meta["splits"][s]["count"] for s in ("train", "val")}

@@ -33,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from largebatch.data.augment import flips, to_float, transform_uint8
-from largebatch.data.datasets import ImageDataset
+from largebatch.data.base import ImageDataset
 from largebatch.errors import UsageError
+from largebatch.fileio import fsync_dir
+from largebatch.version import __version__
 
 MAGIC = b"LBPACK\x00\x00"
 VERSION = 1
@@ -236,9 +238,6 @@ class PackWriter:
         """Write labels, index, metadata and header; move the file into place. Returns the metadata.
         ``mean`` and ``std``: per-channel statistics to store (in [0, 1] units); by default those of
         all the training images written."""
-        from largebatch import __version__
-        from largebatch.fileio import fsync_dir
-
         if mean is None or std is None:
             n = max(self.pixels, 2)
             mean = self.sum / n

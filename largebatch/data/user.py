@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from largebatch.data.augment import resize
-from largebatch.data.datasets import ImageDataset
+from largebatch.data.base import ImageDataset
 from largebatch.errors import UsageError
 
 _SPLIT_SEED = 20170608  # fixed: the validation split does not move with run.seed

@@ -11,19 +11,20 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from largebatch.distributed.topology import MPIWorld
 from largebatch.errors import UsageError
 
 # numpy has no bfloat16, so MPI cannot sum bf16 buckets through a numpy view.
 _SUMMABLE = (torch.float32, torch.float64, torch.float16)
 
 
-def _mpi():
+def import_mpi():
+    """mpi4py's ``MPI`` module (importing it the first time initialises MPI), or a UsageError naming
+    the package to install."""
     try:
         from mpi4py import MPI
     except ImportError:
@@ -32,9 +33,17 @@ def _mpi():
     return MPI
 
 
+class MPIWorld(NamedTuple):
+    """This process's place in MPI_COMM_WORLD and in its node."""
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+
+
 def world() -> MPIWorld:
     """This process's rank and size in MPI_COMM_WORLD, and in its node (split by shared memory)."""
-    MPI = _mpi()
+    MPI = import_mpi()
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
@@ -44,12 +53,12 @@ def world() -> MPIWorld:
 
 
 def size() -> int:
-    return _mpi().COMM_WORLD.Get_size()
+    return import_mpi().COMM_WORLD.Get_size()
 
 
 def broadcast(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank of MPI_COMM_WORLD."""
-    return _mpi().COMM_WORLD.bcast(obj, root=0)
+    return import_mpi().COMM_WORLD.bcast(obj, root=0)
 
 
 def numpy_view(tensor: torch.Tensor) -> np.ndarray:
@@ -78,7 +87,7 @@ class AllreduceHook:
     """
 
     def __init__(self, comm: Any = None, fp16: bool = False):
-        MPI = _mpi()
+        MPI = import_mpi()
         if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
             raise UsageError("comm.backend=mpi calls MPI from a communication thread, but this MPI granted only "
                              f"thread level {MPI.Query_thread()}; use an MPI with MPI_THREAD_MULTIPLE support, or "

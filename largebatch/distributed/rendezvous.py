@@ -20,6 +20,7 @@ from __future__ import annotations
 import socket
 from typing import Callable, Mapping, Optional
 
+from largebatch.distributed.mpi import broadcast as mpi_broadcast
 from largebatch.distributed.topology import Topology, expand_nodelist
 from largebatch.errors import UsageError
 
@@ -91,9 +92,7 @@ def endpoint(topology: Topology, environ: Mapping[str, str], master_addr: Option
     if topology.is_mpi:
         # Rank 0's choice always wins: a rank on another node may not see the variables rank 0 saw.
         if broadcast is None:
-            from largebatch.distributed import mpi
-
-            broadcast = mpi.broadcast
+            broadcast = mpi_broadcast
         mine = (addr or own_address(), port or free_port()) if topology.rank == 0 else None
         try:
             return tuple(broadcast(mine))

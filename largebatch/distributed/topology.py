@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 
+from largebatch.distributed.mpi import MPIWorld, world
 from largebatch.errors import UsageError
 
 
@@ -80,13 +81,6 @@ _MPI = (
     _Vars("pmix", "PMIX_RANK", None, None, None),
 )
 MPI_LAUNCHERS = tuple(v.launcher for v in _MPI)
-
-
-class MPIWorld(NamedTuple):
-    rank: int
-    size: int
-    local_rank: int
-    local_size: int
 
 
 MPIQuery = Callable[[], MPIWorld]
@@ -191,13 +185,6 @@ def _from_slurm(env: Mapping[str, str]) -> Topology:
     return _check(Topology(rank, world, local_rank, local_world, "slurm"), "Slurm variables")
 
 
-def mpi_world() -> MPIWorld:
-    """Rank, size, and the node-local rank and size from MPI (the world split by shared-memory node)."""
-    from largebatch.distributed import mpi
-
-    return mpi.world()
-
-
 def discover(environ: Mapping[str, str] | None = None, mpi: MPIQuery | None = None) -> Topology:
     """Read the launcher's variables from ``environ`` (default ``os.environ``).
 
@@ -214,7 +201,7 @@ def discover(environ: Mapping[str, str] | None = None, mpi: MPIQuery | None = No
     if stray and not found:
         raise _partial(env, stray[0], f"check the {stray[0].launcher} launcher, or unset the partial variables")
     if found:
-        return _from_mpi(env, found, mpi or mpi_world)
+        return _from_mpi(env, found, mpi or world)
     if "SLURM_PROCID" in env or "SLURM_LOCALID" in env:
         return _from_slurm(env)
     return SINGLE

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from largebatch.optim._norms import fusable_dtype, zero_momentum
+from largebatch.optim._norms import fusable_dtype, has_fused_kernel, zero_momentum
 from largebatch.optim.groups import param_groups
 from largebatch.optim.lamb import LAMB
 from largebatch.optim.lars import LARS
@@ -75,4 +75,4 @@ def build_optimizer(model: nn.Module, cfg, shard_sum: Optional[Callable[[torch.T
 
 
 __all__ = ["build_optimizer", "optimizer_parts", "prepare_state", "param_groups", "LARS", "LAMB", "ShardedSGD",
-           "build_schedule", "scaled_lr", "LRSchedule"]
+           "build_schedule", "scaled_lr", "LRSchedule", "has_fused_kernel"]

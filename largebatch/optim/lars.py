@@ -125,7 +125,7 @@ class LARS(Optimizer):
                                       lambda: self._plan(params, grads, momentum))
             for b in buckets:
                 dev = b.params[0].device
-                _lars_multi(b, b.grads(grads), group, on(grad_scale, dev), on(found_inf, dev))
+                lars_bucket_step(b, b.grads(grads), group, on(grad_scale, dev), on(found_inf, dev))
         return loss
 
     def _plan(self, params: list[torch.Tensor], grads: list[torch.Tensor], momentum: bool) -> list[Bucket]:
@@ -154,14 +154,14 @@ class LARS(Optimizer):
                 dev = b.params[0].device
                 b_gs, b_scale, b_inf = b.grads(gs), on(grad_scale, dev), on(found_inf, dev)
                 if not group["adapt"]:
-                    _lars_multi(b, b_gs, group, b_scale, b_inf)
+                    lars_bucket_step(b, b_gs, group, b_scale, b_inf)
                     continue
                 if b_scale is not None:
                     torch._foreach_div_(b_gs, b_scale)
                 idx = range(len(ps)) if b.idx is None else b.idx
                 part = sums.add([base + i for i in idx] + [base + len(ps) + i for i in idx],
                                 torch.cat([norms(b.params), norms(b_gs)]))
-                pending.append(functools.partial(_lars_multi_apply, b, b_gs, group, b_inf, part))
+                pending.append(functools.partial(_lars_bucket_apply, b, b_gs, group, b_inf, part))
         totals = sums.reduce(self.shard_sum)
         for apply in pending:
             apply(totals)
@@ -226,10 +226,12 @@ def _lars_single_sharded(ps, gs, states, group, grad_scale, found_inf, sums: Sha
     return apply
 
 
-def _lars_multi(b: Bucket, gs: list[torch.Tensor], group: dict, grad_scale: Optional[torch.Tensor],
-                found_inf: Optional[torch.Tensor]) -> None:
-    """Multi-tensor path for one bucket: ``d`` computed in place in the gradients (they are scratch
-    after the step), then ``torch._fused_sgd_``, or plain foreach kernels where it cannot run."""
+def lars_bucket_step(b: Bucket, gs: list[torch.Tensor], group: dict, grad_scale: Optional[torch.Tensor],
+                     found_inf: Optional[torch.Tensor]) -> None:
+    """One step of ``group``'s rule on bucket ``b`` with gradients ``gs``, multi-tensor: ``d``
+    computed in place in the gradients (they are scratch after the step), then
+    ``torch._fused_sgd_``, or plain foreach kernels where it cannot run. ``group["adapt"]`` False:
+    no trust ratio, which is momentum SGD."""
     if not b.fused and skip_on_host(found_inf):
         return
     wd = group["weight_decay"]
@@ -243,8 +245,8 @@ def _lars_multi(b: Bucket, gs: list[torch.Tensor], group: dict, grad_scale: Opti
     _lars_update(b, gs, group, wd, grad_scale, found_inf)
 
 
-def _lars_multi_apply(b: Bucket, gs: list[torch.Tensor], group: dict, found_inf: Optional[torch.Tensor], part: int,
-                      totals: list[torch.Tensor]) -> None:
+def _lars_bucket_apply(b: Bucket, gs: list[torch.Tensor], group: dict, found_inf: Optional[torch.Tensor], part: int,
+                       totals: list[torch.Tensor]) -> None:
     """The rest of the multi-tensor path for a bucket of an adapted group, its gradients already
     unscaled, from the whole tensors' norms (``totals[part]``: those of p, then those of g)."""
     if not b.fused and skip_on_host(found_inf):

@@ -18,7 +18,7 @@ from typing import Iterable
 import torch
 
 from largebatch.optim._norms import Plans, local_states, locals_of, make_buckets, on, step_states
-from largebatch.optim.lars import _lars_multi
+from largebatch.optim.lars import lars_bucket_step
 
 
 class ShardedSGD(torch.optim.SGD):
@@ -56,5 +56,5 @@ class ShardedSGD(torch.optim.SGD):
             rule = dict(group, adapt=False)  # d = g + weight_decay * p, then momentum: LARS without trust ratios
             for b in buckets:
                 dev = b.params[0].device
-                _lars_multi(b, b.grads(gs), rule, on(grad_scale, dev), on(found_inf, dev))
+                lars_bucket_step(b, b.grads(gs), rule, on(grad_scale, dev), on(found_inf, dev))
         return loss
