@@ -1,4 +1,5 @@
-"""Every command in README.md's ```bash blocks and in the launch wrappers' ``--help`` works as written.
+"""Every command in the ```bash blocks of README.md and docs/*.md and in the launch wrappers' ``--help``
+works as written.
 
 The commands are read from the documents each time, so a command added later is picked up. Each one
 runs in a fresh working directory holding the checkout's configs/, launch/, docker/ and benchmarks/,
@@ -10,21 +11,26 @@ with the repository on PYTHONPATH and CUDA hidden. ``plan()`` maps a command to 
 - ``torchrun ... -m largebatch.train ARGS``: on one machine with at most 2 workers, as written with
   ``train.epochs=1``; more workers or nodes: ``launch/torchrun.sh ... --dry-run ARGS``;
 - ``mpirun/mpiexec ... python -m largebatch.train ARGS``: ``launch/mpirun.sh ... --dry-run ARGS``;
+- ``srun [options] python -m largebatch.train ARGS``: ``bash launch/slurm.sbatch --dry-run ARGS`` inside
+  the allocation those options describe;
 - ``python -m largebatch.train ARGS``: as written with ``train.epochs=1``;
 - ``python -m largebatch.report RUN_DIR ...``: as written, after small run folders are written for
   the RUN_DIRs (the format a real run writes);
 - ``python -m largebatch.<other module>``: as written;
+- ``python benchmarks/<script>.py ...`` (experiments of minutes to an hour that produced the figures in
+  docs/): checked like ``SYNTAX_ONLY`` commands, the script must exist;
 - ``SYNTAX_ONLY`` commands: ``bash -n`` and the checks named beside each.
 
 Paths under ``/data/`` point into a temporary data root holding a tiny image folder ``imagenet``.
 Any other command fails the test until a rule covers it. Blocks of ```` ``` ```` without a language
 whose lines start with ``$ `` are transcripts: the command runs as written and must print the
-lines shown.
+lines shown (a transcript's ``| tail -N``: its last N lines of output).
 """
 
 from __future__ import annotations
 
 import os
+import glob
 import re
 import shlex
 import shutil
@@ -38,6 +44,8 @@ import pytest
 from conftest import REPO, _env
 
 README = os.path.join(REPO, "README.md")
+DOCUMENTS = [README] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
+"""Where the commands are read from: the README and every page of docs/."""
 WRAPPERS = ("torchrun.sh", "mpirun.sh", "slurm.sbatch")
 LINKED = ("configs", "launch", "docker", "benchmarks")
 """What a command's working directory holds of the checkout (as symlinks)."""
@@ -54,7 +62,7 @@ SYNTAX_ONLY = {
 @dataclass
 class Doc:
     source: str
-    """Where the command is written: README.md:LINE or 'launch/X --help'."""
+    """Where the command is written: README.md:LINE, docs/PAGE.md:LINE or 'launch/X --help'."""
     text: str
     """The command as written, continuation lines joined."""
     expect: list[str] | None = None
@@ -71,6 +79,8 @@ class Step:
     timeout: float = DRY_TIMEOUT_S
     fake_runs: list[str] = field(default_factory=list)
     """Run folders to write before the command (python -m largebatch.report)."""
+    tail: int | None = None
+    """A transcript's ``| tail -N``: only the last N lines of its standard output are compared."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,17 +121,18 @@ def readme_blocks(path: str = README) -> list[tuple[str, int, list[tuple[int, st
 
 
 def readme_commands(path: str = README) -> list[list[Doc]]:
-    """The README's commands, one list per block: ```bash blocks, and transcripts."""
-    out = []
+    """The commands of one document (the README by default), one list per block: ```bash blocks, and
+    transcripts."""
+    out, name = [], os.path.relpath(path, REPO)
     for lang, _, lines in readme_blocks(path):
         if lang == "bash":
-            docs = [Doc(f"README.md:{n}", text) for n, text in _join_continuations(lines)
+            docs = [Doc(f"{name}:{n}", text) for n, text in _join_continuations(lines)
                     if text.strip() and not text.strip().startswith("#")]
         elif lang == "" and any(text.startswith("$ ") for _, text in lines):
             docs = []
             for n, text in lines:
                 if text.startswith("$ "):
-                    docs.append(Doc(f"README.md:{n}", text[2:], expect=[]))
+                    docs.append(Doc(f"{name}:{n}", text[2:], expect=[]))
                 elif docs and text.strip():
                     docs[-1].expect.append(text.strip())
         else:
@@ -129,6 +140,11 @@ def readme_commands(path: str = README) -> list[list[Doc]]:
         if docs:
             out.append(docs)
     return out
+
+
+def documented_commands() -> list[list[Doc]]:
+    """The commands of every document: the README's blocks, then each docs/ page's."""
+    return [docs for path in DOCUMENTS for docs in readme_commands(path)]
 
 
 def help_text(script: str) -> str:
@@ -200,14 +216,32 @@ def _is_python(word: str) -> bool:
     return word in ("python", "python3")
 
 
+_TAIL = re.compile(r"\s\|\s*tail\s+-(?:n\s*)?(\d+)\s*$")
+
+
+def _slurm_env(options: list[str], defaults: dict) -> dict:
+    """The variables of an allocation of the shape ``options`` (sbatch's or srun's) describe."""
+    nodes = int(_option(options, "--nodes", "-N", default=defaults.get("nodes", 1)))
+    per_node = int(_option(options, "--ntasks-per-node", default=defaults.get("ntasks-per-node", 1)))
+    env = {"SLURM_JOB_ID": "1", "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes * per_node),
+           "SLURM_NTASKS_PER_NODE": str(per_node)}
+    cpus = _option(options, "--cpus-per-task")
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
+    return env
+
+
 def plan(doc: Doc, data_root: str) -> list[Step]:
     """The steps that check ``doc``; fails the test for a command no rule covers."""
     steps = []
+    tail = _TAIL.search(doc.text) if doc.expect is not None else None
+    if tail:  # a transcript that shows the end of its output
+        doc = Doc(doc.source, doc.text[:tail.start()], doc.expect)
     for argv in _words(doc):
         argv = [data_root + a[len("/data"):] if a.startswith("/data/") else a for a in argv]
         script = next((i for i, a in enumerate(argv) if a.startswith("launch/")), None)
         if doc.expect is not None:  # a transcript runs as written
-            steps.append(Step(doc, argv, timeout=RUN_TIMEOUT_S))
+            steps.append(Step(doc, argv, timeout=RUN_TIMEOUT_S, tail=int(tail.group(1)) if tail else None))
         elif any(argv[:len(first.split())] == first.split() for first in SYNTAX_ONLY):
             steps.append(Step(doc, argv, kind="syntax"))
         elif argv[0].startswith("launch/"):
@@ -216,15 +250,14 @@ def plan(doc: Doc, data_root: str) -> list[Step]:
             steps.append(Step(doc, _with_dry_run(argv, 2), kind="dry-run"))
         elif argv[0] == "sbatch" and script is not None:
             at = script
-            options, defaults = argv[1:at], _sbatch_defaults(argv[at])
-            nodes = int(_option(options, "--nodes", "-N", default=defaults.get("nodes", 1)))
-            per_node = int(_option(options, "--ntasks-per-node", default=defaults.get("ntasks-per-node", 1)))
-            env = {"SLURM_JOB_ID": "1", "SLURM_NNODES": str(nodes), "SLURM_NTASKS": str(nodes * per_node),
-                   "SLURM_NTASKS_PER_NODE": str(per_node)}
-            cpus = _option(options, "--cpus-per-task")
-            if cpus:
-                env["SLURM_CPUS_PER_TASK"] = cpus
+            env = _slurm_env(argv[1:at], _sbatch_defaults(argv[at]))
             steps.append(Step(doc, ["bash", argv[at], "--dry-run", *argv[at + 1:]], kind="dry-run", env=env))
+        elif argv[0] == "srun" and "largebatch.train" in argv:
+            at = argv.index("largebatch.train") - 2
+            assert _is_python(argv[at]) and argv[at + 1] == "-m", f"{doc.source}: expected python -m largebatch.train"
+            env = _slurm_env(argv[1:at], {})
+            steps.append(Step(doc, ["bash", "launch/slurm.sbatch", "--dry-run", *argv[at + 3:]], kind="dry-run",
+                              env=env))
         elif argv[0] == "torchrun" and "largebatch.train" in argv:
             at = argv.index("largebatch.train") - 1
             assert argv[at] == "-m", f"{doc.source}: expected -m largebatch.train in {doc.text!r}"
@@ -248,6 +281,8 @@ def plan(doc: Doc, data_root: str) -> list[Step]:
             steps.append(Step(doc, argv, fake_runs=runs, timeout=RUN_TIMEOUT_S))
         elif _is_python(argv[0]) and len(argv) > 2 and argv[1] == "-m" and argv[2].startswith("largebatch."):
             steps.append(Step(doc, argv, timeout=RUN_TIMEOUT_S))
+        elif _is_python(argv[0]) and len(argv) > 1 and argv[1].startswith("benchmarks/") and argv[1].endswith(".py"):
+            steps.append(Step(doc, argv, kind="syntax"))
         else:
             pytest.fail(f"{doc.source}: no rule for {doc.text!r}; add one to plan() in {__file__}, or its first "
                         "words to SYNTAX_ONLY with the reason")
@@ -318,10 +353,12 @@ def run_steps(steps: list[Step], cwd: str) -> list[str]:
             problems.append(f"{where}\n  cannot start: {exc}")
             continue
         output = r.stdout + r.stderr
+        if step.tail is not None:
+            output = "\n".join(r.stdout.splitlines()[-step.tail:]) + "\n" + r.stderr
         if step.doc.expect is not None:
             got = [ln.strip() for ln in output.splitlines() if ln.strip()]
             if got != step.doc.expect:
-                problems.append(f"{where}\n  printed {got}, the README shows {step.doc.expect}")
+                problems.append(f"{where}\n  printed {got}, {step.doc.source.split(':')[0]} shows {step.doc.expect}")
         elif r.returncode != 0 or "Traceback" in output:
             problems.append(f"{where}\n  exit status {r.returncode}:\n{output[-3000:]}")
         elif step.kind == "dry-run" and "would run: " not in r.stdout:
@@ -330,8 +367,8 @@ def run_steps(steps: list[Step], cwd: str) -> list[str]:
 
 
 def all_units() -> list[tuple[str, list[Doc]]]:
-    """(name, commands) for each README block and each wrapper example."""
-    units = [(f"{docs[0].source}", docs) for docs in readme_commands()]
+    """(name, commands) for each block of the README and docs/*.md and each wrapper example."""
+    units = [(f"{docs[0].source}", docs) for docs in documented_commands()]
     for script in WRAPPERS:
         units += [(f"{d.source} #{i + 1}", [d]) for i, d in enumerate(help_commands(script))]
     return units
@@ -339,7 +376,7 @@ def all_units() -> list[tuple[str, list[Doc]]]:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> str:
-    """/data/ of the README: a tiny image folder at imagenet/ (train/ and val/, 2 classes)."""
+    """/data/ of the documents: a tiny image folder at imagenet/ (train/ and val/, 2 classes)."""
     from PIL import Image
     import numpy as np
 
@@ -356,8 +393,8 @@ def data_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def outcomes(request, tmp_path_factory, data_root) -> dict[str, list[str]]:
-    """The problems of every selected unit, the units run side by side (a README block's commands
-    in order). A wrapper example that maps to the same dry run as another is run once."""
+    """The problems of every selected unit, the units run side by side (a block's commands in
+    order). A wrapper example that maps to the same dry run as another is run once."""
     selected = {item.callspec.params["unit"] for item in request.session.items
                 if getattr(item, "module", None) is sys.modules[__name__] and hasattr(item, "callspec")
                 and "unit" in item.callspec.params}
@@ -387,12 +424,12 @@ def test_documented_command_works(outcomes, unit):
 
 
 def test_the_commands_are_found():
-    names = {d.text.split(" ")[0] for docs in readme_commands() for d in docs}
+    names = {d.text.split(" ")[0] for docs in documented_commands() for d in docs}
     assert {"pip", "python", "torchrun", "launch/torchrun.sh", "launch/mpirun.sh", "sbatch", "bash", "mpirun",
             "docker"} <= names
-    texts = [d.text for docs in readme_commands() for d in docs]
+    texts = [d.text for docs in documented_commands() for d in docs]
     assert any("--rdzv-endpoint HOST:29500 --dry-run" in t for t in texts)  # a continued line is joined
-    assert any(d.expect for docs in readme_commands() for d in docs)  # the transcript
+    assert any(d.expect for docs in documented_commands() for d in docs)  # the transcript
     for script in WRAPPERS:
         docs = help_commands(script)
         assert len(docs) >= 3, (script, docs)
@@ -430,3 +467,27 @@ def test_the_rules():
     assert check_syntax(one('pip install -e ".[dev,nosuch]"')) == "extras ['nosuch'] are not in pyproject.toml"
     assert "does not exist" in check_syntax(one("docker build -f docker/Dockerfile.nope ."))
     assert check_syntax(one('pip install -e ".[dev,mpi]"')) is None
+
+
+def test_the_docs_pages_are_read():
+    sources = {d.source.split(":")[0] for docs in documented_commands() for d in docs}
+    assert {"README.md", "docs/hpc.md", "docs/data.md", "docs/configuration.md", "docs/large-batch.md",
+            "docs/observing.md", "docs/simulator.md", "docs/batch_scaling.md"} <= sources
+    assert len(DOCUMENTS) > 1 and all(p.endswith(".md") for p in DOCUMENTS)
+    assert [docs[0].source for docs in readme_commands()] == [docs[0].source for docs in documented_commands()
+                                                              if docs[0].source.startswith("README.md:")]
+
+
+def test_the_rules_for_srun_benchmark_scripts_and_tails():
+    root = "/tmp/data"
+    (s,) = plan(Doc("x", "srun --nodes 2 --ntasks-per-node 4 python -m largebatch.train a.b=1  # eight"), root)
+    assert s.kind == "dry-run" and s.argv == ["bash", "launch/slurm.sbatch", "--dry-run", "a.b=1"]
+    assert (s.env["SLURM_NNODES"], s.env["SLURM_NTASKS"], s.env["SLURM_NTASKS_PER_NODE"]) == ("2", "8", "4")
+    (s,) = plan(Doc("x", "python benchmarks/batch_scaling.py --seeds 0 1 2"), root)
+    assert s.kind == "syntax" and check_syntax(s) is None
+    (s,) = plan(Doc("x", "python benchmarks/nosuch.py"), root)
+    assert check_syntax(s) == "benchmarks/nosuch.py does not exist"
+    (s,) = plan(Doc("x", "python -m largebatch.simulate --validate | tail -3", expect=["a"]), root)
+    assert s.tail == 3 and s.argv == ["python", "-m", "largebatch.simulate", "--validate"]
+    with pytest.raises(pytest.fail.Exception, match="no rule"):
+        plan(Doc("x", "python -m largebatch.simulate --validate | tail -3"), root)  # only a transcript's tail

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from largebatch.config.keydocs import key_docs
 from largebatch.config.schema import Config
 from largebatch.errors import UsageError
 from largebatch.fileio import write_bytes_atomic
@@ -246,25 +247,7 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def describe_keys() -> str:
     """Every key with its default and docstring, for ``--help-config``."""
-    import ast
-    import inspect
-
-    docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            body = node.body
-            for a, b in zip(body, body[1:]):
-                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                    docs[f"{node.name}.{a.target.id}"] = " ".join(str(b.value.value).split())
-    lines = []
-    defaults = to_dict(Config())
-    for s in dataclasses.fields(Config):
-        cls = _section_type(s.name)
-        for f in dataclasses.fields(cls):
-            lines.append(f"{s.name}.{f.name} = {defaults[s.name][f.name]!r}")
-            lines.append(f"    {docs.get(f'{cls.__name__}.{f.name}', '')}")
-    return "\n".join(lines)
+    return "\n".join(f"{k.key} = {k.default!r}\n    {k.doc}" for k in key_docs())
 
 
 def write_yaml_atomic(data: Any, path: str) -> None:
