@@ -53,7 +53,7 @@ DRY_TIMEOUT_S, RUN_TIMEOUT_S = 90, 240
 
 SYNTAX_ONLY = {
     "pip install": "installs into the environment the tests run in; the extras it names must exist",
-    "pytest": "runs the whole test suite, this test included",
+    "pytest": "runs the whole test suite, this test included: it must collect the suite without an error",
     "docker": "needs a Docker daemon and builds an image for minutes; the files it names must exist",
 }
 """Commands (by their first words) that are only checked, with the reason."""
@@ -313,6 +313,18 @@ def check_syntax(step: Step) -> str | None:
         for top in LINKED:
             if word.startswith(top + "/") and not os.path.exists(os.path.join(REPO, word)):
                 return f"{word} does not exist"
+    if step.argv[0] == "pytest":
+        return _collects(step.argv[1:])
+    return None
+
+
+def _collects(args: list[str]) -> str | None:
+    """Why ``pytest ARGS`` run in the checkout would not collect the suite, or None."""
+    r = subprocess.run([sys.executable, "-m", "pytest", *args, "--collect-only", "-q", "-n", "0", "-p",
+                        "no:cacheprovider"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    found = re.search(r"^(\d+) tests? collected", r.stdout, re.M)
+    if r.returncode != 0 or not found or int(found.group(1)) < 100:
+        return f"pytest {shlex.join(args)} does not collect the suite (exit {r.returncode}): {r.stdout[-500:]}"
     return None
 
 
