@@ -23,7 +23,7 @@ measured run: an epoch that took ``ΔS`` steps at batch ``B0`` with noise scale 
 ``S_min·(1 + B_crit/B)``, with ``S_min = Σ ΔS/(1 + B_k/B0)`` and ``B_crit`` the ``S_min``-weighted
 mean of the ``B_k``.
 
-**Time per step** comes from :mod:`largebatch.simulate` for each worker count; a per-worker batch
+**Time per step** comes from :mod:`largebatch.scaling.predict` for each worker count; a per-worker batch
 above the micro-batch runs as accumulation steps. **Wall time** is steps × step time, and **cost**
 nodes × wall hours × ``run.cost_per_node_hour`` (or ``--cost-per-node-hour``; without a price, in
 node-hours). The table marks the fastest and the cheapest choice; ``--plot`` draws the predicted
@@ -42,6 +42,11 @@ from typing import Optional, Sequence
 
 from largebatch.errors import UsageError, run_cli
 from largebatch.report import read_metrics
+from largebatch.scaling.cli import check_simulator_args, simulator_parser
+from largebatch.scaling.measure import checkpoint_gradient_bytes
+from largebatch.scaling.output import describe, write_json
+from largebatch.scaling.predict import predict_step
+from largebatch.scaling.resolve import resolve
 
 ASSUMPTIONS = (
     "B_crit = B_simple: the simple noise scale (per-image gradient variance / squared gradient) stands in for "
@@ -189,20 +194,6 @@ class Measured:
     cost_per_node_hour: Optional[float]
 
 
-def _gradient_bytes(run_dir: str) -> Optional[float]:
-    path = os.path.join(run_dir, "checkpoints", "final.pt")
-    if not os.path.isfile(path):
-        return None
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    except Exception:  # unreadable: the size must then be given
-        return None
-    skip = ("running_mean", "running_var", "num_batches_tracked")
-    return float(sum(t.numel() * 4 for k, t in state.items() if t.is_floating_point() and not k.endswith(skip)))
-
-
 def read_run(run_dir: str, target_accuracy: Optional[float] = None) -> Measured:
     """The measured segments of ``run_dir`` up to its target: ``target_accuracy`` (validation top-1,
     its first crossing interpolated within the epoch), else the run's train.target_accuracy where it
@@ -275,7 +266,7 @@ def read_run(run_dir: str, target_accuracy: Optional[float] = None) -> Measured:
     return Measured(run_dir=run_dir, segments=segments, target=what, global_batch=batches[0], world_size=world,
                     micro_batch=micro, per_worker_batch=per_worker, num_train=max(spe, 1) * batches[0],
                     images_per_second=summary.get("samples_per_sec") or first.get("samples_per_sec"),
-                    gradient_bytes=_gradient_bytes(run_dir), cost_per_node_hour=price)
+                    gradient_bytes=checkpoint_gradient_bytes(run_dir), cost_per_node_hour=price)
 
 
 def _fill(values: list) -> list[float]:
@@ -316,7 +307,6 @@ def choices(model: StepsModel, cluster, workload, workers: Sequence[int], batche
     step time (``workload.compute_time`` is for ``workload.micro_batch`` images, the largest
     micro-batch), wall time and cost."""
     from largebatch.batching import micro_batch_of
-    from largebatch.simulate import predict_step
 
     out = []
     for batch in batches:
@@ -456,10 +446,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """advise's own options on top of the simulator's (cluster and workload), which it shares."""
-    from largebatch import simulate
-
     p = _Parser(prog="python -m largebatch.advise", description=__doc__.split("\n")[0],
-                parents=[simulate.build_parser()], conflict_handler="resolve",
+                parents=[simulator_parser()], conflict_handler="resolve",
                 epilog="Cluster and workload: the options of python -m largebatch.simulate, e.g. --preset goyal2017, "
                        "--compute-ms 40 --micro-batch 32, --workers-per-node 8 --inter-gbit 100; left out, the compute "
                        "time comes from the run's images/s and the gradient size from its checkpoints/final.pt.")
@@ -524,8 +512,6 @@ def _probe(args) -> str:
 def _simulator(sim, measured: Measured):
     """(cluster, workload, preset, notes) from the simulator's options in ``sim`` (the parsed command
     line), with the compute time and the gradient size taken from the run where they are not given."""
-    from largebatch import simulate
-
     for attr, flag in _NOT_HERE:
         if getattr(sim, attr):
             raise UsageError(f"{flag} is an option of python -m largebatch.simulate that advise does not take "
@@ -551,10 +537,9 @@ def _simulator(sim, measured: Measured):
                              "--gradient-mb MB or --model NAME")
         sim.gradient_mb = measured.gradient_bytes / 1e6
         derived.append(f"gradient {sim.gradient_mb:.2f} MB: the parameters of checkpoints/final.pt x 4 bytes")
-    simulate._validate_args(sim)
-    resolved = simulate._resolve(sim)
-    cluster, workload, preset, note = resolved[0], resolved[1], resolved[2], resolved[4]
-    return cluster, workload, preset, [n for n in [note] if n] + derived
+    check_simulator_args(sim)
+    r = resolve(sim)
+    return r.cluster, r.workload, r.preset, [n for n in [r.note] if n] + derived
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -593,8 +578,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise UsageError(f"no worker count of {workers} divides a global batch of {batches} and fills whole nodes of "
                          f"{cluster.workers_per_node}; give other --workers or --batches")
     fast, cheap = fastest(rows), cheapest(rows)
-    from largebatch import simulate
-
     print(f"run {run_dir}: global batch {measured.global_batch} on {measured.world_size} worker(s); "
           f"target: {measured.target}")
     print("measured noise scale per epoch (B_simple): "
@@ -602,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"model: S(B) = S_min (1 + B_crit/B) with S_min = {model.s_min:.0f} steps, B_crit = {model.b_crit:.0f} "
           f"images, E_min = {model.e_min:,.0f} images")
     print("cluster" + (f" ({preset.name})" if preset else "") + ":")
-    for line in notes + simulate.describe(cluster, workload):
+    for line in notes + describe(cluster, workload):
         print("  " + line)
     print()
     print(format_table(rows, fast, cheap))
@@ -624,7 +607,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        model=dict(asdict(model), e_min=model.e_min), cluster=asdict(cluster), workload=asdict(workload),
                        price=price, choices=[asdict(c) for c in rows], fastest=asdict(fast), cheapest=asdict(cheap),
                        assumptions=list(ASSUMPTIONS))
-        simulate.write_json(args.json, payload)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 
