@@ -86,4 +86,5 @@ def checkpoint_gradient_bytes(run_dir: str) -> Optional[float]:
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     except Exception:  # unreadable: the size must then be given
         return None
-    return float(sum(t.numel() * 4 for k, t in state.items() if t.is_floating_point() and not k.endswith(NOT_GRADIENTS)))
+    return float(sum(t.numel() * 4 for k, t in state.items()
+                     if t.is_floating_point() and not k.endswith(NOT_GRADIENTS)))

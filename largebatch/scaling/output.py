@@ -1,22 +1,26 @@
-"""What the simulator prints and writes: the inputs in the units people quote, the prediction and
-validation tables, the memory block, the plot (matplotlib) and JSON.
+"""What the simulator and the advice print and write: the inputs in the units people quote, the
+prediction, validation and advice tables, the memory block, the plots (matplotlib) and JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Sequence
 
 from largebatch.errors import UsageError
 from largebatch.fileio import write_bytes_atomic
 from largebatch.footprint import Footprint, state_per_parameter, table
+from largebatch.scaling.choices import Choice
 from largebatch.scaling.model import GBIT, MIB, Cluster, ModelSize, StepPrediction, Workload
 from largebatch.scaling.predict import predict_preset, vary
 from largebatch.scaling.presets import Preset
+from largebatch.scaling.steps import StepsModel
 
 __all__ = ["MATPLOTLIB_MISSING", "algorithm_name", "describe", "format_table", "format_validation",
-           "format_variations", "memory_lines", "write_plot", "write_json"]
+           "format_variations", "memory_lines", "duration", "format_choices", "write_plot", "write_advice_plot",
+           "write_json"]
 
 MATPLOTLIB_MISSING = "--plot draws with matplotlib, which is not installed: pip install 'largebatch[report]'"
 """The error when --plot is given without matplotlib."""
@@ -114,6 +118,30 @@ def memory_lines(size: ModelSize, workers: int, optimizer: str, shard: str, rows
             f"  {optimizer} (momentum 0.9): {state}", *table(rows, mark=shard)]
 
 
+def duration(seconds: float) -> str:
+    """Seconds as people read a wall time: 42.0s, 12.5m, 3.1h."""
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_choices(rows: Sequence[Choice], fast: Choice, cheap: Choice) -> str:
+    """The advice table: a row per (global batch, workers), the fastest and the cheapest marked."""
+    priced = any(r.cost is not None for r in rows)
+    head = (f"{'global batch':>12} {'workers':>7} {'nodes':>5} {'per worker':>10} {'micro x accum':>13} "
+            f"{'steps':>8} {'step ms':>9} {'wall':>8} {'node-hours':>10}" + (f" {'cost':>9}" if priced else "") + "  ")
+    lines = [head]
+    for r in rows:
+        mark = ", ".join(m for m, c in (("fastest", fast), ("cheapest", cheap)) if r is c)
+        lines.append(f"{r.global_batch:>12} {r.workers:>7} {r.nodes:>5} {r.per_worker_batch:>10} "
+                     f"{f'{r.micro_batch} x {r.accum_steps}':>13} {r.steps:>8.0f} {r.step_time * 1e3:>9.1f} "
+                     f"{duration(r.wall_s):>8} {r.node_hours:>10.3g}"
+                     + (f" {r.cost:>9.3g}" if priced else "") + (f"  <- {mark}" if mark else ""))
+    return "\n".join(lines)
+
+
 # -- files -------------------------------------------------------------------------------------------
 
 def _pyplot():
@@ -163,6 +191,56 @@ def write_plot(path: str, series: Sequence[tuple[str, Sequence[StepPrediction]]]
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(plt, fig, path, dpi=120)
+
+
+def _draw_steps(ax, model: StepsModel, batches: Sequence[int]) -> None:
+    """Predicted steps against the global batch, S_min, B_crit and the measured run."""
+    xs = [batches[0] * 2 ** (i / 8) for i in range(int(8 * math.log2(batches[-1] / batches[0])) + 1)] or batches
+    ax.plot(xs, [model.steps(b) for b in xs], label="predicted S(B) = S_min(1 + B_crit/B)")
+    ax.axhline(model.s_min, color="gray", ls=":", lw=1, label=f"S_min = {model.s_min:.0f}")
+    ax.axvline(model.b_crit, color="gray", ls="--", lw=1, label=f"B_crit = {model.b_crit:.0f}")
+    ax.scatter([model.measured_batch], [model.measured_steps], color="black", zorder=3, label="measured run")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch")
+    ax.set_ylabel("steps to the target")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _draw_wall_time(ax, rows: Sequence[Choice], fast: Choice, cheap: Choice) -> None:
+    """Wall time against the global batch, a line per worker count, the fastest and the cheapest marked."""
+    for n in sorted({r.workers for r in rows}):
+        mine = sorted((r for r in rows if r.workers == n), key=lambda r: r.global_batch)
+        ax.plot([r.global_batch for r in mine], [r.wall_s for r in mine], marker=".", lw=1,
+                label=f"{n} worker{'s' if n > 1 else ''}")
+    ax.scatter([fast.global_batch], [fast.wall_s], marker="*", s=220, color="gold", edgecolors="black", zorder=4,
+               label=f"fastest: {fast.workers} workers, batch {fast.global_batch}")
+    ax.scatter([cheap.global_batch], [cheap.wall_s], marker="D", s=90, color="limegreen", edgecolors="black",
+               zorder=4, label=f"cheapest: {cheap.workers} workers, batch {cheap.global_batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+
+
+def write_advice_plot(path: str, model: StepsModel, rows: Sequence[Choice], fast: Choice, cheap: Choice,
+                      title: str = "") -> None:
+    """Left: predicted steps against the global batch, with the measured run; right: wall time against
+    the global batch for each worker count, the fastest and the cheapest marked."""
+    matplotlib, plt = _pyplot()
+    batches = sorted({r.global_batch for r in rows})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    _draw_steps(left, model, batches)
+    _draw_wall_time(right, rows, fast, cheap)
+    for ax in (left, right):
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.set_xlabel("global batch")
+    right.set_ylabel("predicted wall time (s)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _save(plt, fig, path, dpi=110, bbox_inches="tight")
 
 
 def write_json(path: str, payload: dict) -> None:
