@@ -20,13 +20,13 @@ A batch-scaling sweep and a probe, on the same data, model, optimizer and schedu
   the engine does with one worker and ``train.noise_scale=true``: ``|G_b|²`` from the first of 4
   micro-batches, ``|G_B|²`` from the step's gradient, the exponential averages of
   :class:`largebatch.engine.noise.NoiseScale` read at each epoch's end (and at the crossing).
-  :func:`largebatch.advise.steps_model` turns those epochs into the predicted ``S(B)``, as
+  :func:`largebatch.scaling.steps.steps_model` turns those epochs into the predicted ``S(B)``, as
   ``python -m largebatch.advise`` does from a run folder; the probe's folder is written in the
   trainer's format (``probe/``), and the advise command on it is printed.
 
 The measured knee is where doubling the batch stops nearly halving the steps: where ``S(2B)/S(B)``
 reaches 0.75, which in McCandlish et al.'s model happens at ``B = B_crit``
-(:func:`largebatch.advise.knee`); a least-squares fit of ``S_min(1 + B_crit/B)`` to the measured
+(:func:`largebatch.scaling.steps.knee`); a least-squares fit of ``S_min(1 + B_crit/B)`` to the measured
 steps is shown beside it.
 
 The loop is this script's own (step-precise evaluation needs it): it reuses largebatch's model
@@ -52,7 +52,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from largebatch import advise
 from largebatch.config import load_config, to_dict
 from largebatch.config.schema import DataConfig, OptimConfig, ScheduleConfig
 from largebatch.data import build_datasets
@@ -61,6 +60,8 @@ from largebatch.engine.noise import NoiseScale, first_micro_batch_sq_norm, squar
 from largebatch.models import create_model
 from largebatch.optim import build_optimizer
 from largebatch.optim.schedule import build_schedule
+from largebatch.scaling.runs import fill_gaps
+from largebatch.scaling.steps import Segment, StepsModel, fit_curve, knee, steps_model
 
 NOISE_MICRO_BATCHES = 4
 """Micro-batches per step in the probe: |G_b|² comes from the first, b = global batch / 4."""
@@ -201,15 +202,15 @@ def train_to_target(args, data, batch: int, probe: bool, factor: float = 1.0,
                 evals=evals, noise_epochs=epochs, wall_s=time.perf_counter() - t0, steps_per_epoch=spe)
 
 
-def probe_segments(probe: dict) -> list[advise.Segment]:
+def probe_segments(probe: dict) -> list[Segment]:
     """Epochs of the probe up to its crossing, each with the noise scale read at its end (the last,
     partial one at the crossing), the gaps filled as advise fills them."""
     rows = probe["noise_epochs"]
-    scales = advise._fill([r["noise_scale"] for r in rows])
+    scales = fill_gaps([r["noise_scale"] for r in rows])
     segments, before = [], 0
     for r, scale in zip(rows, scales):
         end = min(r["step"], probe["steps"])
-        segments.append(advise.Segment(steps=end - before, batch=probe["batch"], noise_scale=scale))
+        segments.append(Segment(steps=end - before, batch=probe["batch"], noise_scale=scale))
         before = end
     return segments
 
@@ -255,7 +256,7 @@ def per_tensor_lines(probe: dict) -> str:
     return "\n".join(lines)
 
 
-def table(results: list[dict], model: advise.StepsModel) -> str:
+def table(results: list[dict], model: StepsModel) -> str:
     lines = ["| global batch | peak lr | measured steps | predicted steps | predicted / measured | measured images |",
              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
@@ -268,7 +269,7 @@ def table(results: list[dict], model: advise.StepsModel) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], model: advise.StepsModel, probe: dict, measured_knee, fitted, path: str) -> bool:
+def plot(results: list[dict], model: StepsModel, probe: dict, measured_knee, fitted, path: str) -> bool:
     try:
         import matplotlib
 
@@ -381,7 +382,7 @@ def main() -> None:
         raise SystemExit(f"noise_scale: the probe at batch {batches[0]} did not reach {args.target} in "
                          f"{args.max_images:g} images; lower --target")
     segments = probe_segments(probe)
-    model = advise.steps_model(segments)
+    model = steps_model(segments)
     print(f"probe at batch {probe['batch']} (lr {probe['lr']:.4g}): {probe['steps']:.0f} steps to {args.target}, "
           "noise scale per epoch " + ", ".join(f"{s.noise_scale:.0f}" for s in segments)
           + f"; S_min {model.s_min:.0f}, B_crit {model.b_crit:.0f}", flush=True)
@@ -402,11 +403,11 @@ def main() -> None:
                            tries=tries), fh, indent=1)
     measured = [(r["batch"], r["steps"]) for r in results]
     try:
-        measured_knee = advise.knee([b for b, _ in measured], [s for _, s in measured])
+        measured_knee = knee([b for b, _ in measured], [s for _, s in measured])
     except ValueError:
         measured_knee = None
     try:
-        fitted = advise.fit_curve([b for b, s in measured if s], [s for _, s in measured if s])
+        fitted = fit_curve([b for b, s in measured if s], [s for _, s in measured if s])
     except ValueError:
         fitted = None
     text = table(results, model)

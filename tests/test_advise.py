@@ -10,10 +10,14 @@ import torch
 import yaml
 
 from conftest import run_module
-from largebatch import advise, simulate
-from largebatch.advise import Segment, fit_curve, knee, read_run, steps_model
 from largebatch.config import load_config, to_dict
 from largebatch.errors import UsageError
+from largebatch.scaling import advise
+from largebatch.scaling.choices import ASSUMPTIONS, Choice
+from largebatch.scaling.model import Cluster, Workload
+from largebatch.scaling.predict import predict_step
+from largebatch.scaling.runs import read_run
+from largebatch.scaling.steps import Segment, StepsModel, fit_curve, knee, steps_model
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -41,7 +45,7 @@ def test_epochs_of_growing_noise_are_each_rescaled_and_sum_to_the_same_form():
 
 
 def test_knee_and_fit_find_the_critical_batch_of_an_exact_curve():
-    truth = advise.StepsModel(s_min=50, b_crit=300, measured_batch=32, measured_steps=0)
+    truth = StepsModel(s_min=50, b_crit=300, measured_batch=32, measured_steps=0)
     batches = [32 * 2 ** i for i in range(8)]
     steps = [truth.steps(b) for b in batches]
     assert knee(batches, steps) == pytest.approx(300, rel=0.15)  # S(2B)/S(B) = 0.75 exactly at B_crit
@@ -129,22 +133,22 @@ def test_the_table_marks_the_fastest_and_the_cheapest_and_agrees_with_the_simula
                         "--plot", out_png]) == 0
     text = capsys.readouterr().out
     doc = json.load(open(out_json))
-    rows = [advise.Choice(**c) for c in doc["choices"]]
+    rows = [Choice(**c) for c in doc["choices"]]
     assert {(r.global_batch, r.workers) for r in rows} == {(b, n) for b in (64, 256, 1024, 4096) for n in (1, 4, 16, 64)
                                                             if b % n == 0}
-    fast, cheap = advise.Choice(**doc["fastest"]), advise.Choice(**doc["cheapest"])
+    fast, cheap = Choice(**doc["fastest"]), Choice(**doc["cheapest"])
     assert fast.wall_s == min(r.wall_s for r in rows) and cheap.cost == min(r.cost for r in rows)
-    cluster = simulate.Cluster(**doc["cluster"])
+    cluster = Cluster(**doc["cluster"])
     for r in rows:
         assert r.steps == pytest.approx(steps_model(read_run(run).segments).steps(r.global_batch))
-        work = simulate.Workload(**{**doc["workload"], "compute_time": 0.05 * r.micro_batch / 32,
-                                    "micro_batch": r.micro_batch, "accumulation_steps": r.accum_steps})
-        assert r.step_time == pytest.approx(simulate.predict_step(cluster, work, r.workers).step_time)
+        work = Workload(**{**doc["workload"], "compute_time": 0.05 * r.micro_batch / 32,
+                           "micro_batch": r.micro_batch, "accumulation_steps": r.accum_steps})
+        assert r.step_time == pytest.approx(predict_step(cluster, work, r.workers).step_time)
         assert r.micro_batch * r.accum_steps * r.workers == r.global_batch and r.micro_batch <= 32
         assert r.wall_s == pytest.approx(r.steps * r.step_time)
         assert r.cost == pytest.approx(3.0 * r.nodes * r.wall_s / 3600)  # the run's price
     assert "<- fastest" in text and "<- cheapest" in text and "assumptions:" in text
-    assert all(a in text for a in advise.ASSUMPTIONS)
+    assert all(a in text for a in ASSUMPTIONS)
     with open(out_png, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 

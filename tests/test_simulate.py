@@ -8,26 +8,21 @@ import pytest
 
 from conftest import REPO, run_module
 from largebatch.errors import UsageError
-from largebatch.simulate import (
-    MIB,
-    PRESETS,
+from largebatch.scaling.cli import default_workers
+from largebatch.scaling.costs import allreduce_time, gather_time, halving_doubling_time, ring_allreduce_time
+from largebatch.scaling.measure import measure_compute
+from largebatch.scaling.model import MIB, Cluster, Workload
+from largebatch.scaling.output import format_validation
+from largebatch.scaling.predict import (
     TOLERANCE_POINTS,
-    Cluster,
-    Workload,
-    allreduce_time,
     comm_timeline,
-    default_workers,
-    format_validation,
-    gather_time,
-    halving_doubling_time,
-    main,
-    measure_compute,
     predict_preset,
     predict_step,
-    ring_allreduce_time,
     shard_timeline,
     validation_rows,
 )
+from largebatch.scaling.presets import PRESETS
+from largebatch.scaling.simulate import main
 
 # Round numbers for hand computation: alpha 1 us inside a node, 10 us between nodes; 10 GB/s inside, 1 GB/s out.
 A_I, B_I, A_E, B_E = 1e-6, 1e-10, 10e-6, 1e-9

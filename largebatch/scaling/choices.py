@@ -1,0 +1,110 @@
+"""The advice's choices: every (workers, global batch) with its predicted steps, step time, wall time
+and cost, the fastest and the cheapest of them, and the assumptions they rest on.
+
+**Time per step** comes from the simulator (:func:`largebatch.scaling.predict.predict_step`) for each
+worker count; a per-worker batch above the micro-batch runs as accumulation steps. **Wall time** is
+steps x step time, and **cost** nodes x wall hours x the price of a node-hour (without a price, in
+node-hours).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
+
+from largebatch.batching import micro_batch_of
+from largebatch.scaling.model import Cluster, Workload
+from largebatch.scaling.predict import predict_step
+from largebatch.scaling.steps import StepsModel
+
+__all__ = ["ASSUMPTIONS", "BATCH_SPAN", "Choice", "choices", "fastest", "cheapest", "default_batches"]
+
+ASSUMPTIONS = (
+    "B_crit = B_simple: the simple noise scale (per-image gradient variance / squared gradient) stands in for "
+    "the critical batch; it leaves out the curvature, and McCandlish et al. find the two within a small factor",
+    "every batch trains at a well-tuned learning rate and schedule: the model is the best each batch can do, "
+    "and a fixed scaling rule (linear, LARS, LAMB) with warmup only approaches it",
+    "S(B) = S_min(1 + B_crit/B), applied epoch by epoch of the measured run with that epoch's noise scale: "
+    "steps trade for images as S/S_min - 1 = (E/E_min - 1)^-1",
+    "the target is the measured run's (its loss at its end, or --target-accuracy); generalisation at large "
+    "batch is not modelled: a batch that reaches the training loss is taken to reach the accuracy",
+    "time per step from the simulator's alpha-beta model; compute time grows linearly with the micro-batch, "
+    "and a per-worker batch above the micro-batch runs as accumulation steps",
+    "cost = whole nodes x wall hours x price: start-up, evaluation and checkpoints are left out, and a "
+    "node is paid for whole even when fewer workers than it holds are used",
+    "BatchNorm statistics change with the per-worker batch; the noise scale is measured with the run's",
+)
+"""What the advice rests on, printed with it."""
+
+BATCH_SPAN = 64
+"""Default global batches: powers of two from a quarter of the measured batch to this many times it
+(at least 16 B_crit), at most the training set."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One (workers, global batch) and what it is predicted to take."""
+
+    global_batch: int
+    workers: int
+    nodes: int
+    per_worker_batch: int
+    micro_batch: int
+    accum_steps: int
+    steps: float
+    step_time: float
+    """Seconds per optimizer step (the simulator)."""
+    wall_s: float
+    node_hours: float
+    cost: Optional[float]
+    """node_hours x price, where a price is known."""
+
+
+def choices(model: StepsModel, cluster: Cluster, workload: Workload, workers: Sequence[int], batches: Sequence[int],
+            price: Optional[float]) -> list[Choice]:
+    """Every (workers, batch) that splits evenly and fills whole nodes, with its predicted steps,
+    step time (``workload.compute_time`` is for ``workload.micro_batch`` images, the largest
+    micro-batch), wall time and cost."""
+    out = []
+    for batch in batches:
+        steps = model.steps(batch)
+        for n in workers:
+            if batch % n or not cluster.fits(n):
+                continue
+            per_worker = batch // n
+            micro = micro_batch_of(per_worker, workload.micro_batch)
+            work = replace(workload, compute_time=workload.compute_time * micro / workload.micro_batch,
+                           micro_batch=micro, accumulation_steps=per_worker // micro)
+            pred = predict_step(cluster, work, n)
+            wall = steps * pred.step_time
+            hours = pred.nodes * wall / 3600.0
+            out.append(Choice(global_batch=batch, workers=n, nodes=pred.nodes, per_worker_batch=per_worker,
+                              micro_batch=micro, accum_steps=per_worker // micro, steps=steps,
+                              step_time=pred.step_time, wall_s=wall, node_hours=hours,
+                              cost=None if price is None else hours * price))
+    return out
+
+
+def fastest(rows: Sequence[Choice]) -> Choice:
+    """The choice with the shortest wall time (the fewest node-hours among equals)."""
+    return min(rows, key=lambda c: (c.wall_s, c.node_hours))
+
+
+def cheapest(rows: Sequence[Choice]) -> Choice:
+    """The choice with the fewest node-hours (the shortest wall time among equals)."""
+    return min(rows, key=lambda c: (c.node_hours, c.wall_s))
+
+
+def default_batches(model: StepsModel, num_train: int) -> list[int]:
+    """Powers of two from a quarter of the measured batch to BATCH_SPAN times it (at least 16 B_crit),
+    at most the training set."""
+    lo = max(1, 2 ** math.floor(math.log2(max(model.measured_batch / 4, 1))))
+    hi = max(model.measured_batch * BATCH_SPAN, 16 * model.b_crit)
+    hi = min(hi, num_train)
+    out, b = [], lo
+    while b <= hi:
+        out.append(b)
+        b *= 2
+    return out or [model.measured_batch]
+
