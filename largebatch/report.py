@@ -214,25 +214,36 @@ def _legend_outside(fig, ax) -> None:
 def figures(runs: list[Run]) -> dict:
     """The report's figures by file name, not yet saved."""
     plt = _pyplot()
-    out = {}
     legend_in = min(8.0, 0.6 + 0.065 * max((len(r.label) for r in runs), default=0))  # inches for the legend
-    for key, name, title, logy in (("val_acc", "accuracy.png", "validation accuracy", False),
-                                   ("train_loss", "loss.png", "training loss", True)):
-        fig, axes = plt.subplots(1, 2, figsize=(11 + legend_in, 4.2))
-        for r in runs:
-            ys = [e[key] for e in r.epochs]
-            axes[0].plot([e["epoch"] for e in r.epochs], ys, marker=".", label=r.label)
-            axes[1].plot([e["elapsed_s"] for e in r.epochs], ys, marker=".", label=r.label)
-        for ax, xlabel in zip(axes, ("epoch", "wall time (s)")):
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(title)
-            ax.grid(alpha=0.3)
-            if logy:
-                ax.set_yscale("log")
-        _legend_outside(fig, axes[1])
-        fig.suptitle(title)
-        out[name] = fig
+    out = {"accuracy.png": _by_epoch_and_time(plt, runs, legend_in, "val_acc", "validation accuracy", False),
+           "loss.png": _by_epoch_and_time(plt, runs, legend_in, "train_loss", "training loss", True),
+           "lr.png": _lr_figure(plt, runs, legend_in), "throughput.png": _throughput_figure(plt, runs, legend_in)}
+    noisy = [r for r in runs if any(e.get("noise_scale") is not None for e in r.epochs)]
+    if noisy:
+        out["noise_scale.png"] = _noise_figure(plt, noisy, legend_in)
+    for fig in out.values():
+        fig.tight_layout()
+    return out
 
+
+def _by_epoch_and_time(plt, runs: list[Run], legend_in: float, key: str, title: str, logy: bool):
+    fig, axes = plt.subplots(1, 2, figsize=(11 + legend_in, 4.2))
+    for r in runs:
+        ys = [e[key] for e in r.epochs]
+        axes[0].plot([e["epoch"] for e in r.epochs], ys, marker=".", label=r.label)
+        axes[1].plot([e["elapsed_s"] for e in r.epochs], ys, marker=".", label=r.label)
+    for ax, xlabel in zip(axes, ("epoch", "wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+        if logy:
+            ax.set_yscale("log")
+    _legend_outside(fig, axes[1])
+    fig.suptitle(title)
+    return fig
+
+
+def _lr_figure(plt, runs: list[Run], legend_in: float):
     fig, ax = plt.subplots(figsize=(7 + legend_in, 4.2))
     for r in runs:
         xs, ys = lr_curve(r)
@@ -242,8 +253,10 @@ def figures(runs: list[Run]) -> dict:
     ax.set_title("learning-rate schedule")
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)
-    out["lr.png"] = fig
+    return fig
 
+
+def _throughput_figure(plt, runs: list[Run], legend_in: float):
     fig, ax = plt.subplots(figsize=(7 + legend_in, 4.2))
     for r in runs:
         ax.plot([e["epoch"] for e in r.epochs], [e["samples_per_sec"] for e in r.epochs], marker=".", label=r.label)
@@ -253,26 +266,23 @@ def figures(runs: list[Run]) -> dict:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     _legend_outside(fig, ax)
-    out["throughput.png"] = fig
+    return fig
 
-    noisy = [r for r in runs if any(e.get("noise_scale") is not None for e in r.epochs)]
-    if noisy:
-        fig, axes = plt.subplots(1, 2, figsize=(11 + legend_in, 4.2))
-        for r in noisy:
-            pts = [e for e in r.epochs if e.get("noise_scale") is not None]
-            axes[0].plot([e["epoch"] for e in pts], [e["noise_scale"] for e in pts], marker=".", label=r.label)
-            axes[1].plot([e["step"] for e in pts], [e["noise_scale"] for e in pts], marker=".", label=r.label)
-        for ax, xlabel in zip(axes, ("epoch", "optimizer step")):
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("noise scale B_simple (images)")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-        _legend_outside(fig, axes[1])
-        fig.suptitle("gradient noise scale")
-        out["noise_scale.png"] = fig
-    for fig in out.values():
-        fig.tight_layout()
-    return out
+
+def _noise_figure(plt, noisy: list[Run], legend_in: float):
+    fig, axes = plt.subplots(1, 2, figsize=(11 + legend_in, 4.2))
+    for r in noisy:
+        pts = [e for e in r.epochs if e.get("noise_scale") is not None]
+        axes[0].plot([e["epoch"] for e in pts], [e["noise_scale"] for e in pts], marker=".", label=r.label)
+        axes[1].plot([e["step"] for e in pts], [e["noise_scale"] for e in pts], marker=".", label=r.label)
+    for ax, xlabel in zip(axes, ("epoch", "optimizer step")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("noise scale B_simple (images)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    _legend_outside(fig, axes[1])
+    fig.suptitle("gradient noise scale")
+    return fig
 
 
 def plot_runs(runs: list[Run], out: str) -> list[str]:

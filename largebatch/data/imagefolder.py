@@ -164,12 +164,25 @@ def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str =
 
     Without ``root/val``, ``val_fraction`` of train/ is held out (:func:`hold_out`) and the val set's
     ``split_note`` says so (None where val/ exists); ``val_fraction=None`` requires val/."""
+    _check_root(root)
+    classes, train, val, note = _splits(root, val_fraction)
+    image_size, mode, mean, std = _statistics(root, train, image_size, on_corrupt)
+    val_set = ImageFolder(val, image_size, mode, mean, std)
+    val_set.split_note = note
+    return ImageFolder(train, image_size, mode, mean, std), val_set, classes
+
+
+def _check_root(root: str | None) -> None:
     if not root:
         raise UsageError("data.name=imagefolder needs data.root, the folder holding train/ (and val/)")
     if os.path.isfile(root):
         raise UsageError(f"'{root}' is a file; point data.root at the folder holding train/ (and val/)")
     if not os.path.isdir(root):
         raise UsageError(f"data.root '{root}' does not exist; point it at the folder holding train/ (and val/)")
+
+
+def _splits(root: str, val_fraction: Optional[float]):
+    """(classes, train samples, val samples, note): val/ as it is, or held out of train/."""
     classes, train = scan_split(root, "train")
     note = None
     if val_fraction is not None and not os.path.exists(os.path.join(root, "val")):
@@ -189,6 +202,11 @@ def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str =
         only_val = sorted(set(val_classes) - set(classes))
         raise UsageError(f"train/ and val/ under '{root}' have different classes (only in train: "
                          f"{only_train[:5]}, only in val: {only_val[:5]}); give both the same class folders")
+    return classes, train, val, note
+
+
+def _statistics(root: str, train: list, image_size: int | None, on_corrupt: str):
+    """(image size, PIL mode, per-channel mean, std) from a sample of the training images."""
     Image = _pil()
     step = max(1, len(train) // _STATS_SAMPLE)
     sample = list(range(0, len(train), step))[:_STATS_SAMPLE]
@@ -224,8 +242,4 @@ def load_imagefolder(root: str | None, image_size: int | None, on_corrupt: str =
     if not pixels:
         raise UsageError(f"no image under '{root}/train' can be read; check the files")
     pixels = torch.stack(pixels)
-    mean = pixels.mean(dim=(0, 2, 3))
-    std = pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
-    val_set = ImageFolder(val, image_size, mode, mean, std)
-    val_set.split_note = note
-    return ImageFolder(train, image_size, mode, mean, std), val_set, classes
+    return image_size, mode, pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3)).clamp_min(1e-3)
