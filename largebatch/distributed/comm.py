@@ -223,8 +223,9 @@ class PendingFlag:
     lives in host memory, a numpy array, which the allreduce reaches through a tensor view; reading
     it reads no tensor, let alone a device's."""
 
-    def __init__(self, host: np.ndarray, work):
+    def __init__(self, host: np.ndarray, work, view: Optional[torch.Tensor] = None):
         self.host, self.work = host, work
+        self.view = view  # the tensor the allreduce writes through, alive until it has finished
 
     def wait(self) -> bool:
         if self.work is not None:
@@ -493,8 +494,9 @@ class Communicator:
         host = np.array([1 if flag else 0], dtype=np.int32)
         if not self.distributed:
             return PendingFlag(host, None)
-        work = dist.all_reduce(torch.from_numpy(host), op=dist.ReduceOp.MAX, group=self.control_group, async_op=True)
-        return PendingFlag(host, work)
+        view = torch.from_numpy(host)
+        return PendingFlag(host, dist.all_reduce(view, op=dist.ReduceOp.MAX, group=self.control_group, async_op=True),
+                           view)
 
     def any(self, flag: bool) -> bool:
         """True on every worker if ``flag`` is true on any (a signal seen by one worker, say)."""
