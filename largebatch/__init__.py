@@ -1,6 +1,8 @@
 """largebatch: synchronous data-parallel training with very large global batches."""
 
-__version__ = "0.1.0"
+from largebatch.version import __version__
+
+__all__ = ["__version__", "fit"]
 
 
 def fit(*args, **kwargs) -> dict:

@@ -24,8 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from largebatch import __version__
-from largebatch.config import Config, to_dict, write_yaml_atomic
+from largebatch.config import Config, config_differences, config_hash, to_dict, write_yaml_atomic
 from largebatch.data import IGNORE, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
@@ -40,6 +39,7 @@ from largebatch.engine.step import APPLIED, SCALER_SKIP, Ledger, Stepper
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.parts import PartsSource, complete_info, from_config
+from largebatch.version import __version__
 
 MAX_PENDING_STEPS = 64
 """Steps whose outcome the host may still be waiting for before it waits for the device."""
@@ -368,7 +368,7 @@ class Trainer:
         state = ckpt.find_resume_state(cfg.run.dir, cfg.checkpoint.resume)
         if state is None:
             return None
-        differing = ckpt.config_differences(state["config"], to_dict(cfg))
+        differing = config_differences(state["config"], to_dict(cfg))
         if differing:
             shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in differing[:6])
             raise UsageError(f"checkpoint {state.get('path', cfg.checkpoint.resume)} was made with a different "
@@ -377,7 +377,7 @@ class Trainer:
 
     def _check_same_everywhere(self) -> None:
         """Every worker must run the same config and package version."""
-        mine = (ckpt.config_hash(to_dict(self.cfg)), __version__)
+        mine = (config_hash(to_dict(self.cfg)), __version__)
         seen = self.comm.all_gather_object(mine)
         odd = [rank for rank, other in enumerate(seen) if other != seen[0]]
         if odd:
@@ -468,7 +468,7 @@ class Trainer:
                      noise=noise,
                      world_size=self.topology.world_size, global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
                      bucket_mb=None if self.bucket_choice is None else self.bucket_choice.bucket_mb,
-                     config=to_dict(cfg), config_hash=ckpt.config_hash(to_dict(cfg)), version=__version__)
+                     config=to_dict(cfg), config_hash=config_hash(to_dict(cfg)), version=__version__)
         if not is_fsdp(model):
             optimizer = sharded_state.gather_optimizer_state(self.optimizer, main)  # ZeRO: a collective
             if main:
