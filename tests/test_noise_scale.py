@@ -195,6 +195,7 @@ _WORKER = textwrap.dedent("""
     from largebatch.data.datasets import load_digits
     from largebatch.distributed import Communicator, discover
     from largebatch.distributed.noise_hook import LocalSquaredNorm, default_allreduce_hook, measuring
+    from largebatch.distributed.wrap import wrap_model
     from largebatch.engine.noise import NoiseScale, squared_norm
     from largebatch.models import create_model
 
@@ -217,7 +218,7 @@ _WORKER = textwrap.dedent("""
     out = dict(local_sq=local_sq, hooks={})
     for name, hook in [("allreduce", default_allreduce_hook()), ("fp16", default_hooks.fp16_compress_hook)]:
         meter = LocalSquaredNorm()
-        ddp = comm.wrap_model(copy.deepcopy(base))
+        ddp = wrap_model(comm, copy.deepcopy(base))
         ddp.register_comm_hook(None, measuring(hook, meter))
         # DDP's first pass puts every gradient in one bucket, then rebuilds the buckets by size
         for case in ("first", "plain", "accumulated"):

@@ -66,11 +66,12 @@ def _train(args: list[str], run_dir: str):
     """(initial state, final state, trainer facts) of one training; the trainer is closed after."""
     from largebatch.config.loader import load_config
     from largebatch.distributed import discover, is_sharded, local
+    from largebatch.distributed.wrap import unwrap
     from largebatch.engine import Trainer
 
     trainer = Trainer(load_config(None, [*args, f"run.dir={run_dir}"]), discover())
     try:
-        model = trainer.comm.unwrap(trainer.model)
+        model = unwrap(trainer.model)
         first = _full_state(model)
         summary = trainer.fit()
         facts = dict(val_acc=summary["val_acc"], optimizer=type(trainer.optimizer).__name__)
@@ -118,6 +119,7 @@ def _check_steps(root: str, rank: int) -> None:
 
     from largebatch.config.loader import load_config
     from largebatch.distributed import discover, local
+    from largebatch.distributed.wrap import unwrap
     from largebatch.engine import Trainer
     from largebatch.engine.guards import StopSignal
 
@@ -138,7 +140,7 @@ def _check_steps(root: str, rank: int) -> None:
             trainer.sampler.set_epoch(0, 0)
             batches, stop = iter(trainer.loader), StopSignal()
             trainer.run_step(batches, bp, 0, stop)  # the first step allocates the optimizer state
-            before = _full_state(trainer.comm.unwrap(trainer.model))
+            before = _full_state(unwrap(trainer.model))
             error, outcomes, saved = None, [], {n: getattr(torch.Tensor, n) for n in HOST_READS}
 
             def refuse(self, *a, **k):
@@ -153,9 +155,9 @@ def _check_steps(root: str, rank: int) -> None:
             finally:
                 for n, f in saved.items():
                     setattr(torch.Tensor, n, f)
-            middle = _full_state(trainer.comm.unwrap(trainer.model))
+            middle = _full_state(unwrap(trainer.model))
             outcomes.append(trainer.run_step(batches, bp, POISONED_STEP, stop)[3])
-            after = _full_state(trainer.comm.unwrap(trainer.model))
+            after = _full_state(unwrap(trainer.model))
             print("RESULT " + json.dumps(dict(case="steps: " + name, rank=rank, error=error,
                                               outcomes=[int(o) for o in outcomes],
                                               trained=_max_diff(before, middle), poisoned=_max_diff(middle, after))),

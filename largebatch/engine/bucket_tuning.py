@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largebatch.distributed import Communicator
+from largebatch.distributed.wrap import wrap_model
 from largebatch.engine.checkpoint import rng_state, set_rng_state
 
 ROUNDS = 3
@@ -151,7 +152,7 @@ def _time_one(comm: Communicator, model: nn.Module, size: float, x: torch.Tensor
               device: torch.device, autocast: Callable) -> float:
     """Seconds of one synchronised forward+backward pass with buckets of ``size`` MiB, after the
     untimed ones a fresh DDP wrapper needs."""
-    ddp = comm.wrap_model(model, bucket_mb=size, powersgd_start_step=WARMUP_PASSES, sync_weights=False)
+    ddp = wrap_model(comm, model, bucket_mb=size, powersgd_start_step=WARMUP_PASSES, sync_weights=False)
     untimed = WARMUP_PASSES + (comm.compression == "powersgd")
     try:
         for _ in range(untimed + 1):

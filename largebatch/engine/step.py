@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largebatch.distributed import local
+from largebatch.distributed.wrap import no_sync
 from largebatch.engine.noise import batch_sizes, first_micro_batch_sq_norm, squared_norm_of_norms
 
 APPLIED, NONFINITE, SCALER_SKIP = 1, 0, 2
@@ -84,7 +85,7 @@ class Stepper:
             wait += time.perf_counter() - t0
             x, y = self.inputs(x, y)
             last = k == accum_steps - 1
-            with contextlib.nullcontext() if last else self.comm.no_sync(self.model):
+            with contextlib.nullcontext() if last else no_sync(self.model):
                 with self.autocast():
                     logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y, reduction="sum",

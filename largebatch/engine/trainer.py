@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from largebatch.config import Config, config_differences, config_hash, to_dict, write_yaml_atomic
 from largebatch.data import IGNORE, eval_loader, train_loader
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
+from largebatch.distributed.wrap import build_optimizer, grad_scaler, no_sync, shard_line, unwrap, wrap_model
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
 from largebatch.engine.metrics import MetricsLog, Progress, tensorboard_writer_class
 from largebatch.engine.precise_bn import choose_precise_bn, recompute_batchnorm
@@ -173,7 +174,7 @@ class Trainer:
                                  param_dtype=param_dtype, noise_scale=cfg.train.noise_scale)
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype and param_dtype is None \
             else contextlib.nullcontext
-        self.scaler = self.comm.grad_scaler() if cfg.train.precision == "fp16" else None
+        self.scaler = grad_scaler(self.comm) if cfg.train.precision == "fp16" else None
         self.lock = RunLock(cfg.run.dir)
         self.faults = FaultInjection.from_env(topology.rank)
         self.compile_s: Optional[float] = None
@@ -249,10 +250,10 @@ class Trainer:
         if self.comm.distributed and cfg.comm.bucket_mb == "auto" and self.comm.shard != "full":
             self.bucket_choice = self._choose_bucket_size()
             self.comm.bucket_mb = self.bucket_choice.bucket_mb
-        self.model = self.comm.wrap_model(self.bare_model)
+        self.model = wrap_model(self.comm, self.bare_model)
         if cfg.train.compile is not False:
             self.model = compile_model(self.model, cfg.train.compile)
-        self.optimizer = self.comm.build_optimizer(self.comm.unwrap(self.model), cfg.optim)
+        self.optimizer = build_optimizer(self.comm, unwrap(self.model), cfg.optim)
         self.restored = self.comm.broadcast_object(
             None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
         first = self.plan.phases[0]
@@ -288,7 +289,7 @@ class Trainer:
             size = first.image_size or self.info.image_size
             # Under comm.shard=full the rehearsal reduce-scatters its gradients: every worker runs it
             # (its forward pass all-gathers anyway), and FSDP2 would otherwise keep them for the first step.
-            sync_off = contextlib.nullcontext if self.comm.shard == "full" else lambda: self.comm.no_sync(self.model)
+            sync_off = contextlib.nullcontext if self.comm.shard == "full" else lambda: no_sync(self.model)
             seconds, error = rehearse(self.model, self.bare_model, sync_off,
                                       (first.batch.micro_batch, self.info.channels, size, size),
                                       self.info.num_classes, self.device, self.autocast, self.memory_format)
@@ -400,7 +401,7 @@ class Trainer:
         # worker, whatever the number of workers that wrote it and this run's comm.shard; a plain
         # checkpoint's weights came with rank 0's model (which DDP, or the broadcast before FSDP2
         # shards it, gave every worker), its optimizer state with ``state``.
-        model = self.comm.unwrap(self.model)
+        model = unwrap(self.model)
         if "shards" in state:
             try:
                 sharded_state.load_into(state["path"], state["shards"]["paths"], state["shards"]["rest"], model,
@@ -461,7 +462,7 @@ class Trainer:
             return RunStopped(f"cannot write a checkpoint to {folder} ({why}); free space or fix permissions, then "
                               "run again to resume")
 
-        model = self.comm.unwrap(self.model)
+        model = unwrap(self.model)
         state = dict(scaler=None if self.scaler is None else self.scaler.state_dict(),
                      position=dict(vars(pos)), record=dict(vars(record)), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts], window_steps=window_steps,
@@ -637,7 +638,7 @@ class Trainer:
         from largebatch.distributed import sharded_state
         from largebatch.distributed.shard import is_fsdp
 
-        model = self.comm.unwrap(self.model)
+        model = unwrap(self.model)
         # The whole model in one plain state dict; under comm.shard=full gathered to rank 0's CPU.
         weights = sharded_state.full_model_state(model) if is_fsdp(model) else None
         if topo.is_main:
@@ -793,7 +794,7 @@ class Trainer:
                        f"worker(s) on {self.device.type} over {backend} ({topo.launcher})")
         for line in self.plan.lines():
             progress.print("  " + line)
-        sharding = self.comm.shard_line()
+        sharding = shard_line(self.comm, unwrap(self.model))
         if self.comm.param_dtype is not None:
             sharding += "; bf16 compute on float32 master weights (FSDP2 mixed precision)"
         progress.print(f"  sharding               {sharding}")
@@ -863,7 +864,7 @@ class Trainer:
         """Validation of the current weights. Under comm.shard=full every worker first takes rank
         0's BatchNorm statistics (DDP's rule; FSDP2 leaves buffers to each worker) and runs as many
         forward passes as every other."""
-        model, lockstep = self.comm.unwrap(self.model), None
+        model, lockstep = unwrap(self.model), None
         if self.comm.shard == "full":
             self.comm.broadcast_buffers(model)
             size = self.plan.eval_size or self.info.image_size
@@ -879,7 +880,7 @@ class Trainer:
         self.sampler.set_phase(bp, self.plan.eval_size)
         self.sampler.set_epoch(epoch)
         batches = itertools.islice(iter(self.loader), micro_batches)  # at most one epoch's (PreciseBN.for_phase)
-        recompute_batchnorm(self.comm.unwrap(self.model), batches, self.device, self.comm)
+        recompute_batchnorm(unwrap(self.model), batches, self.device, self.comm)
         self.sampler.set_phase(bp, phase.image_size)
 
     def _name_missing_workers(self, exc: BaseException, step: int) -> None:
