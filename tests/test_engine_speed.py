@@ -43,7 +43,7 @@ def test_a_step_reads_no_tensor_value_on_the_host(tmp_path, monkeypatch, optim, 
 
         for name in HOST_READS:
             monkeypatch.setattr(torch.Tensor, name, refuse)
-        outcomes = [trainer.run_step(batches, bp, step, stop)[3] for step in range(1, 4)]
+        outcomes = [trainer.run_step(batches, bp, step, stop).outcome for step in range(1, 4)]
         monkeypatch.undo()
         assert [int(o) for o in outcomes] == [APPLIED] * 3
     finally:
@@ -65,7 +65,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, monkeypatch):
         changed = [k for k in before if not torch.equal(before[k], after[k])]
         # BatchNorm's running statistics move in the forward pass; the weights must not.
         assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
-        assert int(trainer.run_step(batches, bp, 2, stop)[3]) == APPLIED
+        assert int(trainer.run_step(batches, bp, 2, stop).outcome) == APPLIED
     finally:
         trainer.close()
 

@@ -308,7 +308,7 @@ def test_the_engine_step_measures_without_host_reads_and_refuses_where_it_cannot
 
         for name in HOST_READS:
             monkeypatch.setattr(torch.Tensor, name, refuse)
-        outcomes = [t.run_step(batches, bp, step, stop)[3] for step in range(1, 4)]
+        outcomes = [t.run_step(batches, bp, step, stop).outcome for step in range(1, 4)]
         monkeypatch.undo()
         assert [int(o) for o in outcomes] == [APPLIED] * 3
         v = t.stepper.noise.values()

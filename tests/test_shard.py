@@ -149,14 +149,14 @@ def _check_steps(root: str, rank: int) -> None:
             try:
                 for n in HOST_READS:
                     setattr(torch.Tensor, n, refuse)
-                outcomes += [trainer.run_step(batches, bp, step, stop)[3] for step in range(1, POISONED_STEP)]
+                outcomes += [trainer.run_step(batches, bp, step, stop).outcome for step in range(1, POISONED_STEP)]
             except AssertionError as exc:
                 error = str(exc)
             finally:
                 for n, f in saved.items():
                     setattr(torch.Tensor, n, f)
             middle = _full_state(unwrap(trainer.model))
-            outcomes.append(trainer.run_step(batches, bp, POISONED_STEP, stop)[3])
+            outcomes.append(trainer.run_step(batches, bp, POISONED_STEP, stop).outcome)
             after = _full_state(unwrap(trainer.model))
             print("RESULT " + json.dumps(dict(case="steps: " + name, rank=rank, error=error,
                                               outcomes=[int(o) for o in outcomes],

@@ -36,7 +36,7 @@ from largebatch.engine import checkpoint as ckpt
 from largebatch.engine.noise import NoiseScale, choose_source
 from largebatch.engine.guards import FaultInjection, RunLock, StopSignal
 from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
-from largebatch.engine.step import APPLIED, SCALER_SKIP, Ledger, Stepper
+from largebatch.engine.step import APPLIED, SCALER_SKIP, Ledger, Stepper, StepResult, prepare_inputs
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic, write_bytes_atomic
 from largebatch.parts import PartsSource, complete_info, from_config
@@ -70,9 +70,7 @@ def evaluate(model: torch.nn.Module, loader, comm: Communicator, device: torch.d
     with torch.no_grad():
         for x, y in loader:
             rounds -= 1
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if x.dim() == 4:
-                x = x.contiguous(memory_format=memory_format)
+            x, y = prepare_inputs(x, y, device, memory_format)
             out = model(x).float()  # bf16 logits where FSDP2 computes in bf16 (comm.shard=full on GPUs)
             totals[0] += F.cross_entropy(out, y, reduction="sum", ignore_index=IGNORE).double()
             totals[1] += (out.argmax(1) == y).sum()
@@ -654,17 +652,15 @@ class Trainer:
         self.comm.barrier()
         return summary
 
-    def run_step(self, batches, bp, step: int, stop: StopSignal) -> tuple[float, torch.Tensor, float, torch.Tensor,
-                                                                        bool]:
+    def run_step(self, batches, bp, step: int, stop: StopSignal) -> StepResult:
         """One optimizer step as ``fit`` runs it: the schedule's lr for ``step``, the micro-batches of
-        ``bp`` (a BatchPlan) from ``batches``, the update, and the agreement on stopping. Returns
-        (lr, this worker's loss share and the step's outcome code, both on the device, seconds
-        waiting for data, stopping); nothing in it waits for the device."""
+        ``bp`` (a BatchPlan) from ``batches``, the update, and the agreement on stopping; nothing in
+        it waits for the device."""
         lr = self.plan.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, outcome, wait = self.stepper(batches, bp.accum_steps, bp.per_worker_batch, step)
-        return lr, loss, wait, outcome, self._agree_after_step(stop)
+        return StepResult(lr, loss, wait, outcome, self._agree_after_step(stop))
 
     def _agree_after_step(self, stop: StopSignal) -> bool:
         """Whether to stop on a signal, agreed by every worker. The flags of each step travel while
