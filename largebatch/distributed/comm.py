@@ -1,7 +1,8 @@
-"""The process group, gradient synchronisation and the few collectives the engine needs.
+"""The process group and the few collectives the engine needs.
 
-This is the only module that imports ``torch.distributed``: the training loop, the models and
-the optimizers call :class:`Communicator` and never touch a collective themselves.
+The training loop, the models and the optimizers call :class:`Communicator` and never touch a
+collective themselves; what data parallelism does to the model and its optimizer (DDP, FSDP2,
+ZeRO, the gradient scaler) is in :mod:`largebatch.distributed.wrap`.
 """
 
 from __future__ import annotations
