@@ -59,9 +59,8 @@ def fit(config: Union[str, os.PathLike, Config, None] = None, *,
         items.append(f"data.name=python:{_name(train_set)}")
     items += [f"{k}={_yaml_value(v)}" for k, v in dotted.items()]
     if isinstance(config, Config):
-        from largebatch.config import to_dict
+        from largebatch.config import flat_config, to_dict
         from largebatch.config.loader import from_flat, parse_override
-        from largebatch.engine.checkpoint import flat_config
 
         cfg = from_flat({**flat_config(to_dict(config)), **dict(parse_override(x) for x in items)})
     elif config is None or isinstance(config, (str, os.PathLike)):

@@ -74,13 +74,13 @@ SHOWN_THOUGH_SAFE = frozenset({
     "train.epochs", "train.max_micro_batch", "train.stop_at_target", "train.device", "train.channels_last",
     "train.compile", "comm.backend", "train.precise_bn_images",
 })
-"""Keys a resumed run may change (checkpoint.SAFE_TO_CHANGE) that still change the results or the speed."""
+"""Keys a resumed run may change (largebatch.config.SAFE_TO_CHANGE) that still change the results or the speed."""
 
 
 def label_keys_left_out() -> frozenset:
     """Keys never shown in labels: those a resumed run may change (logging, paths, checkpoint
     cadence, timeouts, bucket sizes, loader processes, ...) unless they change results or speed."""
-    from largebatch.engine.checkpoint import SAFE_TO_CHANGE
+    from largebatch.config.compare import SAFE_TO_CHANGE
 
     return frozenset(SAFE_TO_CHANGE - SHOWN_THOUGH_SAFE)
 

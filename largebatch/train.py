@@ -17,11 +17,16 @@ Config: ``--config FILE`` then ``key=value`` overrides (``--help-config`` lists 
 Bad input prints one line and exits with status 2 on every worker. Ctrl-C (SIGINT), SIGTERM or
 SIGUSR1 stops every worker after the current step with a checkpoint and status 0, and the same
 command resumes; a second Ctrl-C stops at once with status 130.
+
+For tests, ``LARGEBATCH_LEDGER_LAG=N`` makes the host learn each step's outcome N steps late even
+where it could at once (the trainer's ``ledger_lag``), and ``LARGEBATCH_FAULT`` injects faults
+(:class:`largebatch.engine.guards.FaultInjection`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from largebatch.engine.guards import InterruptGuard
 
     with InterruptGuard():  # loaders forked during set-up must outlive a Ctrl-C (see StopSignal)
-        trainer = Trainer(cfg, _topology)
+        trainer = Trainer(cfg, _topology, ledger_lag=int(os.environ.get("LARGEBATCH_LEDGER_LAG", "0")))
         try:
             trainer.fit()
         finally:

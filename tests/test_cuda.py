@@ -108,7 +108,7 @@ def test_steady_state_step_never_synchronises(tmp_path, optim, precision):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            outcomes = [trainer.run_step(batches, bp, step, stop)[3] for step in range(2, 6)]
+            outcomes = [trainer.run_step(batches, bp, step, stop).outcome for step in range(2, 6)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert [int(o) for o in outcomes] == [APPLIED] * 4

@@ -19,9 +19,9 @@ from largebatch.engine.guards import StopSignal
 from largebatch.engine.step import APPLIED, NONFINITE, SCALER_SKIP, Ledger
 from largebatch.errors import RunStopped
 
-def _trainer(tmp_path, *overrides):
+def _trainer(tmp_path, *overrides, ledger_lag: int = 0):
     cfg = load_config(None, [f"run.dir={tmp_path}", "checkpoint.resume=never", "train.device=cpu", *overrides])
-    return Trainer(cfg, SINGLE)
+    return Trainer(cfg, SINGLE, ledger_lag=ledger_lag)
 
 
 @pytest.mark.parametrize("optim,precision", [("sgd", "fp32"), ("lars", "fp32"), ("larc", "bf16"), ("lamb", "fp32"),
@@ -38,7 +38,7 @@ def test_a_step_reads_no_tensor_value_on_the_host(tmp_path, monkeypatch, optim, 
         trainer.run_step(batches, bp, 0, stop)  # the first step allocates the optimizer state
 
         with host_reads_refused():
-            outcomes = [trainer.run_step(batches, bp, step, stop)[3] for step in range(1, 4)]
+            outcomes = [trainer.run_step(batches, bp, step, stop).outcome for step in range(1, 4)]
         assert [int(o) for o in outcomes] == [APPLIED] * 3
     finally:
         trainer.close()
@@ -59,7 +59,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, monkeypatch):
         changed = [k for k in before if not torch.equal(before[k], after[k])]
         # BatchNorm's running statistics move in the forward pass; the weights must not.
         assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
-        assert int(trainer.run_step(batches, bp, 2, stop)[3]) == APPLIED
+        assert int(trainer.run_step(batches, bp, 2, stop).outcome) == APPLIED
     finally:
         trainer.close()
 
@@ -106,8 +106,7 @@ def _fit(run_dir: str, lag: int, faults: str, monkeypatch, *overrides: str) -> i
     with monkeypatch.context() as m:
         m.setattr(Ledger, "take", counting)
         m.setenv("LARGEBATCH_FAULT", faults)
-        m.setenv("LARGEBATCH_LEDGER_LAG", str(lag))
-        trainer = _trainer(run_dir, "train.epochs=3", *overrides)
+        trainer = _trainer(run_dir, "train.epochs=3", *overrides, ledger_lag=lag)
         try:
             trainer.fit()
         finally:

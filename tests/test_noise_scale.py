@@ -208,6 +208,7 @@ _WORKER = textwrap.dedent("""
     from largebatch.data.digits import load_digits
     from largebatch.distributed import Communicator, discover
     from largebatch.distributed.noise_hook import LocalSquaredNorm, default_allreduce_hook, measuring
+    from largebatch.distributed.wrap import wrap_model
     from largebatch.engine.noise import NoiseScale, squared_norm
     from largebatch.models import create_model
 
@@ -230,7 +231,7 @@ _WORKER = textwrap.dedent("""
     out = dict(local_sq=local_sq, hooks={})
     for name, hook in [("allreduce", default_allreduce_hook()), ("fp16", default_hooks.fp16_compress_hook)]:
         meter = LocalSquaredNorm()
-        ddp = comm.wrap_model(copy.deepcopy(base))
+        ddp = wrap_model(comm, copy.deepcopy(base))
         ddp.register_comm_hook(None, measuring(hook, meter))
         # DDP's first pass puts every gradient in one bucket, then rebuilds the buckets by size
         for case in ("first", "plain", "accumulated"):
@@ -313,7 +314,7 @@ def test_the_engine_step_measures_without_host_reads_and_refuses_where_it_cannot
         t.run_step(batches, bp, 0, stop)
 
         with host_reads_refused():
-            outcomes = [t.run_step(batches, bp, step, stop)[3] for step in range(1, 4)]
+            outcomes = [t.run_step(batches, bp, step, stop).outcome for step in range(1, 4)]
         assert [int(o) for o in outcomes] == [APPLIED] * 3
         v = t.stepper.noise.values()
         assert v.steps == pytest.approx(1 + 0.99 + 0.99**2 + 0.99**3)  # four steps folded in

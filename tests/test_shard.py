@@ -63,11 +63,12 @@ def _train(args: list[str], run_dir: str):
     """(initial state, final state, trainer facts) of one training; the trainer is closed after."""
     from largebatch.config.loader import load_config
     from largebatch.distributed import discover, is_sharded, local
+    from largebatch.distributed.wrap import unwrap
     from largebatch.engine import Trainer
 
     trainer = Trainer(load_config(None, [*args, f"run.dir={run_dir}"]), discover())
     try:
-        model = trainer.comm.unwrap(trainer.model)
+        model = unwrap(trainer.model)
         first = _full_state(model)
         summary = trainer.fit()
         facts = dict(val_acc=summary["val_acc"], optimizer=type(trainer.optimizer).__name__)
@@ -114,6 +115,7 @@ def _check_steps(root: str, rank: int) -> None:
     local gradient is non-finite before DDP averages it."""
     from largebatch.config.loader import load_config
     from largebatch.distributed import discover, local
+    from largebatch.distributed.wrap import unwrap
     from largebatch.engine import Trainer
     from largebatch.engine.guards import StopSignal
 
@@ -135,16 +137,16 @@ def _check_steps(root: str, rank: int) -> None:
             trainer.sampler.set_epoch(0, 0)
             batches, stop = iter(trainer.loader), StopSignal()
             trainer.run_step(batches, bp, 0, stop)  # the first step allocates the optimizer state
-            before = _full_state(trainer.comm.unwrap(trainer.model))
+            before = _full_state(unwrap(trainer.model))
             error, outcomes = None, []
             try:
                 with host_reads_refused():
-                    outcomes += [trainer.run_step(batches, bp, step, stop)[3] for step in range(1, POISONED_STEP)]
+                    outcomes += [trainer.run_step(batches, bp, step, stop).outcome for step in range(1, POISONED_STEP)]
             except AssertionError as exc:
                 error = str(exc)
-            middle = _full_state(trainer.comm.unwrap(trainer.model))
-            outcomes.append(trainer.run_step(batches, bp, POISONED_STEP, stop)[3])
-            after = _full_state(trainer.comm.unwrap(trainer.model))
+            middle = _full_state(unwrap(trainer.model))
+            outcomes.append(trainer.run_step(batches, bp, POISONED_STEP, stop).outcome)
+            after = _full_state(unwrap(trainer.model))
             print("RESULT " + json.dumps(dict(case="steps: " + name, rank=rank, error=error,
                                               outcomes=[int(o) for o in outcomes],
                                               trained=max_abs_diff(before, middle), poisoned=max_abs_diff(middle, after))),

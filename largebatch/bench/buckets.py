@@ -18,6 +18,7 @@ from torch import nn
 
 from largebatch.bench.timing import alternate, median
 from largebatch.config.schema import CommConfig
+from largebatch.distributed.wrap import wrap_model
 from largebatch.engine.bucket_tuning import candidate_sizes, gradient_mb, tune_bucket_size
 from largebatch.models import create_model
 
@@ -46,7 +47,7 @@ def run(ctx) -> dict:
     tasks = {}
     for size in sizes:
         bare = copy.deepcopy(model)
-        tasks[size] = pass_with(ctx.comm.wrap_model(bare, bucket_mb=size), bare)
+        tasks[size] = pass_with(wrap_model(ctx.comm, bare, bucket_mb=size), bare)
     times = alternate(tasks, a.rounds, before=ctx.comm.barrier, device=dev, reduce=ctx.max_over_workers)
     ms = {size: median(times[size]) * 1e3 for size in sizes}
     fastest = min(ms, key=ms.get)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from largebatch.bench.timing import alternate, median
+from largebatch.distributed.wrap import no_sync, wrap_model
 from largebatch.models import create_model
 
 ALLREDUCE_TARGET = 0.9
@@ -45,7 +46,7 @@ def run_allreduce(ctx) -> dict:
     n, dev = ctx.world_size, ctx.device
     grads = _Gradients(create_model(ctx.args.model, 1000)).to(dev)
     nbytes = sum(p.numel() * p.element_size() for p in grads.parameters())
-    ddp = ctx.comm.wrap_model(grads)
+    ddp = wrap_model(ctx.comm, grads)
     one = torch.ones((), device=dev)
     flat = torch.randn(nbytes // 4, device=dev)
 
@@ -53,7 +54,7 @@ def run_allreduce(ctx) -> dict:
         ddp(one).backward()
 
     def unsynced():
-        with ctx.comm.no_sync(ddp):
+        with no_sync(ddp):
             ddp(one).backward()
 
     tasks = {"engine (bucketed)": synced, "backward only": unsynced,
@@ -82,7 +83,7 @@ def run_overlap(ctx) -> dict:
     dev = ctx.device
     torch.manual_seed(0)
     model = create_model(ctx.args.step_model, 10).to(dev)
-    ddp = ctx.comm.wrap_model(model)
+    ddp = wrap_model(ctx.comm, model)
     g = torch.Generator().manual_seed(ctx.rank)
     x = torch.randn(ctx.args.micro_batch, 3, ctx.args.image_size, ctx.args.image_size, generator=g).to(dev)
     y = torch.randint(0, 10, (ctx.args.micro_batch,), generator=g).to(dev)
@@ -92,7 +93,7 @@ def run_overlap(ctx) -> dict:
         nn.functional.cross_entropy(ddp(x), y).backward()
 
     def compute():
-        with ctx.comm.no_sync(ddp):
+        with no_sync(ddp):
             step()
 
     tasks = {"compute only": compute, "full step": step, "allreduce only": lambda: ctx.comm.all_reduce_sum(flat)}

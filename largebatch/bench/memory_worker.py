@@ -49,6 +49,7 @@ def main() -> None:
     topo = discover()
     if mode in ("engine", "shard"):
         from largebatch.engine import Trainer
+        from largebatch.distributed.wrap import unwrap
         from largebatch.engine.guards import StopSignal
 
         trainer = Trainer(cfg, topo)
@@ -60,7 +61,7 @@ def main() -> None:
             trainer.run_step(batches, bp, step, stop)
         comm = trainer.comm
         if mode == "shard":
-            held = held_bytes(comm.unwrap(trainer.model), trainer.optimizer)
+            held = held_bytes(unwrap(trainer.model), trainer.optimizer)
     else:
         from torch.nn.parallel import DistributedDataParallel
 

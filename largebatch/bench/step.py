@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from largebatch.bench.timing import alternate, median, spread
 from largebatch.config.loader import load_config
 from largebatch.distributed import discover
+from largebatch.distributed.wrap import unwrap
 from largebatch.engine.guards import StopSignal
 
 TARGET = 1.03
@@ -81,7 +82,7 @@ def _time(ctx, trainer, steps: int, noisy=None) -> dict:
         return run
 
     # The plain loop: a copy of the same network with the same weights, in DDP with the same buckets.
-    model = copy.deepcopy(trainer.comm.unwrap(trainer.model))
+    model = copy.deepcopy(unwrap(trainer.model))
     ddp = (DistributedDataParallel(model, bucket_cap_mb=ctx.args.bucket_mb, gradient_as_bucket_view=True)
            if ctx.comm.distributed else model)
     o = trainer.cfg.optim

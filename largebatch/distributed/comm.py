@@ -1,15 +1,13 @@
-"""The process group, gradient synchronisation and the few collectives the engine needs.
+"""The process group and the few collectives the engine needs.
 
-This is the only module that imports ``torch.distributed``: the training loop, the models and
-the optimizers call :class:`Communicator` and never touch a collective themselves.
+The training loop, the models and the optimizers call :class:`Communicator` and never touch a
+collective themselves; what data parallelism does to the model and its optimizer (DDP, FSDP2,
+ZeRO, the gradient scaler) is in :mod:`largebatch.distributed.wrap`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import gc
-import inspect
 import os
 from datetime import timedelta
 from typing import Any, Optional
@@ -18,16 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from largebatch.distributed.noise_hook import LocalSquaredNorm, default_allreduce_hook, measuring
+from largebatch.distributed.mpi import AllreduceHook
+from largebatch.distributed.mpi import size as mpi_size
+from largebatch.distributed.noise_hook import LocalSquaredNorm
 from largebatch.distributed.rendezvous import endpoint
-from largebatch.distributed.shard import SHARD_MODES, device_mesh, fully_shard_model, is_fsdp, local, shard_units
+from largebatch.distributed.shard import SHARD_MODES
 from largebatch.distributed.topology import Topology
 from largebatch.errors import UsageError
-
-
-_DDP_TAKES_INIT_SYNC = "init_sync" in inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def select_device(topology: Topology, requested: str = "auto") -> torch.device:
@@ -86,136 +83,13 @@ def _rendezvous_store(topology: Topology, timeout_s: float, master_addr: Optiona
     return dist.PrefixStore(f"largebatch/attempt-{attempt}/", store)
 
 
-def _one_bucket_at_a_time(hook):
-    """``hook`` with each bucket's collectives started only once the previous bucket's are done.
-
-    PowerSGD launches its later allreduces from future callbacks; with several buckets in flight,
-    gloo can run those callbacks in a different order on each worker, and the workers then meet in
-    mismatched collectives. Chaining the buckets keeps one order everywhere.
-    """
-    last: list = [None]
-
-    def serialized(state, bucket):
-        previous = last[0]
-        if previous is None or previous.done():
-            future = hook(state, bucket)
-        else:
-            future = torch.futures.Future()
-
-            def start(_):
-                try:
-                    hook(state, bucket).then(lambda done: _settle(future, done))
-                except BaseException as exc:
-                    future.set_exception(exc)
-
-            previous.then(start)
-        last[0] = future
-        return future
-
-    serialized.__name__ = f"serialized_{hook.__name__}"
-    return serialized
-
-
-def _settle(future: torch.futures.Future, done: torch.futures.Future) -> None:
-    try:
-        future.set_result(done.value())
-    except BaseException as exc:
-        future.set_exception(exc)
-
-
 def _check_mpi_world(topology: Topology) -> None:
     """comm.backend=mpi needs MPI_COMM_WORLD to be the job's world, which only an MPI launch gives."""
-    from largebatch.distributed import mpi
-
-    size = mpi.size()
+    size = mpi_size()
     if size != topology.world_size:
         raise UsageError(f"comm.backend=mpi: MPI sees {size} process(es) but {topology.launcher} started "
                          f"{topology.world_size} workers; launch with mpirun/mpiexec (or srun --mpi=pmix), "
                          "or use comm.backend=gloo")
-
-
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module torch.compile wrapped, or ``model`` itself."""
-    return getattr(model, "_orig_mod", model)
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module):
-    """FSDP2's ``no_sync``: gradients accumulate unsharded on each worker, without the reduce-scatter."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
-
-
-@functools.lru_cache(maxsize=None)
-def _zero_optimizer_class() -> type:
-    """The class, made on first use (torch.distributed.optim is imported only where it is needed)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    class ZeroOptimizer(ZeroRedundancyOptimizer):
-        """``ZeroRedundancyOptimizer`` that keeps the device-side skip of the optimizer inside it.
-
-        ``found_inf`` and ``grad_scale`` (the protocol of ``torch.amp.GradScaler`` and torch's fused
-        optimizers, set as attributes before ``step()``) are handed to the inner optimizer
-        (``.optim``) for its step, and the wrapper supports them exactly when that optimizer does.
-        A skipped step leaves this worker's tensors as they were, and the broadcast that follows
-        sends them unchanged.
-        """
-
-        @property
-        def _step_supports_amp_scaling(self) -> bool:
-            return getattr(self.optim, "_step_supports_amp_scaling", False)
-
-        def step(self, closure=None, **kwargs):
-            names = [n for n in ("found_inf", "grad_scale") if n in self.__dict__]
-            for name in names:
-                setattr(self.optim, name, self.__dict__[name])
-            try:
-                return super().step(closure, **kwargs)
-            finally:
-                for name in names:
-                    delattr(self.optim, name)
-
-        def load_state_dict(self, state_dict) -> None:
-            """ZeroRedundancyOptimizer loads this worker's share of the state itself, moving 0-dim
-            state tensors (LAMB's step counts) to the CPU, and never calls the inner optimizer's
-            own loading: run its ``__setstate__`` after, which puts them back where it keeps them."""
-            super().load_state_dict(state_dict)
-            self.optim.__setstate__({"state": self.optim.state, "param_groups": self.optim.param_groups})
-
-    return ZeroOptimizer
-
-
-@functools.lru_cache(maxsize=None)
-def _sharded_grad_scaler_class() -> type:
-    """torch's ``ShardedGradScaler`` (the overflow flag allreduced, so every worker skips the same
-    steps and keeps the same scale), reading the gradients' local shards rather than the DTensors,
-    handing the optimizer a 0-dim ``found_inf`` as ``torch.amp.GradScaler`` does, and updating the
-    scale on the CPU without reading the flag on the host."""
-    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
-    class _LocalShards:
-        def __init__(self, optimizer):
-            self.param_groups = [{"params": [_GradView(p) for p in g["params"]]} for g in optimizer.param_groups]
-
-    class _GradView:
-        __slots__ = ("grad",)
-
-        def __init__(self, p):
-            self.grad = None if p.grad is None else local(p.grad)
-
-    class LocalShardGradScaler(ShardedGradScaler):
-        def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16=True):
-            found = super()._unscale_grads_(_LocalShards(optimizer), inv_scale, found_inf, allow_fp16)
-            return {dev: flag.view(()) for dev, flag in found.items()}  # views: the allreduce reaches them
-
-        def _amp_update_scale_cpu_(self, found_inf):  # torch's kernel, where the parent reads the flag on the host
-            torch._amp_update_scale_(self._scale, self._growth_tracker, found_inf, self._growth_factor,
-                                     self._backoff_factor, self._growth_interval)
-
-    return LocalShardGradScaler
 
 
 class PendingFlag:
@@ -235,10 +109,10 @@ class PendingFlag:
 
 
 class Communicator:
-    """Owns the process group and wraps the model for data parallelism (``comm.shard``): DDP
-    ('none', 'optimizer') or FSDP2 ('full'); builds the optimizer to match ('optimizer':
-    ZeroRedundancyOptimizer). A single worker has no process group, except under 'optimizer' and
-    'full', which run on a 1-rank group so that the code path is the one of many workers.
+    """Owns the process group and the collectives the engine runs, and holds the settings the
+    model's wrapper follows (:mod:`largebatch.distributed.wrap`: ``comm.shard``, the bucket size,
+    the compression). A single worker has no process group, except under ``comm.shard`` 'optimizer'
+    and 'full', which run on a 1-rank group so that the code path is the one of many workers.
     ``param_dtype`` ('full' only): FSDP2's compute dtype for the parameters (bf16 on GPUs)."""
 
     def __init__(self, topology: Topology, backend: str, device: torch.device, bucket_mb: Optional[float],
@@ -252,17 +126,15 @@ class Communicator:
                              f"{backend} and {compression}")
         self.topology = topology
         self.shard, self.param_dtype = shard, param_dtype
-        self.shard_blocks: Optional[int] = None  # 'full': the blocks fully_shard was applied to, root aside
         self.backend = backend
         self.device = device
         self.bucket_mb = bucket_mb
         self.compression, self.powersgd_rank, self.powersgd_start_step = compression, powersgd_rank, powersgd_start_step
-        self.powersgd_state = None
         self.distributed = topology.world_size > 1
         # train.noise_scale: each worker's |G_b|², summed over the gradient buckets by the DDP hook
         self.noise_meter = LocalSquaredNorm() if noise_scale and self.distributed and shard != "full" else None
         self.store = None
-        self.hook = None
+        self.hook: Optional[AllreduceHook] = None  # comm.backend=mpi: made by the first DDP wrapper
         self.owns_group = False  # started the process group here, so close() ends it
         if compression == "bf16" and device.type != "cuda":
             raise UsageError("comm.compression=bf16 needs CUDA GPUs and NCCL (torch's bf16 hook has no CPU path); "
@@ -290,127 +162,21 @@ class Communicator:
         if self.distributed and backend == "nccl":
             self.control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
-    # -- models --------------------------------------------------------------------------------
-    def wrap_model(self, model: nn.Module, bucket_mb: Optional[float] = None,
-                   powersgd_start_step: Optional[int] = None, sync_weights: bool = True) -> nn.Module:
-        """DDP for several workers (rank 0's weights are broadcast); the bare model for one.
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
 
-        With ``comm.backend=mpi`` the gradient buckets are averaged by MPI through
-        :class:`largebatch.distributed.mpi.AllreduceHook`; ``comm.compression`` registers DDP's
-        fp16, bf16 or PowerSGD communication hook (or the MPI hook's fp16 form). ``bucket_mb`` and
-        ``powersgd_start_step`` replace the communicator's own for this wrapper (bucket tuning
-        times several wrappers in turn; each must be freed before the next is made);
-        ``sync_weights=False`` skips the broadcast of rank 0's weights where torch allows it.
-
-        ``comm.shard=full``: rank 0's weights and buffers are broadcast, then FSDP2's ``fully_shard``
-        is applied to each block and the root, in place (on one worker too, over its 1-rank group);
-        the bucket size does not apply.
-        """
-        if self.shard == "full":
-            return self._shard_fully(model, sync_weights)
-        if not self.distributed:
-            return model
-        bucket_mb = self.bucket_mb if bucket_mb is None else bucket_mb
-        if bucket_mb is None:
-            raise ValueError("no gradient bucket size yet: set Communicator.bucket_mb (comm.bucket_mb=auto "
-                             "chooses one) or pass bucket_mb")
-        ddp = DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            bucket_cap_mb=bucket_mb,
-            gradient_as_bucket_view=True,
-            **({} if sync_weights or not _DDP_TAKES_INIT_SYNC else {"init_sync": False}),
-        )
-        hook, state = None, None
-        if self.backend == "mpi":
-            from largebatch.distributed import mpi
-
-            self.hook = self.hook or mpi.AllreduceHook(fp16=self.compression == "fp16")
-            hook = self.hook.allreduce
-        elif self.compression in ("fp16", "bf16"):
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            hook = default_hooks.fp16_compress_hook if self.compression == "fp16" else default_hooks.bf16_compress_hook
-        elif self.compression == "powersgd":
-            from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-
-            self.powersgd_state = powerSGD_hook.PowerSGDState(
-                process_group=None, matrix_approximation_rank=self.powersgd_rank,
-                start_powerSGD_iter=powersgd_start_step or self.powersgd_start_step, random_seed=0)
-            hook, state = _one_bucket_at_a_time(powerSGD_hook.powerSGD_hook), self.powersgd_state
-        if self.noise_meter is not None:  # torch's own allreduce hook where DDP would use its built-in one
-            hook = measuring(hook or default_allreduce_hook(), self.noise_meter)
-        if hook is not None:
-            ddp.register_comm_hook(state=state, hook=hook)
-        return ddp
-
-    def _shard_fully(self, model: nn.Module, sync_weights: bool) -> nn.Module:
-        if self.distributed and sync_weights:
-            self._broadcast_tensors([t.detach() for t in model.parameters()] + list(model.buffers()))
-        self.shard_blocks = len(shard_units(model))
-        return fully_shard_model(model, device_mesh(self.world_size, self.device), self.param_dtype)
+    def mpi_allreduce_hook(self) -> AllreduceHook:
+        """comm.backend=mpi: the hook that averages DDP's gradient buckets through MPI, one for
+        every wrapper of this communicator (its thread ends in :meth:`close`)."""
+        if self.hook is None:
+            self.hook = AllreduceHook(fp16=self.compression == "fp16")
+        return self.hook
 
     def local_sq_norm(self) -> torch.Tensor:
         """train.noise_scale: |G_b|² of this worker's gradient in the last backward pass that ran the
         allreduce (0-dim float32 on the device, not read), and a fresh sum."""
         return self.noise_meter.take(self.device)
-
-    @property
-    def world_size(self) -> int:
-        return self.topology.world_size
-
-    def shard_line(self) -> str:
-        """What each worker keeps, for the run header."""
-        n = self.world_size
-        if self.shard == "full":
-            return (f"full (FSDP2, {self.shard_blocks} blocks + root: weights, gradients and optimizer state "
-                    f"split over {n} worker(s))")
-        if self.shard == "optimizer":
-            return f"optimizer (ZeRO-1: optimizer state split over {n} worker(s); DDP averages the gradients)"
-        return "none (every worker holds all weights, gradients and optimizer state)"
-
-    @staticmethod
-    def unwrap(model: nn.Module) -> nn.Module:
-        """The user's module inside a compiled and/or DDP wrapper (what checkpoints hold). FSDP2
-        shards the module in place: under comm.shard=full it is the user's module, its parameters
-        DTensors."""
-        model = _uncompiled(model)
-        return _uncompiled(model.module) if isinstance(model, DistributedDataParallel) else model
-
-    @staticmethod
-    def no_sync(model: nn.Module):
-        """Skip the gradient allreduce (DDP) or reduce-scatter (FSDP2) for this backward (all
-        accumulation micro-steps but the last)."""
-        model = _uncompiled(model)
-        if isinstance(model, DistributedDataParallel):
-            return model.no_sync()
-        if is_fsdp(model):
-            return _fsdp_no_sync(model)
-        return contextlib.nullcontext()
-
-    # -- optimizer -----------------------------------------------------------------------------
-    def build_optimizer(self, model: nn.Module, cfg) -> torch.optim.Optimizer:
-        """The optimizer of ``cfg`` (an OptimConfig) for ``model`` (the unwrapped module) under
-        ``comm.shard``: as is ('none'); inside a ZeroRedundancyOptimizer that keeps this worker's
-        share of the optimizer state ('optimizer'); over the local shards, its norms summed across
-        the workers by :meth:`all_reduce_sum` ('full')."""
-        from largebatch import optim
-
-        if self.shard == "optimizer":
-            cls, groups, kwargs = optim.optimizer_parts(model, cfg)
-            zero = _zero_optimizer_class()(groups, optimizer_class=cls, **kwargs)
-            optim.prepare_state(zero.optim)
-            return zero
-        if self.shard == "full":
-            return optim.build_optimizer(model, cfg, shard_sum=self.all_reduce_sum)
-        return optim.build_optimizer(model, cfg)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """The fp16 gradient scaler: torch's, or under comm.shard=full one whose overflow flag is
-        agreed by every worker (each sees its own gradient shards only)."""
-        if self.shard == "full":
-            return _sharded_grad_scaler_class()(self.device.type)
-        return torch.amp.GradScaler(self.device.type)
 
     # -- collectives ---------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -434,12 +200,10 @@ class Communicator:
         comm.shard=full, before evaluation and checkpoints: FSDP2 leaves buffers unsynchronised,
         and each worker's BatchNorm statistics follow its own micro-batches."""
         if self.distributed:
-            self._broadcast_tensors([b for b in model.buffers()])
+            self.broadcast_tensors([b for b in model.buffers()])
 
-    def _broadcast_tensors(self, tensors: list[torch.Tensor], bucket_bytes: int = 2**27) -> None:
+    def broadcast_tensors(self, tensors: list[torch.Tensor], bucket_bytes: int = 2**27) -> None:
         """Rank 0's values of ``tensors`` on every worker, in place, flattened into buckets by dtype."""
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
         by_dtype: dict = {}
         for t in tensors:
             if t.numel():
@@ -537,7 +301,7 @@ class Communicator:
     def close(self) -> None:
         if self.hook is not None:
             self.hook.close()
-            self.hook = None
+            self.hook: Optional[AllreduceHook] = None  # comm.backend=mpi: made by the first DDP wrapper
         released = self.owns_group or self.store is not None
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from largebatch.distributed import Communicator
-from largebatch.engine import checkpoint as ckpt
+from largebatch.distributed.wrap import wrap_model
+from largebatch.engine.checkpoint import rng_state, set_rng_state
 
 ROUNDS = 3
 """Rounds over the candidates, the order rotated each round; a candidate's time is its shortest."""
@@ -126,7 +127,7 @@ def tune_bucket_size(comm: Communicator, model: nn.Module, candidates_mb: Sequen
         return BucketChoice(sizes[0], grad_mb)
     t0 = time.perf_counter()
     saved_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    saved_rng = ckpt.rng_state(device)
+    saved_rng = rng_state(device)
     was_training = model.training
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((micro_batch, *input_shape), generator=generator).to(device)
@@ -140,7 +141,7 @@ def tune_bucket_size(comm: Communicator, model: nn.Module, candidates_mb: Sequen
     finally:
         model.zero_grad(set_to_none=True)
         model.load_state_dict(saved_state)
-        ckpt.set_rng_state(saved_rng, device)
+        set_rng_state(saved_rng, device)
         model.train(was_training)
     mine = {size: min(seconds) for size, seconds in times.items()}
     best, slowest = choose(comm.all_gather_object(mine))
@@ -151,7 +152,7 @@ def _time_one(comm: Communicator, model: nn.Module, size: float, x: torch.Tensor
               device: torch.device, autocast: Callable) -> float:
     """Seconds of one synchronised forward+backward pass with buckets of ``size`` MiB, after the
     untimed ones a fresh DDP wrapper needs."""
-    ddp = comm.wrap_model(model, bucket_mb=size, powersgd_start_step=WARMUP_PASSES, sync_weights=False)
+    ddp = wrap_model(comm, model, bucket_mb=size, powersgd_start_step=WARMUP_PASSES, sync_weights=False)
     untimed = WARMUP_PASSES + (comm.compression == "powersgd")
     try:
         for _ in range(untimed + 1):

@@ -1,4 +1,5 @@
-"""What keeps a long run safe: the run-folder lock, the stop signal, and fault injection for tests."""
+"""What keeps a long run safe: the run-folder lock, the stop signal and its agreement across workers,
+the guard against non-finite steps, and fault injection for tests."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import sys
 import time
 from typing import Optional
 
-from largebatch.errors import UsageError
+from largebatch.engine.checkpoint import list_checkpoints
+from largebatch.engine.step import APPLIED, SCALER_SKIP, Ledger
+from largebatch.errors import RunStopped, UsageError
 
 
 class RunLock:
@@ -210,3 +213,113 @@ class FaultInjection:
 
     def poison(self, step: int) -> bool:
         return self.rank == 0 and step in self.nan_steps
+
+
+class StopAgreement:
+    """Whether to stop on a signal, agreed by every worker after each step. The flags of each step
+    travel while the next step runs (a CPU allreduce over gloo, never a device read) and are read
+    at its end, so a worker that got a signal stops one step later, together with every other. An
+    unreadable image met with data.on_corrupt=error stops every worker here with its message."""
+
+    def __init__(self, comm, loader):
+        self.comm, self.loader = comm, loader
+        self.pending = None  # the stop flags of the last step, on their way between workers
+
+    def after_step(self, stop: StopSignal) -> bool:
+        error = self.loader.error
+        flagged = stop.received is not None or error is not None
+        if self.comm.distributed:
+            previous, self.pending = self.pending, self.comm.start_any(flagged)
+            flagged = previous is not None and previous.wait()
+            if flagged:
+                self.settle()
+        if not flagged:
+            return False
+        self.comm.raise_if_any_failed(error)
+        return True
+
+    def settle(self) -> None:
+        """Wait for the stop flags still travelling, so no collective is left in flight."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+
+class NonFiniteGuard:
+    """Step outcomes on their way to the host (a :class:`~largebatch.engine.step.Ledger`), and what
+    they change when they arrive: the counts of skipped steps in the run's position, the finite
+    steps of the step-line window, and, for a non-finite loss or gradient, a warning or a stop
+    (``train.on_nonfinite``, ``train.max_skipped_steps``)."""
+
+    MAX_PENDING_STEPS = 64
+    """Steps whose outcome the host may still be waiting for before it waits for the device."""
+
+    def __init__(self, ledger: Ledger, train_cfg, run_dir: str, announce: bool):
+        self.ledger, self.cfg, self.run_dir, self.announce = ledger, train_cfg, run_dir, announce
+
+    def add(self, step: int, outcome) -> None:
+        self.ledger.add(step, outcome)
+
+    def settle(self, pos, losses, wait: bool) -> None:
+        """Account for the steps whose outcome reached the host (all of them with ``wait``, or
+        when too many are pending)."""
+        for step, code in self.ledger.take(wait or len(self.ledger) >= self.MAX_PENDING_STEPS):
+            if code == SCALER_SKIP:  # the fp16 gradient scaler met an overflow and lowered its scale
+                pos.scaler_skipped_steps += 1
+            elif code == APPLIED:
+                pos.nonfinite_in_a_row = 0
+                losses.window_steps += 1  # finite steps: the denominator of the window's mean loss
+            else:
+                pos.skipped_in_epoch += 1
+                pos.nonfinite_in_a_row += 1
+                self._skipped(pos, step)
+
+    def _skipped(self, pos, step: int) -> None:
+        """Step ``step`` had a non-finite loss or gradient and was not applied: count it, or stop."""
+        pos.skipped_steps += 1
+        if self.cfg.on_nonfinite == "stop":
+            raise RunStopped(f"non-finite loss or gradient at step {step} (train.on_nonfinite=stop){self._kept()}")
+        if pos.nonfinite_in_a_row >= self.cfg.max_skipped_steps:
+            raise RunStopped(f"non-finite loss or gradient in {pos.nonfinite_in_a_row} steps in a row, the last at step "
+                             f"{step} (train.max_skipped_steps={self.cfg.max_skipped_steps}){self._kept()}")
+        if self.announce:
+            print(f"largebatch: warning: skipped step {step}: non-finite loss or gradient", flush=True,
+                  file=sys.stderr)
+
+    def _kept(self) -> str:
+        newest = list_checkpoints(self.run_dir)
+        return f"; the last good checkpoint is {newest[0]}" if newest else ""
+
+
+class UnreadableImages:
+    """The images the workers found unreadable (image folders only, ``data.on_corrupt``), folded
+    into the run's record; one met under data.on_corrupt=error stops every worker with its message."""
+
+    def __init__(self, comm, train_loader, val_loader, reads_files: bool):
+        self.comm, self.train_loader, self.val_loader, self.reads_files = comm, train_loader, val_loader, reads_files
+
+    def gather(self, record) -> None:
+        """Every worker: fold every worker's unreadable images into ``record`` (a Record)."""
+        if not self.reads_files:
+            return
+        error = self.train_loader.error or self.val_loader.error
+        seen = self.comm.all_gather_object((None if error is None else str(error), sorted(self.train_loader.skipped),
+                                            sorted(self.val_loader.skipped)))
+        failed = [(rank, message) for rank, (message, _, _) in enumerate(seen) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise UsageError(("" if rank == 0 else f"rank {rank}: ") + message)
+        record.add_skipped([train for _, train, _ in seen], [val for _, _, val in seen])
+
+
+def name_missing_workers(comm, timeout_s: float, exc: BaseException, step: int) -> None:
+    """The backward pass that carries the gradient allreduce of ``step`` failed (``exc``): where the
+    workers' arrivals show some missing (a timeout), stop naming them."""
+    if not comm.distributed:
+        return
+    missing = comm.missing_ranks(step)
+    if not missing:
+        return
+    seen = ", ".join(f"rank {r} (last at step {s})" if s >= 0 else f"rank {r} (never)" for r, s in missing.items())
+    raise RunStopped(f"gradient allreduce of step {step} failed after up to comm.timeout_s="
+                     f"{timeout_s:g}s: workers missing: {seen}") from None

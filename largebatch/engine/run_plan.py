@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from torch.nn.modules.batchnorm import _BatchNorm
+
 from largebatch.batching import BatchPlan, check_trainable_batch, plan, plan_warning
 from largebatch.data.sampler import steps_per_epoch
 from largebatch.engine.guards import launcher_rank
@@ -208,6 +210,4 @@ def check_trainable(plan: RunPlan, has_batchnorm: bool) -> None:
 
 def has_batchnorm(model) -> bool:
     """Whether ``model`` (an nn.Module) holds a BatchNorm layer (any dimension, SyncBatchNorm included)."""
-    from torch.nn.modules.batchnorm import _BatchNorm
-
     return any(isinstance(m, _BatchNorm) for m in model.modules())

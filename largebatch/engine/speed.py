@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from largebatch.engine import checkpoint as ckpt
+from largebatch.engine.checkpoint import rng_state, set_rng_state
 from largebatch.errors import UsageError
 
 
@@ -66,7 +66,7 @@ def rehearse(model: nn.Module, bare: nn.Module, no_sync: Callable, input_shape: 
     inputs of ``input_shape`` (N, C, H, W) under ``no_sync``, to compile before the first step.
     Returns (seconds, None), or (seconds, the error's first line) when compiling failed."""
     saved_state = {k: v.detach().clone() for k, v in bare.state_dict().items()}
-    saved_rng = ckpt.rng_state(device)
+    saved_rng = rng_state(device)
     was_training = bare.training
     g = torch.Generator().manual_seed(0)
     x = torch.randn(input_shape, generator=g).to(device).contiguous(memory_format=memory_format)
@@ -87,6 +87,6 @@ def rehearse(model: nn.Module, bare: nn.Module, no_sync: Callable, input_shape: 
     finally:
         bare.zero_grad(set_to_none=True)
         bare.load_state_dict(saved_state)
-        ckpt.set_rng_state(saved_rng, device)
+        set_rng_state(saved_rng, device)
         bare.train(was_training)
     return time.perf_counter() - t0, error

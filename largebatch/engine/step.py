@@ -23,16 +23,39 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from largebatch.distributed import local
+from largebatch.distributed.wrap import no_sync
 from largebatch.engine.noise import batch_sizes, first_micro_batch_sq_norm, squared_norm_of_norms
 
 APPLIED, NONFINITE, SCALER_SKIP = 1, 0, 2
+
+
+class StepResult(NamedTuple):
+    """One optimizer step as the loop sees it; nothing in it waits for the device."""
+    lr: float
+    loss: torch.Tensor
+    """This worker's loss share (float64 on the device; NaN on a non-finite step)."""
+    data_wait: float
+    """Seconds spent waiting for data."""
+    outcome: torch.Tensor
+    """The outcome code (int32 on the device): APPLIED, NONFINITE or SCALER_SKIP."""
+    stopping: bool
+    """Every worker agreed to stop after this step (a signal, or an unreadable image)."""
+
+
+def prepare_inputs(x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                   memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on the device, its images in the model's memory format."""
+    x = x.to(device, non_blocking=True)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=memory_format)
+    return x, y.to(device, non_blocking=True)
 
 
 class Stepper:
@@ -59,13 +82,6 @@ class Stepper:
         # from ('workers' or 'micro-batches'); None: nothing is measured and the step does no more.
         self.noise, self.noise_source = noise, noise_source
 
-    def inputs(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A micro-batch on the device, in the model's memory format."""
-        x = x.to(self.device, non_blocking=True)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=self.memory_format)
-        return x, y.to(self.device, non_blocking=True)
-
     def __call__(self, batches: Iterator, accum_steps: int, per_worker_batch: int,
                  step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step. Returns this worker's loss share (sum of per-image losses /
@@ -82,9 +98,9 @@ class Stepper:
             t0 = time.perf_counter()
             x, y = next(batches)
             wait += time.perf_counter() - t0
-            x, y = self.inputs(x, y)
+            x, y = prepare_inputs(x, y, self.device, self.memory_format)
             last = k == accum_steps - 1
-            with contextlib.nullcontext() if last else self.comm.no_sync(self.model):
+            with contextlib.nullcontext() if last else no_sync(self.model):
                 with self.autocast():
                     logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y, reduction="sum",
