@@ -11,9 +11,11 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-HOST_READS = ("item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__float__", "__int__", "__index__")
-"""Every method through which a tensor's value reaches Python or host memory; inside a step on a GPU
-each one would wait for the device."""
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__float__", "__int__", "__index__",
+              "__complex__")
+"""The Tensor methods through which a tensor's value reaches Python or host memory; inside a step on
+a GPU each would wait for the device. On the CPU they are what a test can refuse; on a GPU, CUDA's
+sync-debug mode (tests/test_cuda.py) also catches reads through other functions."""
 
 Tensors = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
 
@@ -56,7 +58,7 @@ def worst(values) -> float:
 def host_reads_refused() -> Iterator[None]:
     """Inside the block every read of a tensor's value on the host (HOST_READS) raises
     AssertionError naming the method; the methods are restored afterwards."""
-    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    saved = {name: vars(torch.Tensor).get(name) for name in HOST_READS}  # None: inherited, not defined here
 
     def refusal(name):
         def refuse(self, *args, **kwargs):
@@ -69,4 +71,7 @@ def host_reads_refused() -> Iterator[None]:
         yield
     finally:
         for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)

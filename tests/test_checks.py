@@ -37,11 +37,18 @@ def test_the_difference_is_exact_and_checks_what_it_compares():
 
 @pytest.mark.parametrize("read", [lambda t: t.item(), lambda t: t.tolist(), lambda t: t.numpy(), lambda t: t.cpu(),
                                   lambda t: bool(t), lambda t: float(t), lambda t: int(t), lambda t: [0, 1][t],
-                                  lambda t: __import__("numpy").asarray(t)])
+                                  lambda t: __import__("numpy").asarray(t), lambda t: complex(t)])
 def test_every_host_read_is_refused_and_restored(read):
     t = torch.tensor(1)
     with host_reads_refused():
         with pytest.raises(AssertionError, match="read on the host"):
             read(t)
     read(t)  # restored
-    assert len(set(HOST_READS)) == len(HOST_READS) == 9
+    assert len(set(HOST_READS)) == len(HOST_READS) == 10
+
+
+def test_the_refusal_leaves_torch_tensor_as_it_found_it():
+    before = dict(vars(torch.Tensor))
+    with host_reads_refused():
+        assert all(name in vars(torch.Tensor) for name in HOST_READS)
+    assert dict(vars(torch.Tensor)) == before

@@ -79,9 +79,11 @@ def test_ledger_on_cuda_learns_outcomes_when_the_device_has_copied_them():
     """The deferred path: each outcome is copied into pinned host memory without waiting, and the
     host takes it once its event says the copy is done, in step order."""
     codes = torch.tensor([APPLIED, NONFINITE, SCALER_SKIP], dtype=torch.int32, device="cuda")
-    torch.cuda.synchronize()
     ledger = Ledger(torch.device("cuda"))
-    torch.cuda._sleep(200_000_000)  # ~0.1 s of device time ahead of the outcomes
+    warm = [torch.empty((), dtype=torch.int32, pin_memory=True) for _ in range(3)]  # the pinned pool set up
+    del warm
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of device time (2e9 clock cycles) ahead of the outcomes
     for step in range(3):
         ledger.add(step, codes[step] + 0)  # an outcome computed on the device, behind the sleep
     assert all(host.is_pinned() for _, host, _ in ledger.pending) and len(ledger) == 3

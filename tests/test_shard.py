@@ -334,9 +334,11 @@ def test_bf16_on_a_gpu_under_full_sharding(tmp_path):
     # weights move least)
     start = initial_weights(str(tmp_path / "init"), *args, "train.device=cuda", "model.norm=batch")
     none = load_weights(runs["none"])
-    for k in (k for k in full if "running_" not in k and "num_batches" not in k):
+    weights = [k for k in full if "running_" not in k and "num_batches" not in k]
+    assert max_abs_diff(start, none, weights) > 1e-2  # training moved the weights
+    for k in weights:  # a tensor that barely moved is held to bf16's rounding of its values
         moved = max_abs_diff([start[k]], [none[k]])
-        assert moved > 0 and max_abs_diff([full[k]], [none[k]]) < 0.25 * moved, (k, moved)
+        assert max_abs_diff([full[k]], [none[k]]) < max(0.25 * moved, 4e-3), (k, moved)
 
 
 def _mpiexec():
