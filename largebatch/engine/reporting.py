@@ -23,13 +23,17 @@ from largebatch.fileio import write_bytes_atomic
 from largebatch.version import __version__
 
 
+FSDP_BF16 = "bf16 compute on float32 master weights (FSDP2 mixed precision)"
+"""What bf16 under comm.shard=full on GPUs does, in the header's sharding and precision lines."""
+
 
 def precision_line(precision: str, fsdp_bf16: bool) -> str:
     """The run header's account of train.precision: what computes in which type."""
     if fsdp_bf16:
-        return "bf16 compute on float32 master weights (FSDP2 mixed precision)"
+        return FSDP_BF16
     return {"fp32": "fp32", "bf16": "bf16 autocast (float32 weights and gradients)",
             "fp16": "fp16 autocast (float32 weights and gradients), the loss scaled by a gradient scaler"}[precision]
+
 
 class Reporter:
     """Rank 0's printed lines (through :class:`Progress`) and ``metrics.jsonl`` (:class:`MetricsLog`,
@@ -96,7 +100,7 @@ class Reporter:
         """The header's lines on sharding, gradient buckets, the data path and BatchNorm statistics."""
         sharding = shard_line(self.comm, unwrap(model))
         if self.comm.param_dtype is not None:
-            sharding += "; bf16 compute on float32 master weights (FSDP2 mixed precision)"
+            sharding += "; " + FSDP_BF16
         self.print(f"  sharding               {sharding}")
         if self.bucket_choice is not None:
             self.print(f"  gradient buckets       {self.bucket_choice.line()}")
