@@ -30,6 +30,12 @@ IGNORE = -100
 the image adds nothing to the loss, and validation leaves it out of its counts."""
 
 
+class BadLabel(str):
+    """The reason given in a batch's ``skipped`` list for a sample whose label is outside the
+    model's classes (a user's dataset): the sample arrives labelled IGNORE, so the step runs, and
+    the loader stops every worker with this message where they next agree (the step's end)."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     num_train: int

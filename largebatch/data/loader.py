@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from largebatch.batching import BatchPlan
 from largebatch.data.augment import normaliser, normalise_uint8
-from largebatch.data.base import IGNORE
+from largebatch.data.base import IGNORE, BadLabel
 from largebatch.data.sampler import MicroBatchSampler, Request, shard_range
 from largebatch.errors import UsageError
 
@@ -68,6 +68,9 @@ class Skips:
         self._warned: set[int] = set()
 
     def _note(self, index: int, reason: str) -> None:
+        if isinstance(reason, BadLabel):  # not an unreadable file: a label the model has no output for
+            self.error = self.error or UsageError(reason)
+            return
         self.skipped.add(index)
         self.reasons[index] = reason
         self.warn({index: reason})

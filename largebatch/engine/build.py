@@ -15,6 +15,7 @@ import torch
 from largebatch.config import Config, config_hash, to_dict
 from largebatch.data import (cacheable_bytes, device_eval_loader, device_train_loader, eval_loader, in_memory,
                              train_loader)
+from largebatch.data.fingerprint import differing
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.distributed.wrap import no_sync
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
@@ -63,13 +64,22 @@ def make_communicator(cfg: Config, topology: Topology, device: torch.device, bac
                         param_dtype=param_dtype, noise_scale=cfg.train.noise_scale)
 
 
-def check_same_everywhere(cfg: Config, comm: Communicator) -> None:
-    """Every worker must run the same config and package version."""
-    seen = comm.all_gather_object((config_hash(to_dict(cfg)), __version__))
-    odd = [rank for rank, other in enumerate(seen) if other != seen[0]]
+def check_same_everywhere(cfg: Config, comm: Communicator, fingerprints: Optional[dict] = None) -> None:
+    """Every worker must run the same config and package version, on the same datasets (their
+    :mod:`~largebatch.data.fingerprint`, {name: Fingerprint}): one all_gather."""
+    seen = comm.all_gather_object((config_hash(to_dict(cfg)), __version__, fingerprints))
+    odd = [rank for rank, other in enumerate(seen) if other[:2] != seen[0][:2]]
     if odd:
         raise UsageError(f"workers {odd} run a different config or largebatch version than rank 0 "
-                         f"({seen[odd[0]]} vs {seen[0]}); start every worker with the same files and arguments")
+                         f"({seen[odd[0]][:2]} vs {seen[0][:2]}); start every worker with the same files and "
+                         "arguments")
+    for name in fingerprints or {}:
+        odd, what = differing([other[2][name] for other in seen])
+        if odd:
+            raise UsageError(f"every worker must hold the same data, and the {name} differs on rank"
+                             f"{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd))} from rank 0's: "
+                             f"{', '.join(what)} (rank 0 vs rank {odd[0]}); build the same dataset on every worker: "
+                             "seed its randomness (torch.manual_seed before making it) and read the same files")
 
 
 def image_sizes(cfg: Config, plan: RunPlan, info) -> list[int]:

@@ -1,0 +1,292 @@
+"""A user's own model and data meeting the engine's checks: the same data on every worker, labels
+that fit the model, image shapes kept, factories told the image size, seeding said plainly."""
+
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from conftest import launch_workers, run_module
+from largebatch.config import load_config
+from largebatch.data.fingerprint import Fingerprint, differing, fingerprint, sample_indices
+from largebatch.data.user import UserImages
+from largebatch.errors import UsageError
+from largebatch.parts import check_model, fingerprints, from_config, from_objects
+
+USER_CODE = '''
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+class Pairs(Dataset):
+    """(image, label) pairs; ``jitter``: noise drawn afresh on every fetch (a random transform)."""
+
+    num_classes = 4
+
+    def __init__(self, x, y, jitter=False):
+        self.x, self.y, self.jitter = x, y, jitter
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x = self.x[i] + 0.1 * torch.randn(self.x[i].shape) if self.jitter else self.x[i]
+        return x, int(self.y[i])
+
+
+def _tensors(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    return x, (x.mean(dim=(1, 2, 3)) > 0).long() + 2 * (x[:, 0, :4, :4].mean(dim=(1, 2)) > 0).long()
+
+
+def same():
+    x, y = _tensors(320, 0)
+    return Pairs(x[:256], y[:256]), Pairs(x[256:], y[256:])
+
+
+def lengths():  # rank 1 holds fewer samples
+    x, y = _tensors(320, 0)
+    n = 256 if RANK == 0 else 224
+    return Pairs(x[:n], y[:n]), Pairs(x[256:], y[256:])
+
+
+def unseeded():  # random images drawn without a seed: other pixels on every worker, the same labels
+    x, y = _tensors(320, 0)
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(1000 + RANK))
+    return Pairs(x[:256], y[:256]), Pairs(x[256:], y[256:])
+
+
+def jittered():  # the same data, with a random transform on every fetch: trains
+    x, y = _tensors(320, 0)
+    torch.manual_seed(RANK)
+    return Pairs(x[:256], y[:256], jitter=True), Pairs(x[256:], y[256:])
+
+
+def late_label():  # label 7 on 4 classes at a training index the start-up check does not sample
+    x, y = _tensors(320, 0)
+    y[5] = 7
+    return Pairs(x[:256], y[:256]), Pairs(x[256:], y[256:])
+
+
+def net(num_classes=4, in_channels=1):
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 64, num_classes))
+'''
+
+FAST = ["train.epochs=1", "train.global_batch=32", "train.log_every_steps=100"]
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "userparts.py").write_text(textwrap.dedent(USER_CODE))
+    return tmp_path
+
+
+def _errors(result) -> list[str]:
+    return [x for x in result.stderr.splitlines() if x.startswith("largebatch: error:")]
+
+
+def _refused(results) -> str:
+    """The one error line of a run every worker refused (exit 2, no traceback)."""
+    assert [r.returncode for r in results] == [2] * len(results), results[0].stderr[-3000:]
+    text = "".join(r.stderr for r in results)
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = _errors(results[0])
+    return line
+
+
+# -- item: the same dataset on every worker ---------------------------------------------------------
+def test_sample_indices_depend_on_the_length_alone():
+    assert sample_indices(5) == [0, 1, 2, 3, 4]
+    assert sample_indices(2048) == sample_indices(2048) and sample_indices(2048)[::7] == [0, 2047]
+    assert len(sample_indices(2048)) == 8 and len(set(sample_indices(1800))) == 8
+
+
+class _Random(Dataset):
+    """Other pixels on every fetch, fixed labels."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return torch.rand(1, 8, 8), i % 3
+
+
+def test_a_dataset_random_per_fetch_has_no_thumbnails_and_still_compares_its_labels():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 3
+    fixed = fingerprint(UserImages(TensorDataset(x, y)))
+    assert fixed.thumbs is not None and fixed.labels == tuple(int(y[i]) for i in fixed.indices)
+    random = fingerprint(UserImages(_Random()))
+    assert random.thumbs is None and random.labels == fixed.labels
+    # images are compared only where every worker's two fetches agreed: a random one on any worker
+    # leaves them out, while lengths and labels are still compared
+    assert differing([fixed, random]) == ([], [])
+    other = fingerprint(UserImages(TensorDataset(x + 1.0, y)))
+    assert differing([fixed, other]) == ([1], [f"images of the items at indices {list(fixed.indices)}"])
+    assert differing([fixed, fixed, fingerprint(UserImages(TensorDataset(x[:30], y[:30])))])[0] == [2]
+
+
+def test_thumbnails_agree_up_to_rounding():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, 16, 16, generator=g), torch.arange(40) % 3
+    a = fingerprint(UserImages(TensorDataset(x, y)))
+    b = fingerprint(UserImages(TensorDataset(x * (1 + 1e-6), y)))  # another CPU's rounding
+    assert differing([a, b]) == ([], [])
+
+
+def test_workers_with_different_lengths_are_refused_in_one_line(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:lengths", "model.name=userparts:net", *FAST,
+                             f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    line = _refused(results)
+    assert "the training set differs on rank 1 from rank 0's: 256 vs 224 samples" in line, line
+    assert "seed its randomness" in line
+
+
+def test_workers_with_different_images_are_refused_in_one_line(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:unseeded", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    line = _refused(results)
+    assert "the training set differs on rank 1 from rank 0's: images of the items at indices [0, " in line, line
+
+
+def test_a_random_transform_is_not_taken_for_different_data(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:jittered", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+
+
+# -- item: labels that fit the model ----------------------------------------------------------------
+def _parts(model, train, val=None, *args):
+    cfg = load_config(None, ["model.name=python:M", "data.name=python:D", *args])
+    return from_objects(model, train, val)(cfg, 0, False)
+
+
+def _check(model, train, val=None, verbose=False):
+    parts = _parts(model, train, val)
+    built = parts.build_model(8)
+    return check_model(parts, built, fingerprints(parts), verbose)
+
+
+def _data(n=64, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.arange(n) % classes
+
+
+def _linear(outputs):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, outputs))
+
+
+class _Plain(Dataset):
+    """No classes, num_classes or targets: the class count comes from the model."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def test_fewer_outputs_than_classes_is_refused():
+    x, y = _data()
+    with pytest.raises(UsageError, match=r"^the model gives 3 outputs and the data has 4 classes; build it with 4 "
+                                         r"outputs \(num_classes=4\)$"):
+        _check(_linear(3), TensorDataset(x, y))
+
+
+@pytest.mark.parametrize("label,message", [
+    (7, r"^train_set\[0\] has label 7, and the model gives 4 outputs \(classes 0..3\); give the model at least 8 "
+        r"outputs, or map the dataset's labels to 0..3$"),
+    (-1, r"^train_set\[0\] has label -1; labels are class indices 0..3: map the dataset's labels to them$"),
+])
+def test_a_sampled_label_outside_the_model_is_refused(label, message):
+    x, y = _data()
+    y[0] = label  # index 0 is always sampled; the data (no class attribute) says nothing, the model has 4
+    with pytest.raises(UsageError, match=message):
+        _check(_linear(4), _Plain(x, y), _Plain(x, y % 4))
+
+
+def test_an_output_that_is_not_logits_is_refused():
+    x, y = _data()
+    conv = nn.Conv2d(1, 4, 8)  # (N, 4, 1, 1)
+    with pytest.raises(UsageError, match=r"returns \(1, 4, 1, 1\) for one image of shape \(1, 8, 8\); a classifier "
+                                         r"returns \(batch, classes\) logits: flatten its output"):
+        _check(conv, TensorDataset(x, y))
+
+
+def test_more_outputs_than_classes_is_a_warning(capsys):
+    x, y = _data()
+    parts = _check(_linear(10), TensorDataset(x, y), verbose=True)
+    assert parts.info.num_classes == 4
+    assert "warning: the model gives 10 outputs and the data has 4 classes; outputs 4..9 are never a target" \
+        in capsys.readouterr().err
+    assert parts.train_set.label_range == (4, 10)  # labels checked against the data's classes as the run goes
+
+
+def test_the_class_count_comes_from_the_model_where_the_data_does_not_say():
+    x, y = _data()
+    parts = _check(_linear(5), _Plain(x, y))
+    assert parts.info.num_classes == 5
+
+
+def test_a_label_outside_the_classes_met_while_training_stops_every_worker_in_one_line(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:late_label", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    line = _refused(results)
+    assert "train_set[5] has label 7, and the model gives 4 outputs (classes 0..3)" in line, line
+
+
+def test_a_float_label_is_refused_before_the_run_starts(project):
+    script = project / "floats.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        import torch
+        from torch.utils.data import TensorDataset
+        import largebatch
+        from userparts import net
+
+        x = torch.randn(64, 1, 8, 8)
+        largebatch.fit(model=net, train_set=TensorDataset(x, torch.rand(64)), overrides=sys.argv[1:])
+    '''))
+    r = run_module(str(script), *FAST, f"run.dir={project / 'r'}", cwd=str(project))
+    assert r.returncode != 0
+    assert "train_set[0] returned" in r.stderr and "as its label; return an integer class index" in r.stderr
+    assert "worker(s) on cpu" not in r.stderr, r.stderr  # no run header: refused before it
+
+
+def test_user_images_refuse_a_float_label_on_construction():
+    x = torch.randn(4, 1, 8, 8)
+    with pytest.raises(UsageError, match=r"train_set\[0\] returned 0\.5 as its label"):
+        UserImages(TensorDataset(x, torch.full((4,), 0.5)))
+
+
+# -- item: factories take image_size ----------------------------------------------------------------
+def test_a_model_factory_receives_the_image_size(project, monkeypatch):
+    (project / "sized.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        SEEN = {}
+
+
+        def build(num_classes, in_channels, image_size):
+            SEEN["image_size"] = image_size
+            return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
+    '''))
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(project))
+    cfg = load_config(None, ["model.name=sized:build", "data.name=digits", "data.image_size=16"])
+    parts = from_config(cfg, 0, False)
+    model = parts.build_model(16)
+    assert sys.modules["sized"].SEEN == {"image_size": 16} and model[1].in_features == 16 * 16
