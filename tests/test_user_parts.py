@@ -290,3 +290,30 @@ def test_a_model_factory_receives_the_image_size(project, monkeypatch):
     parts = from_config(cfg, 0, False)
     model = parts.build_model(16)
     assert sys.modules["sized"].SEEN == {"image_size": 16} and model[1].in_features == 16 * 16
+
+
+# -- item: what run.seed seeds ------------------------------------------------------------------------
+def test_the_header_says_that_a_model_instance_keeps_its_weights(project):
+    script = project / "seeded.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        import largebatch
+        from userparts import net, same
+
+        train, val = same()
+        model = net() if sys.argv[1] == "instance" else net
+        largebatch.fit(model=model, train_set=train, val_set=val, overrides=sys.argv[2:])
+    '''))
+    line = "initial weights        those of the model passed in (drawn before run.seed was set): run.seed seeds " \
+           "the data order and augmentation only; pass a function that builds the model to seed them too"
+    for kind, shown in (("instance", True), ("builder", False)):
+        r = run_module(str(script), kind, *FAST, f"run.dir={project / kind}", cwd=str(project))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (line in r.stderr) is shown, r.stderr
+
+
+def test_run_seed_help_does_not_promise_to_seed_a_model_instance():
+    from largebatch.config.keydocs import key_docs
+
+    (text,) = [k.doc for k in key_docs() if k.key == "run.seed"]
+    assert "A model instance passed to largebatch.fit keeps the weights it was built with" in text

@@ -67,7 +67,9 @@ class RunConfig:
     dir: str = "runs/default"
     """Output folder for config.yaml, metrics.jsonl and checkpoints/ (created if missing)."""
     seed: int = 0
-    """Seed for model initialisation and the data order; the same seed gives the same run."""
+    """Seed for the data order, the augmentation and the initial weights of a model the run builds
+    (a model.name, or a function passed to largebatch.fit; the same seed gives the same run). A
+    model instance passed to largebatch.fit keeps the weights it was built with."""
     cost_per_node_hour: Optional[float] = None
     """Price of one node for one hour (any currency); the summary then gives the run's cost as
     price x nodes x wall hours, with the node count taken from the launcher."""

@@ -96,6 +96,7 @@ class Trainer:
         self.train_set, self.val_set, self.info = parts.train_set, parts.val_set, parts.info
         self.model_name, self.data_name = parts.model_name, parts.data_name
         self.fingerprints = fingerprints(parts)  # compared between the workers once all are built
+        self.given_weights = parts.given_weights
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
         self.noise_source = noise_source(cfg, self.plan, topo.world_size)
         sizes = image_sizes(cfg, self.plan, self.info)
@@ -160,7 +161,7 @@ class Trainer:
         if checkpointer.finished():
             return report.finished_run(self.restored, self.validator.validate)
         report.header(f"{self.model_name} on {self.data_name}", self.model, self.data_path.line, self.precise_bn,
-                      self.channels_last, self.compile_s)
+                      self.channels_last, self.compile_s, given_weights=self.given_weights)
         pos, record, losses = checkpointer.restore()
         if self.restored is not None:
             report.print(checkpointer.resumed_line(pos))
