@@ -31,6 +31,7 @@ from largebatch.data.base import ImageDataset
 from largebatch.data.fingerprint import Fingerprint, fingerprint
 from largebatch.errors import UsageError
 from largebatch.models import create_model
+from largebatch.models.sizes import text as size_text
 
 
 @dataclass
@@ -38,8 +39,9 @@ class Parts:
     train_set: Dataset
     val_set: Dataset
     info: DatasetInfo
-    build_model: Callable[[int], nn.Module]
-    """Builds this worker's model for images of the given side (the first phase's), seeded by the caller."""
+    build_model: Callable[[Union[int, tuple]], nn.Module]
+    """Builds this worker's model for images of the given size (a side, or (height, width): the
+    smallest of the phases'), seeded by the caller."""
     model_name: str
     """For the run header: the config's name, or the class of a model passed in."""
     data_name: str
@@ -151,7 +153,7 @@ def model_builder(cfg, info: DatasetInfo) -> Callable[[int], nn.Module]:
             return create_model(name, info.num_classes, in_channels=info.channels, norm=m.norm, width=m.width,
                                 image_size=size, zero_init_residual=m.zero_init_residual)
         except ValueError as exc:
-            raise UsageError(f"model.name={name} does not fit {cfg.data.name} images of {size}x{size}: {exc}; set "
+            raise UsageError(f"model.name={name} does not fit {cfg.data.name} images of {size_text(size)}: {exc}; set "
                              "data.image_size or choose another model") from None
     return build
 

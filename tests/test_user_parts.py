@@ -317,3 +317,108 @@ def test_run_seed_help_does_not_promise_to_seed_a_model_instance():
 
     (text,) = [k.doc for k in key_docs() if k.key == "run.seed"]
     assert "A model instance passed to largebatch.fit keeps the weights it was built with" in text
+
+
+# -- item: non-square images keep their shape ---------------------------------------------------------
+WIDE = '''
+import torch
+from torch.utils.data import Dataset
+
+
+class Wide(Dataset):
+    """(1, 16, 40) images, two classes."""
+
+    num_classes = 2
+
+    def __init__(self, n, offset=0):
+        g = torch.Generator().manual_seed(offset)
+        self.x = torch.randn(n, 1, 16, 40, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.x[i, :, :, :20].mean() > self.x[i, :, :, 20:].mean())
+
+
+def data(root=None):
+    return Wide(256), Wide(64, offset=1)
+'''
+
+
+def _wide(n=8):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 16, 40, generator=g), torch.arange(n) % 2)
+
+
+def test_user_images_keep_their_shape_unless_data_image_size_asks():
+    assert UserImages(_wide()).__getitems__([0, 1]).images.shape == (2, 1, 16, 40)
+    assert UserImages(_wide()).image_size == (16, 40)
+    assert UserImages(_wide(), image_size=(8, 20)).__getitems__([0, 1]).images.shape == (2, 1, 8, 20)
+    assert UserImages(_wide(), image_size=12).__getitems__([0]).images.shape == (1, 1, 12, 12)
+    square = TensorDataset(torch.randn(4, 3, 10, 10), torch.arange(4))
+    assert UserImages(square).image_size == 10  # a square size stays a side
+
+
+def test_augmentation_keeps_a_non_square_size():
+    from largebatch.data.augment import Augment
+    from largebatch.data.sampler import Request
+
+    images = UserImages(_wide())
+    for kind in ("crop_flip", "pad_crop_flip"):
+        images.augment = Augment(kind, seed=0)
+        assert images.__getitems__(Request([0, 1, 2], 0, None)).images.shape == (3, 1, 16, 40)
+        assert images.__getitems__(Request([0, 1, 2], 0, (8, 20))).images.shape == (3, 1, 8, 20)
+
+
+@pytest.mark.parametrize("value,expected", [("[16, 40]", [16, 40]), ("[24, 24]", 24), ("32", 32)])
+def test_data_image_size_takes_height_and_width(value, expected):
+    assert load_config(None, [f"data.image_size={value}"]).data.image_size == expected
+
+
+@pytest.mark.parametrize("value", ["[4, 40]", "[16, 40, 3]", "[16.5, 40]", "abc"])
+def test_a_bad_data_image_size_is_one_line(value):
+    with pytest.raises(UsageError, match=r"data.image_size=.* is not allowed: use null, a side >= 8 pixels, or "
+                                         r"\[height, width\]"):
+        load_config(None, [f"data.image_size={value}"])
+
+
+def test_a_non_square_size_for_a_built_in_dataset_is_refused_in_one_line():
+    from largebatch.data import build_datasets
+
+    cfg = load_config(None, ["data.name=synthetic", "data.image_size=[16, 40]"])
+    with pytest.raises(UsageError, match=r"^data.image_size=\[16, 40\] is not square, and data.name=synthetic gives "
+                                         r"square images; give one side \(e.g. data.image_size=40\)"):
+        build_datasets(cfg.data)
+
+
+def test_the_plan_and_the_zoo_take_height_and_width():
+    from largebatch.engine.build import image_sizes
+    from largebatch.engine.run_plan import make_run_plan, phase_line, phase_table
+    from largebatch.models import create_model
+
+    cfg = load_config(None, ["data.image_size=[16, 40]", "train.epochs=2",
+                             "train.phases=[{epochs: 1, image_size: 32}, {epochs: 1}]"])
+    plan = make_run_plan(cfg, 1, 512, announce=False)
+    assert [p.image_size for p in plan.phases] == [32, (16, 40)]
+    assert "16x40" in phase_table(plan.phases)[2] and "images at 16x40 px" in phase_line(plan.phases[1], 2)
+    cfg.model.name = "cnn"
+    from largebatch.data import DatasetInfo
+
+    info = DatasetInfo(num_train=512, num_val=64, num_classes=3, channels=1, image_size=(16, 40))
+    assert image_sizes(cfg, plan, info) == [(16, 40), 32]  # fewest pixels first
+    for name in ("mlp", "cnn", "resnet9"):
+        assert create_model(name, 3, 1, image_size=(16, 40))(torch.randn(2, 1, 16, 40)).shape == (2, 3)
+    with pytest.raises(ValueError, match="at least 32x32, got 16x40"):
+        create_model("resnet18", 3, 1, image_size=(16, 40))
+
+
+def test_non_square_images_train_at_their_own_shape_on_2_workers(project):
+    (project / "wide.py").write_text(textwrap.dedent(WIDE))
+    d = project / "run"
+    results = launch_workers(2, "largebatch.train", "data.name=wide:data", "model.name=mlp", "comm.bucket_mb=auto",
+                             "comm.bucket_candidates_mb=[1, 4]", *FAST, f"run.dir={d}", cwd=str(project), timeout=180)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    weights = torch.load(d / "checkpoints" / "final.pt", weights_only=True)["model"]
+    first = [v for k, v in weights.items() if k.endswith("weight") and v.dim() == 2][0]
+    assert first.shape[1] == 16 * 40  # the mlp was built for, and fed, 16x40 images: not stretched to 40x40

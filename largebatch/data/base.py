@@ -17,7 +17,7 @@ sets on the training device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -42,7 +42,8 @@ class DatasetInfo:
     num_val: int
     num_classes: int
     channels: int
-    image_size: int
+    image_size: Union[int, tuple]
+    """A side, or (height, width) where they differ (a user's non-square images)."""
     classes: tuple = ()
     """Class names in label order, where the dataset has them."""
     augment: str = "none"

@@ -2,7 +2,8 @@
 
 :class:`UserImages` wraps one so the engine's samplers and loaders can use it like the built-in
 sets: each batch is collated by the engine (images stacked as float32 (N, C, H, W), labels as
-int64), resized where ``data.image_size`` or a phase asks for another size, and augmented with
+int64), kept at their own shape (height and width) unless ``data.image_size`` (a side, or
+[height, width]) or a phase asks for another size, and augmented with
 ``data.augment`` where one is set (the dataset's own transforms run first, in the loader
 processes). The global batches stay those of the world-size-invariant sampler and validation stays
 exact, whatever the dataset.
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from largebatch.data.augment import resize
 from largebatch.data.base import IGNORE, BadLabel, ImageDataset
 from largebatch.errors import UsageError
+from largebatch.models.sizes import Size, as_size, sides
 
 _SPLIT_SEED = 20170608  # fixed: the validation split does not move with run.seed
 
@@ -78,7 +80,7 @@ def _pair(sample: Any, where: str) -> tuple[Any, Any]:
 class UserImages(ImageDataset):
     """A user's map-style dataset of ``(image, label)`` pairs, batched by the engine."""
 
-    def __init__(self, dataset: Dataset, name: str = "train_set", image_size: Optional[int] = None):
+    def __init__(self, dataset: Dataset, name: str = "train_set", image_size: Optional[Size] = None):
         try:
             count = len(dataset)
         except TypeError:
@@ -91,7 +93,9 @@ class UserImages(ImageDataset):
         first = _image(image, f"{name}[0]")
         _label(label, f"{name}[0]")  # a float label is refused here, before the run starts
         self.channels, self.own_size = first.shape[0], tuple(first.shape[-2:])
-        self.image_size = image_size or first.shape[-1]
+        self.image_size: Size = as_size(first.shape[-2:] if image_size is None else image_size)
+        """A side, or (height, width) where they differ: the dataset's own (its first image's
+        shape), or data.image_size."""
         self.fixed = image_size is not None
         """Resize every image to image_size on arrival (the dataset's images may differ in size)."""
         self.label_range: Optional[tuple[int, int]] = None
@@ -114,7 +118,7 @@ class UserImages(ImageDataset):
         for i, sample in zip(indices, self._fetch(indices)):
             image, label = _pair(sample, self.describe(i))
             x = _image(image, self.describe(i))
-            if self.fixed and x.shape[-2:] != (self.image_size, self.image_size):
+            if self.fixed and x.shape[-2:] != sides(self.image_size):
                 x = resize(x.unsqueeze(0), self.image_size)[0]
             images.append(x)
             labels.append(_label(label, self.describe(i)))

@@ -24,6 +24,7 @@ from largebatch.engine.run_plan import RunPlan
 from largebatch.engine.speed import rehearse
 from largebatch.engine.state import Position
 from largebatch.errors import UsageError
+from largebatch.models.sizes import Size, pixels, sides
 from largebatch.version import __version__
 
 
@@ -82,11 +83,12 @@ def check_same_everywhere(cfg: Config, comm: Communicator, fingerprints: Optiona
                              "seed its randomness (torch.manual_seed before making it) and read the same files")
 
 
-def image_sizes(cfg: Config, plan: RunPlan, info) -> list[int]:
-    """The training image sizes of the plan's phases, smallest first, checked against the data and model."""
-    sizes = sorted({p.image_size or info.image_size for p in plan.phases})
+def image_sizes(cfg: Config, plan: RunPlan, info) -> list[Size]:
+    """The training image sizes of the plan's phases (a side, or (height, width)), fewest pixels
+    first, checked against the data and model."""
+    sizes = sorted({p.image_size or info.image_size for p in plan.phases}, key=lambda s: (pixels(s), sides(s)))
     limit = info.max_image_size
-    if limit is not None and sizes[-1] > limit:
+    if limit is not None and max(sides(sizes[-1])) > limit:
         raise UsageError(f"train.phases ask for {sizes[-1]}-pixel images but '{cfg.data.root}' was packed at "
                          f"{limit}; re-pack it with --size {sizes[-1]} or use sizes <= {limit}")
     if len(sizes) > 1 and cfg.model.name == "mlp":
@@ -179,7 +181,7 @@ def choose_bucket_size(cfg: Config, comm: Communicator, model: torch.nn.Module, 
     first = plan.phases[0]
     size = first.image_size or info.image_size
     return tune_bucket_size(comm, model, cfg.comm.bucket_candidates_mb, first.batch.micro_batch,
-                            (info.channels, size, size), info.num_classes, comm.device, autocast)
+                            (info.channels, *sides(size)), info.num_classes, comm.device, autocast)
 
 
 def make_loaders(cfg: Config, topology: Topology, plan: RunPlan, data_path: DataPath, train_set, val_set,
@@ -218,7 +220,7 @@ def compile_rehearsal(cfg: Config, comm: Communicator, model, bare_model, plan: 
     # Under comm.shard=full the rehearsal reduce-scatters its gradients: every worker runs it
     # (its forward pass all-gathers anyway), and FSDP2 would otherwise keep them for the first step.
     sync_off = contextlib.nullcontext if comm.shard == "full" else lambda: no_sync(model)
-    seconds, error = rehearse(model, bare_model, sync_off, (first.batch.micro_batch, info.channels, size, size),
+    seconds, error = rehearse(model, bare_model, sync_off, (first.batch.micro_batch, info.channels, *sides(size)),
                               info.num_classes, comm.device, autocast, memory_format)
     comm.raise_if_any_failed(None if error is None else UsageError(
         f"train.compile={cfg.train.compile}: torch.compile failed on {comm.device.type}: {error}; "
