@@ -25,11 +25,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from largebatch.data import DatasetInfo, build_datasets
+from largebatch.data import IGNORE, DatasetInfo, build_datasets
 from largebatch.data.augment import Augment, resolve
 from largebatch.data.base import ImageDataset
+from largebatch.data.fingerprint import Fingerprint, fingerprint
 from largebatch.errors import UsageError
 from largebatch.models import create_model
+from largebatch.models.sizes import text as size_text
 
 
 @dataclass
@@ -37,11 +39,17 @@ class Parts:
     train_set: Dataset
     val_set: Dataset
     info: DatasetInfo
-    build_model: Callable[[int], nn.Module]
-    """Builds this worker's model for images of the given side (the first phase's), seeded by the caller."""
+    build_model: Callable[[Union[int, tuple]], nn.Module]
+    """Builds this worker's model for images of the given size (a side, or (height, width): the
+    smallest of the phases'), seeded by the caller."""
     model_name: str
     """For the run header: the config's name, or the class of a model passed in."""
     data_name: str
+    fits_data: bool = False
+    """The model is built with the data's class count (the zoo, timm, torchvision): its outputs
+    fit by construction, and :func:`check_model` need not run it."""
+    given_weights: bool = False
+    """A model instance was passed in: its weights were drawn before run.seed was set."""
 
 
 PartsSource = Callable[["Config", int, bool], Parts]  # noqa: F821  (cfg, seed, verbose) -> Parts
@@ -134,7 +142,7 @@ def model_builder(cfg, info: DatasetInfo) -> Callable[[int], nn.Module]:
         def build(size: int) -> nn.Module:
             factory = import_factory(name, "model.name")
             model = _call(factory, "model.name", name, m.options,
-                          {"num_classes": info.num_classes, "in_channels": info.channels})
+                          {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": size})
             if not isinstance(model, nn.Module):
                 raise UsageError(f"model.name={name} returned a {type(model).__name__}, not a torch.nn.Module")
             return model
@@ -145,7 +153,7 @@ def model_builder(cfg, info: DatasetInfo) -> Callable[[int], nn.Module]:
             return create_model(name, info.num_classes, in_channels=info.channels, norm=m.norm, width=m.width,
                                 image_size=size, zero_init_residual=m.zero_init_residual)
         except ValueError as exc:
-            raise UsageError(f"model.name={name} does not fit {cfg.data.name} images of {size}x{size}: {exc}; set "
+            raise UsageError(f"model.name={name} does not fit {cfg.data.name} images of {size_text(size)}: {exc}; set "
                              "data.image_size or choose another model") from None
     return build
 
@@ -190,7 +198,8 @@ def datasets_from_config(cfg, seed: int, verbose: bool) -> tuple[Dataset, Datase
 def from_config(cfg, seed: int, verbose: bool) -> Parts:
     """The parts the config names (the command line's source)."""
     train, val, info = datasets_from_config(cfg, seed, verbose)
-    return Parts(train, val, info, model_builder(cfg, info), cfg.model.name, cfg.data.name)
+    return Parts(train, val, info, model_builder(cfg, info), cfg.model.name, cfg.data.name,
+                 fits_data=_builds_to_fit(cfg.model.name))
 
 
 def from_objects(model: Union[nn.Module, Callable[[], nn.Module], None] = None, train_set: Optional[Dataset] = None,
@@ -216,7 +225,8 @@ def from_objects(model: Union[nn.Module, Callable[[], nn.Module], None] = None, 
             if not info.num_classes:
                 raise UsageError("the datasets passed in do not say how many classes there are; give train_set a "
                                  "classes or num_classes attribute, or pass the model")
-            return Parts(train, val, info, model_builder(cfg, info), cfg.model.name, data_name)
+            return Parts(train, val, info, model_builder(cfg, info), cfg.model.name, data_name,
+                         fits_data=_builds_to_fit(cfg.model.name))
         made = model if isinstance(model, nn.Module) else None
 
         def build(size: int) -> nn.Module:
@@ -226,26 +236,65 @@ def from_objects(model: Union[nn.Module, Callable[[], nn.Module], None] = None, 
             return built
 
         return Parts(train, val, info, build, f"{type(made).__name__ if made is not None else model.__name__} "
-                                              "(passed in)", data_name)
+                                              "(passed in)", data_name, given_weights=made is not None)
     return source
 
 
-def complete_info(parts: Parts, model: nn.Module) -> Parts:
-    """Parts whose class count is known: the model's output size where the data did not say."""
-    if parts.info.num_classes:
-        return parts
+def _builds_to_fit(name: str) -> bool:
+    """``model.name`` is built with the data's class count (not a pkg.module:factory)."""
+    return ":" not in name or name.startswith(("timm:", "torchvision:"))
+
+
+def fingerprints(parts: Parts) -> dict[str, Fingerprint]:
+    """The fingerprints of the training and validation sets, which the workers compare at start-up."""
+    return {"training set": fingerprint(parts.train_set), "validation set": fingerprint(parts.val_set)}
+
+
+def check_model(parts: Parts, model: nn.Module, sampled: dict[str, Fingerprint], verbose: bool) -> Parts:
+    """The model against the data, before the run starts: its output on one validation image must
+    be (batch, classes) logits with an output for every class (more are allowed, with a warning
+    where ``verbose``), and the labels of the ``sampled`` items (:func:`fingerprints`) must lie in
+    0..classes-1. Returns parts whose class count is known (the model's outputs where the data
+    does not say); user datasets then check every label they give against it as the run goes."""
+    info = parts.info
+    outputs = info.num_classes if parts.fits_data and info.num_classes else _outputs(parts, model)
+    classes = info.num_classes or outputs
+    if outputs < classes:
+        raise UsageError(f"the model gives {outputs} outputs and the data has {classes} classes; build it with "
+                         f"{classes} outputs (num_classes={classes})")
+    if outputs > classes and verbose:
+        print(f"largebatch: warning: the model gives {outputs} outputs and the data has {classes} classes; outputs "
+              f"{classes}..{outputs - 1} are never a target (fine for a head sized for another dataset)",
+              file=sys.stderr, flush=True)
+    from largebatch.data.user import label_problem
+
+    for dataset, sample in zip((parts.train_set, parts.val_set), sampled.values()):
+        for index, label in zip(sample.indices, sample.labels or ()):
+            problem = None if label == IGNORE and info.reads_files else label_problem(
+                dataset.describe(index), label, classes, outputs)
+            if problem:
+                raise UsageError(problem)
+        if hasattr(dataset, "label_range"):
+            dataset.label_range = (classes, outputs)
+    return replace(parts, info=replace(info, num_classes=classes))
+
+
+def _outputs(parts: Parts, model: nn.Module) -> int:
+    """The model's output count, from its output on one validation image (the random number
+    generators left as they were)."""
     sample = parts.val_set.__getitems__([0]).images
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             out = model(sample)
     except Exception as exc:
-        raise UsageError(f"the model passed in fails on one validation image of shape {tuple(sample.shape[1:])}: "
+        raise UsageError(f"the model fails on one validation image of shape {tuple(sample.shape[1:])}: "
                          f"{type(exc).__name__}: {_first_line(exc)}") from None
     finally:
         model.train(was_training)
-    if out.dim() != 2:
-        raise UsageError(f"the model passed in returns shape {tuple(out.shape)} for one image; a classifier "
-                         "returns (batch, classes) logits")
-    return replace(parts, info=replace(parts.info, num_classes=out.shape[1]))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"the model returns {shape} for one image of shape {tuple(sample.shape[1:])}; a classifier "
+                         "returns (batch, classes) logits: flatten its output (end it with nn.Flatten())")
+    return out.shape[1]

@@ -155,14 +155,38 @@ def test_unreadable_images_are_skipped_and_counted(broken_tree, tmp_path):
     stderr = results[0].stderr + results[1].stderr
     for path in (jpeg, empty):
         assert f"skipping unreadable image '{path}'" in stderr
-        # one warning per worker at most, however many loader processes and epochs met the file
-        assert all(r.stderr.count(f"skipping unreadable image '{path}'") <= 1 for r in results)
+        # one warning in the whole run (rank 0 names the files any worker met), however many workers,
+        # loader processes and epochs met the file
+        assert stderr.count(f"skipping unreadable image '{path}'") == 1, stderr
+        assert f"skipping unreadable image '{path}'" in results[0].stderr
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [x["skipped_files"] for x in lines if x["event"] == "epoch"] == [2, 2, 2]
     summary = lines[-1]
     assert summary["skipped_files"] == 2 and summary["steps"] == 45 and summary["val_acc"] > 0.6
     # the zero-byte validation image is left out of the counts: 11 of 12 scored, so accuracy is a multiple of 1/11
     assert round(summary["val_acc"] * 11) == pytest.approx(summary["val_acc"] * 11, abs=1e-9)
+
+
+def test_an_unreadable_image_is_warned_of_once_by_rank_0(capsys):
+    class Named:
+        def describe(self, index):
+            return f"img{index}.png"
+
+    from largebatch.data.loader import Skips
+
+    rank0, rank1 = Skips(Named()), Skips(Named())
+    rank1.announce = False  # as the trainer sets it on every worker but rank 0
+    rank1._note(7, "truncated")
+    rank1._note(7, "truncated")
+    assert rank1.skipped == {7} and capsys.readouterr().err == ""
+    for skips in (rank0, rank1):  # the workers fold in what each found: rank 0 names rank 1's file once
+        skips.warn(rank1.reasons, rank=1)
+        skips.warn(rank1.reasons, rank=1)
+    err = capsys.readouterr().err
+    assert err.count("skipping unreadable image 'img7.png' (met by rank 1) (truncated)") == 1, err
+    assert err.count("warning") == 1 and rank0.skipped == set()
+    rank0._note(7, "truncated")  # met later by rank 0 itself: counted, not warned of again
+    assert rank0.skipped == {7} and capsys.readouterr().err == ""
 
 
 def test_unreadable_image_with_error_stops_every_worker(broken_tree, tmp_path):

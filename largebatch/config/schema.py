@@ -67,7 +67,9 @@ class RunConfig:
     dir: str = "runs/default"
     """Output folder for config.yaml, metrics.jsonl and checkpoints/ (created if missing)."""
     seed: int = 0
-    """Seed for model initialisation and the data order; the same seed gives the same run."""
+    """Seed for the data order, the augmentation and the initial weights of a model the run builds
+    (a model.name, or a function passed to largebatch.fit; the same seed gives the same run). A
+    model instance passed to largebatch.fit keeps the weights it was built with."""
     cost_per_node_hour: Optional[float] = None
     """Price of one node for one hour (any currency); the summary then gives the run's cost as
     price x nodes x wall hours, with the node count taken from the launcher."""
@@ -96,9 +98,10 @@ class DataConfig:
     train_samples: Optional[int] = None
     """Training images, for `python -m largebatch.plan` on a machine without the data
     (ImageNet-1k: 1281167). Training always counts the real dataset."""
-    image_size: Optional[int] = None
-    """Side of the square images fed to the model, in pixels; null = the dataset's own size (a packed
-    file's: the size it was packed at). train.phases may set other sizes per phase."""
+    image_size: Union[int, list[int], None] = None
+    """Size of the images fed to the model, in pixels: a side (square images), or [height, width]
+    for your own datasets; null = the dataset's own size, its images' shape kept (a packed file's:
+    the size it was packed at). train.phases may set other (square) sizes per phase."""
     num_samples: int = 10000
     """'synthetic' only: number of training images (the validation set is val_fraction of this)."""
     num_classes: int = 10
@@ -141,7 +144,12 @@ class DataConfig:
                  f"choose one of {', '.join(DATASETS)}, or name your own as pkg.module:factory")
         _require(isinstance(self.options, dict), "data.options", self.options, "use a mapping, e.g. data.options='{download: false}'")
         if self.image_size is not None:
-            _require(self.image_size >= 8, "data.image_size", self.image_size, "use null or a size >= 8 pixels")
+            pair = isinstance(self.image_size, list) and len(self.image_size) == 2 and all(map(_is_int, self.image_size))
+            _require(pair and min(self.image_size) >= 8 or _is_int(self.image_size) and self.image_size >= 8,
+                     "data.image_size", self.image_size, "use null, a side >= 8 pixels, or [height, width], e.g. "
+                     "data.image_size='[16, 40]'")
+            if pair and self.image_size[0] == self.image_size[1]:
+                self.image_size = self.image_size[0]
         if self.train_samples is not None:
             _require(self.train_samples >= 1, "data.train_samples", self.train_samples, "use null or an integer >= 1")
         _require(self.num_samples >= 1, "data.num_samples", self.num_samples, "use an integer >= 1")

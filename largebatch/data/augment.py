@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import get_worker_info
 
+from largebatch.models.sizes import Size, sides
+
 KINDS = ("crop_flip", "pad_crop_flip")
 DRAWS = 5  # uniforms per sample: area, aspect ratio, x, y, flip
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -130,18 +132,19 @@ def crop_hulls(u: torch.Tensor, width: int, height: int, min_area: float) -> tup
     return left_i, top_i, right_i, bottom_i
 
 
-def crop_resize(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
-    """Crop a float (C, H, W) image to the pixel-aligned hull of ``box`` and resize to (size, size)."""
+def crop_resize(image: torch.Tensor, box: Box, size: Size) -> torch.Tensor:
+    """Crop a float (C, H, W) image to the pixel-aligned hull of ``box`` and resize to ``size``."""
     left, top, right, bottom = hull(box, image.shape[-1], image.shape[-2])
     part = image[:, top:bottom, left:right]
     return resize(part.unsqueeze(0), size)[0]
 
 
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (antialiased when shrinking) resize of float (N, C, H, W) images to (size, size)."""
-    if images.shape[-2:] == (size, size):
+def resize(images: torch.Tensor, size: Size) -> torch.Tensor:
+    """Bilinear (antialiased when shrinking) resize of float (N, C, H, W) images to ``size`` (a side,
+    or (height, width))."""
+    if images.shape[-2:] == sides(size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(images, size=sides(size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def transform_uint8(image: np.ndarray, size: int, aug: Optional["Augment"] = None,
@@ -249,18 +252,20 @@ class Augment:
     def draws(self, epoch: int, indices: Sequence[int]) -> np.ndarray:
         return uniforms(self.seed, epoch, indices, DRAWS)
 
-    def apply(self, images: torch.Tensor, draws: np.ndarray, size: int) -> torch.Tensor:
-        """Augment float (N, C, H, W) images held in memory and return them at ``size``."""
+    def apply(self, images: torch.Tensor, draws: np.ndarray, size: Size) -> torch.Tensor:
+        """Augment float (N, C, H, W) images held in memory and return them at ``size`` (a side, or
+        (height, width))."""
         if self.kind == "crop_flip":
             h, w = images.shape[-2:]
             images = torch.stack([crop_resize(images[k], crop_box(draws[k], w, h, self.min_area), size)
                                   for k in range(images.shape[0])])
         else:
             images = resize(images, size)
-            p = min(self.padding, size - 1)
+            height, width = sides(size)
+            p = min(self.padding, height - 1, width - 1)
             padded = F.pad(images, (p, p, p, p), mode="reflect")
             shifts = [_shift(u, p) for u in draws]
-            images = torch.stack([padded[k, :, y:y + size, x:x + size] for k, (x, y) in enumerate(shifts)])
+            images = torch.stack([padded[k, :, y:y + height, x:x + width] for k, (x, y) in enumerate(shifts)])
         flips = torch.from_numpy(draws[:, 4] < 0.5).view(-1, 1, 1, 1)
         return torch.where(flips, images.flip(-1), images)
 

@@ -17,7 +17,7 @@ sets on the training device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -30,13 +30,20 @@ IGNORE = -100
 the image adds nothing to the loss, and validation leaves it out of its counts."""
 
 
+class BadLabel(str):
+    """The reason given in a batch's ``skipped`` list for a sample whose label is outside the
+    model's classes (a user's dataset): the sample arrives labelled IGNORE, so the step runs, and
+    the loader stops every worker with this message where they next agree (the step's end)."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     num_train: int
     num_val: int
     num_classes: int
     channels: int
-    image_size: int
+    image_size: Union[int, tuple]
+    """A side, or (height, width) where they differ (a user's non-square images)."""
     classes: tuple = ()
     """Class names in label order, where the dataset has them."""
     augment: str = "none"

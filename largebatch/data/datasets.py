@@ -42,10 +42,21 @@ def _decoded_imagefolder(root: str, image_size: int | None, on_corrupt: str, ver
     return decode(train), decode(val), names, note
 
 
+def square_size(cfg) -> None:
+    """Refuse a non-square data.image_size for the built-in datasets (a DataConfig ``cfg``), whose
+    images, loaders and packed files are square."""
+    if isinstance(cfg.image_size, list):
+        height, width = cfg.image_size
+        raise UsageError(f"data.image_size=[{height}, {width}] is not square, and data.name={cfg.name} gives square "
+                         f"images; give one side (e.g. data.image_size={max(height, width)}): [height, width] sizes "
+                         "are for your own datasets (largebatch.fit, pkg.module:factory)")
+
+
 def build_datasets(cfg, seed: int = 0, verbose: bool = True):
     """(train, val, info) for ``cfg`` (a DataConfig); ``seed`` (run.seed) seeds the augmentation.
     Bad paths and layouts raise UsageError. ``verbose``: print warnings found while building
     (only rank 0 passes True, so that each appears once)."""
+    square_size(cfg)
     classes: tuple = ()
     source, reads_files, max_size = cfg.name, False, None
     if cfg.name == "digits":

@@ -14,7 +14,7 @@ the conversion and normalisation, which the loader then does on the training dev
 A file that cannot be decoded (truncated, empty, not an image) does not stop the run by default
 (``data.on_corrupt: skip``): its place in the batch gets a zero image and the label
 :data:`~largebatch.data.base.IGNORE`, so it adds nothing to the loss or to the validation
-counts, and each worker prints one warning naming the file the first time its loader meets it.
+counts, and the run prints one warning naming the file (rank 0, whichever worker met it).
 """
 
 from __future__ import annotations

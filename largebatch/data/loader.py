@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from largebatch.batching import BatchPlan
 from largebatch.data.augment import normaliser, normalise_uint8
-from largebatch.data.base import IGNORE
+from largebatch.data.base import IGNORE, BadLabel
 from largebatch.data.sampler import MicroBatchSampler, Request, shard_range
 from largebatch.errors import UsageError
 
@@ -50,25 +50,47 @@ class _RawItems(Dataset):
 
 
 class Skips:
-    """Unreadable images met while iterating: ``skipped`` (their indices) and, with
-    ``on_corrupt='error'``, ``error`` (a one-line UsageError naming the first), which the trainer
-    raises on every worker at the next point where the workers agree (a step's end, a
-    validation's end), so that no worker is left waiting in a collective."""
+    """Unreadable images met while iterating: ``skipped`` (their indices, with their reasons in
+    ``reasons``) and, with ``on_corrupt='error'``, ``error`` (a one-line UsageError naming the
+    first), which the trainer raises on every worker at the next point where the workers agree (a
+    step's end, a validation's end), so that no worker is left waiting in a collective.
+
+    Under data.on_corrupt=skip each file gets one warning per run: printed where ``announce`` is
+    true (the trainer sets it on rank 0 only) when this process meets the file, or, for a file
+    another worker met, when the workers fold in what they found (:meth:`warn`)."""
 
     def __init__(self, dataset: Dataset, on_corrupt: str = "skip"):
         self.dataset, self.on_corrupt = dataset, on_corrupt
         self.skipped: set[int] = set()
+        self.reasons: dict[int, str] = {}
         self.error: Optional[UsageError] = None
+        self.announce = True
+        self._warned: set[int] = set()
 
     def _note(self, index: int, reason: str) -> None:
-        if self.on_corrupt == "skip" and index not in self.skipped:  # once per file, whichever process read it
-            print(f"largebatch: warning: skipping unreadable image '{self.dataset.describe(index)}' ({reason}); it "
-                  "counts in skipped_files (data.on_corrupt=error stops instead)", file=sys.stderr, flush=True)
+        if isinstance(reason, BadLabel):  # not an unreadable file: a label the model has no output for
+            self.error = self.error or UsageError(reason)
+            return
         self.skipped.add(index)
+        self.reasons[index] = reason
+        self.warn({index: reason})
         if self.on_corrupt == "error" and self.error is None:
             from largebatch.data.imagefolder import unreadable_message
 
             self.error = UsageError(unreadable_message(self.dataset.describe(index), reason))
+
+    def warn(self, found: dict[int, str], rank: Optional[int] = None) -> None:
+        """The warning for each file of ``found`` ({index: reason}) not warned of yet (once per file,
+        whichever process read it); ``rank``: the worker that met them, where it is another."""
+        if self.on_corrupt != "skip":
+            return
+        for index in sorted(set(found) - self._warned):
+            self._warned.add(index)
+            if self.announce:
+                where = "" if rank is None else f" (met by rank {rank})"
+                print(f"largebatch: warning: skipping unreadable image '{self.dataset.describe(index)}'{where} "
+                      f"({found[index]}); it counts in skipped_files (data.on_corrupt=error stops instead)",
+                      file=sys.stderr, flush=True)
 
 
 class Batches(Skips):

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from largebatch.config import load_config
 from largebatch.data.augment import transform_uint8
 from largebatch.data.cifar import batch_folder, load_cifar
-from largebatch.data.datasets import build_datasets
+from largebatch.data.datasets import build_datasets, square_size
 from largebatch.data.digits import digits_arrays
 from largebatch.data.imagefolder import load_imagefolder, unreadable_message, unreadable_reason
 from largebatch.data.packed import PackWriter, read_meta, verify_images
@@ -77,6 +77,7 @@ class Source(Dataset):
                            "val": (pixels[va.numpy()], labels[va.numpy()])}
             self.classes, self.channels = [str(c) for c in range(10)], 1
         elif name == "synthetic":
+            square_size(cfg)
             self.size = size or cfg.image_size or 32
             cfg.image_size = self.size
             train, val, _ = build_datasets(cfg)

@@ -2,7 +2,8 @@
 
 :class:`UserImages` wraps one so the engine's samplers and loaders can use it like the built-in
 sets: each batch is collated by the engine (images stacked as float32 (N, C, H, W), labels as
-int64), resized where ``data.image_size`` or a phase asks for another size, and augmented with
+int64), kept at their own shape (height and width) unless ``data.image_size`` (a side, or
+[height, width]) or a phase asks for another size, and augmented with
 ``data.augment`` where one is set (the dataset's own transforms run first, in the loader
 processes). The global batches stay those of the world-size-invariant sampler and validation stays
 exact, whatever the dataset.
@@ -21,8 +22,9 @@ import torch
 from torch.utils.data import Dataset
 
 from largebatch.data.augment import resize
-from largebatch.data.base import ImageDataset
+from largebatch.data.base import IGNORE, BadLabel, ImageDataset
 from largebatch.errors import UsageError
+from largebatch.models.sizes import Size, as_size, sides
 
 _SPLIT_SEED = 20170608  # fixed: the validation split does not move with run.seed
 
@@ -52,6 +54,22 @@ def _label(value: Any, where: str) -> int:
     raise UsageError(f"{where} returned {value!r} as its label; return an integer class index")
 
 
+def label_problem(where: str, label: int, classes: int, outputs: Optional[int] = None) -> Optional[str]:
+    """Why ``label`` (of sample ``where``) cannot train a model of ``outputs`` outputs on data of
+    ``classes`` classes (``outputs`` None: as many as the classes), in one line; None if it can."""
+    outputs = classes if outputs is None else outputs
+    if label < 0:
+        return (f"{where} has label {label}; labels are class indices 0..{classes - 1}: map the dataset's labels "
+                "to them")
+    if label >= outputs:
+        return (f"{where} has label {label}, and the model gives {outputs} outputs (classes 0..{outputs - 1}); "
+                f"give the model at least {label + 1} outputs, or map the dataset's labels to 0..{outputs - 1}")
+    if label >= classes:
+        return (f"{where} has label {label}, outside the {classes} classes the data says it has (0..{classes - 1}); "
+                "fix the dataset's classes or num_classes, or its labels")
+    return None
+
+
 def _pair(sample: Any, where: str) -> tuple[Any, Any]:
     if not isinstance(sample, (tuple, list)) or len(sample) < 2:
         raise UsageError(f"{where} returned a {type(sample).__name__}; a dataset for largebatch returns "
@@ -62,7 +80,7 @@ def _pair(sample: Any, where: str) -> tuple[Any, Any]:
 class UserImages(ImageDataset):
     """A user's map-style dataset of ``(image, label)`` pairs, batched by the engine."""
 
-    def __init__(self, dataset: Dataset, name: str = "train_set", image_size: Optional[int] = None):
+    def __init__(self, dataset: Dataset, name: str = "train_set", image_size: Optional[Size] = None):
         try:
             count = len(dataset)
         except TypeError:
@@ -71,11 +89,19 @@ class UserImages(ImageDataset):
         if count == 0:
             raise UsageError(f"{name} is empty")
         self.dataset, self.name, self.count = dataset, name, count
-        first = _image(_pair(dataset[0], f"{name}[0]")[0], f"{name}[0]")
+        image, label = _pair(dataset[0], f"{name}[0]")
+        first = _image(image, f"{name}[0]")
+        _label(label, f"{name}[0]")  # a float label is refused here, before the run starts
         self.channels, self.own_size = first.shape[0], tuple(first.shape[-2:])
-        self.image_size = image_size or first.shape[-1]
+        self.image_size: Size = as_size(first.shape[-2:] if image_size is None else image_size)
+        """A side, or (height, width) where they differ: the dataset's own (its first image's
+        shape), or data.image_size."""
         self.fixed = image_size is not None
         """Resize every image to image_size on arrival (the dataset's images may differ in size)."""
+        self.label_range: Optional[tuple[int, int]] = None
+        """(classes, model outputs), set once the model is checked (:func:`largebatch.parts.check_model`):
+        a label outside 0..classes-1 is given IGNORE and reported as a :class:`BadLabel`, which
+        stops the run."""
 
     def __len__(self) -> int:
         return self.count
@@ -88,21 +114,25 @@ class UserImages(ImageDataset):
         return list(getitems(indices)) if getitems is not None else [self.dataset[i] for i in indices]
 
     def _load(self, indices, size, aug, draws):
-        images, labels = [], []
+        images, labels, skipped = [], [], []
         for i, sample in zip(indices, self._fetch(indices)):
             image, label = _pair(sample, self.describe(i))
             x = _image(image, self.describe(i))
-            if self.fixed and x.shape[-2:] != (self.image_size, self.image_size):
+            if self.fixed and x.shape[-2:] != sides(self.image_size):
                 x = resize(x.unsqueeze(0), self.image_size)[0]
             images.append(x)
             labels.append(_label(label, self.describe(i)))
+            problem = self.label_range and label_problem(self.describe(i), labels[-1], *self.label_range)
+            if problem:
+                skipped.append([i, BadLabel(problem)])
+                labels[-1] = IGNORE
         shapes = {tuple(x.shape) for x in images}
         if len(shapes) > 1:
             raise UsageError(f"{self.name} gives images of different shapes {sorted(shapes)[:2]}; resize them in "
                              "its transform, or set data.image_size")
         x = torch.stack(images)
         x = aug.apply(x, draws, size) if aug is not None else resize(x, size)
-        return x, torch.tensor(labels, dtype=torch.long), []
+        return x, torch.tensor(labels, dtype=torch.long), skipped
 
 
 def num_classes_of(dataset: Dataset) -> Optional[int]:

@@ -15,6 +15,7 @@ import torch
 from largebatch.config import Config, config_hash, to_dict
 from largebatch.data import (cacheable_bytes, device_eval_loader, device_train_loader, eval_loader, in_memory,
                              train_loader)
+from largebatch.data.fingerprint import differing
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.distributed.wrap import no_sync
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
@@ -23,6 +24,7 @@ from largebatch.engine.run_plan import RunPlan
 from largebatch.engine.speed import rehearse
 from largebatch.engine.state import Position
 from largebatch.errors import UsageError
+from largebatch.models.sizes import Size, pixels, sides
 from largebatch.version import __version__
 
 
@@ -63,20 +65,30 @@ def make_communicator(cfg: Config, topology: Topology, device: torch.device, bac
                         param_dtype=param_dtype, noise_scale=cfg.train.noise_scale)
 
 
-def check_same_everywhere(cfg: Config, comm: Communicator) -> None:
-    """Every worker must run the same config and package version."""
-    seen = comm.all_gather_object((config_hash(to_dict(cfg)), __version__))
-    odd = [rank for rank, other in enumerate(seen) if other != seen[0]]
+def check_same_everywhere(cfg: Config, comm: Communicator, fingerprints: Optional[dict] = None) -> None:
+    """Every worker must run the same config and package version, on the same datasets (their
+    :mod:`~largebatch.data.fingerprint`, {name: Fingerprint}): one all_gather."""
+    seen = comm.all_gather_object((config_hash(to_dict(cfg)), __version__, fingerprints))
+    odd = [rank for rank, other in enumerate(seen) if other[:2] != seen[0][:2]]
     if odd:
         raise UsageError(f"workers {odd} run a different config or largebatch version than rank 0 "
-                         f"({seen[odd[0]]} vs {seen[0]}); start every worker with the same files and arguments")
+                         f"({seen[odd[0]][:2]} vs {seen[0][:2]}); start every worker with the same files and "
+                         "arguments")
+    for name in fingerprints or {}:
+        odd, what = differing([other[2][name] for other in seen])
+        if odd:
+            raise UsageError(f"every worker must hold the same data, and the {name} differs on rank"
+                             f"{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd))} from rank 0's: "
+                             f"{', '.join(what)} (rank 0 vs rank {odd[0]}); build the same dataset on every worker: "
+                             "seed its randomness (torch.manual_seed before making it) and read the same files")
 
 
-def image_sizes(cfg: Config, plan: RunPlan, info) -> list[int]:
-    """The training image sizes of the plan's phases, smallest first, checked against the data and model."""
-    sizes = sorted({p.image_size or info.image_size for p in plan.phases})
+def image_sizes(cfg: Config, plan: RunPlan, info) -> list[Size]:
+    """The training image sizes of the plan's phases (a side, or (height, width)), fewest pixels
+    first, checked against the data and model."""
+    sizes = sorted({p.image_size or info.image_size for p in plan.phases}, key=lambda s: (pixels(s), sides(s)))
     limit = info.max_image_size
-    if limit is not None and sizes[-1] > limit:
+    if limit is not None and max(sides(sizes[-1])) > limit:
         raise UsageError(f"train.phases ask for {sizes[-1]}-pixel images but '{cfg.data.root}' was packed at "
                          f"{limit}; re-pack it with --size {sizes[-1]} or use sizes <= {limit}")
     if len(sizes) > 1 and cfg.model.name == "mlp":
@@ -169,7 +181,7 @@ def choose_bucket_size(cfg: Config, comm: Communicator, model: torch.nn.Module, 
     first = plan.phases[0]
     size = first.image_size or info.image_size
     return tune_bucket_size(comm, model, cfg.comm.bucket_candidates_mb, first.batch.micro_batch,
-                            (info.channels, size, size), info.num_classes, comm.device, autocast)
+                            (info.channels, *sides(size)), info.num_classes, comm.device, autocast)
 
 
 def make_loaders(cfg: Config, topology: Topology, plan: RunPlan, data_path: DataPath, train_set, val_set,
@@ -208,7 +220,7 @@ def compile_rehearsal(cfg: Config, comm: Communicator, model, bare_model, plan: 
     # Under comm.shard=full the rehearsal reduce-scatters its gradients: every worker runs it
     # (its forward pass all-gathers anyway), and FSDP2 would otherwise keep them for the first step.
     sync_off = contextlib.nullcontext if comm.shard == "full" else lambda: no_sync(model)
-    seconds, error = rehearse(model, bare_model, sync_off, (first.batch.micro_batch, info.channels, size, size),
+    seconds, error = rehearse(model, bare_model, sync_off, (first.batch.micro_batch, info.channels, *sides(size)),
                               info.num_classes, comm.device, autocast, memory_format)
     comm.raise_if_any_failed(None if error is None else UsageError(
         f"train.compile={cfg.train.compile}: torch.compile failed on {comm.device.type}: {error}; "

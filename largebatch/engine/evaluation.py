@@ -21,6 +21,7 @@ from largebatch.distributed.wrap import unwrap
 from largebatch.engine.precise_bn import PreciseBN, choose_precise_bn, recompute_batchnorm
 from largebatch.engine.run_plan import Phase, RunPlan
 from largebatch.engine.step import prepare_inputs
+from largebatch.models.sizes import sides
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Validator:
         if self.comm.shard == "full":
             self.comm.broadcast_buffers(model)
             size = self.plan.eval_size or self.info.image_size
-            lockstep = (self.info.channels, size, size)
+            lockstep = (self.info.channels, *sides(size))
         return evaluate(model, self.val_loader, self.comm, self.device, self.info.num_classes, self.memory_format,
                         lockstep)
 

@@ -293,23 +293,31 @@ class NonFiniteGuard:
 
 class UnreadableImages:
     """The images the workers found unreadable (image folders only, ``data.on_corrupt``), folded
-    into the run's record; one met under data.on_corrupt=error stops every worker with its message."""
+    into the run's record; one met under data.on_corrupt=error, or a label outside the classes in a
+    user's validation set, stops every worker with its message.
+    Rank 0 alone prints the warnings: at once for the files it meets, and for those another worker
+    met when the workers fold them in, so each file is named once per run."""
 
     def __init__(self, comm, train_loader, val_loader, reads_files: bool):
         self.comm, self.train_loader, self.val_loader, self.reads_files = comm, train_loader, val_loader, reads_files
+        train_loader.announce = val_loader.announce = comm.topology.rank == 0
+        self.checks_labels = getattr(val_loader.dataset, "label_range", None) is not None
 
     def gather(self, record) -> None:
         """Every worker: fold every worker's unreadable images into ``record`` (a Record)."""
-        if not self.reads_files:
+        if not (self.reads_files or self.checks_labels):
             return
         error = self.train_loader.error or self.val_loader.error
-        seen = self.comm.all_gather_object((None if error is None else str(error), sorted(self.train_loader.skipped),
-                                            sorted(self.val_loader.skipped)))
+        seen = self.comm.all_gather_object((None if error is None else str(error), self.train_loader.reasons,
+                                            self.val_loader.reasons))
         failed = [(rank, message) for rank, (message, _, _) in enumerate(seen) if message is not None]
         if failed:
             rank, message = failed[0]
             raise UsageError(("" if rank == 0 else f"rank {rank}: ") + message)
-        record.add_skipped([train for _, train, _ in seen], [val for _, _, val in seen])
+        for rank, (_, train, val) in enumerate(seen):
+            self.train_loader.warn(train, rank)
+            self.val_loader.warn(val, rank)
+        record.add_skipped([sorted(train) for _, train, _ in seen], [sorted(val) for _, _, val in seen])
 
 
 def name_missing_workers(comm, timeout_s: float, exc: BaseException, step: int) -> None:

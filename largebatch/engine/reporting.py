@@ -27,6 +27,11 @@ FSDP_BF16 = "bf16 compute on float32 master weights (FSDP2 mixed precision)"
 """What bf16 under comm.shard=full on GPUs does, in the header's sharding and precision lines."""
 
 
+INITIALISATION = ("initial weights        those of the model passed in (drawn before run.seed was set): run.seed "
+                  "seeds the data order and augmentation only; pass a function that builds the model to seed them too")
+"""The run header's line for a model instance passed in."""
+
+
 def precision_line(precision: str, fsdp_bf16: bool) -> str:
     """The run header's account of train.precision: what computes in which type."""
     if fsdp_bf16:
@@ -68,9 +73,10 @@ class Reporter:
 
     # -- the run header --------------------------------------------------------------------------
     def header(self, names: str, model, data_line: str, precise_bn: list, channels_last: bool,
-               compile_s: Optional[float]) -> None:
+               compile_s: Optional[float], given_weights: bool = False) -> None:
         """Rank 0: the run folder, config.yaml, classes.json and the printed plan. ``names``: what
-        trains on what ('cnn on digits'); ``model``: the model as wrapped."""
+        trains on what ('cnn on digits'); ``model``: the model as wrapped; ``given_weights``: a
+        model instance was passed in (its weights, not run.seed, fix the start)."""
         cfg, topo = self.cfg, self.topology
         if not topo.is_main:
             return
@@ -84,6 +90,8 @@ class Reporter:
                    f"worker(s) on {self.device.type} over {backend} ({topo.launcher})")
         for line in self.plan.lines():
             self.print("  " + line)
+        if given_weights:
+            self.print(f"  {INITIALISATION}")
         self._print_engine(model, data_line, precise_bn)
         self.print(f"  precision              {precision_line(cfg.train.precision, self.comm.param_dtype is not None)}")
         speed = [f"channels-last {'on' if channels_last else 'off'}"]

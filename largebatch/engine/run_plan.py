@@ -21,6 +21,7 @@ from largebatch.batching import BatchPlan, check_trainable_batch, plan, plan_war
 from largebatch.data.sampler import steps_per_epoch
 from largebatch.engine.guards import launcher_rank
 from largebatch.errors import UsageError
+from largebatch.models.sizes import Size, as_size, text as size_text
 from largebatch.optim.schedule import (LRSchedule, PhasedSchedule, build_phased_schedule, build_schedule, scaled_lr,
                                        warmup_warning)
 
@@ -34,8 +35,8 @@ class Phase:
     first_step: int
     steps_per_epoch: int
     batch: BatchPlan
-    image_size: Optional[int]
-    """Side of the training images; None = the dataset's own."""
+    image_size: Optional[Size]
+    """Size of the training images (a side, or (height, width)); None = the dataset's own."""
     peak_lr: float
     batch_key: str = "train.global_batch"
     """The config key that sets this phase's global batch."""
@@ -137,11 +138,16 @@ def phase_table(phases) -> list[str]:
     rows = [cols]
     for p in phases:
         b = p.batch
-        rows.append((str(p.index + 1), _epochs(p), str(p.image_size or "own"),
+        rows.append((str(p.index + 1), _epochs(p), _size(p.image_size) if p.image_size else "own",
                      str(b.global_batch), str(b.per_worker_batch), str(b.micro_batch), str(b.accum_steps),
                      f"{p.peak_lr:.6g}", str(p.steps_per_epoch), str(p.steps)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     return ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+
+
+def _size(size: Size) -> str:
+    """'128' for a side, '16x40' for (height, width)."""
+    return str(size) if isinstance(size, int) else size_text(size)
 
 
 def _epochs(p: Phase) -> str:
@@ -151,7 +157,7 @@ def _epochs(p: Phase) -> str:
 def phase_line(p: Phase, count: int) -> str:
     """What rank 0 prints when a phase starts."""
     b = p.batch
-    size = f"{p.image_size} px" if p.image_size else "the dataset's own size"
+    size = f"{_size(p.image_size)} px" if p.image_size else "the dataset's own size"
     return (f"phase {p.index + 1}/{count} (epoch{'s' if p.epochs > 1 else ''} {_epochs(p)}): images at {size}, "
             f"global batch {b.global_batch} = {b.world_size} x {b.per_worker_batch} per worker, micro-batch "
             f"{b.micro_batch} x {b.accum_steps} accumulation step(s), peak lr {p.peak_lr:.6g}, "
@@ -176,6 +182,7 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
             warnings.append(warning)
         spe = steps_per_epoch(num_train, batch.global_batch)
         size = spec.get("image_size") or cfg.data.image_size
+        size = None if size is None else as_size(size)
         peak = scaled_lr(cfg.optim.base_lr, batch.global_batch, cfg.optim.base_batch, cfg.optim.scaling)
         phases.append(Phase(index=i, first_epoch=epoch, epochs=spec["epochs"], first_step=step, steps_per_epoch=spe,
                             batch=batch, image_size=size, peak_lr=peak, batch_key=where))

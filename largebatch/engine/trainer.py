@@ -43,7 +43,7 @@ from largebatch.engine.speed import check_compiler, compile_model, wants_channel
 from largebatch.engine.state import Losses, Position, Record, Stopwatch
 from largebatch.engine.step import APPLIED, Ledger, Stepper, StepResult
 from largebatch.errors import UsageError
-from largebatch.parts import PartsSource, complete_info, from_config
+from largebatch.parts import PartsSource, check_model, fingerprints, from_config
 
 
 class Trainer:
@@ -74,7 +74,7 @@ class Trainer:
             # A worker that failed here (a missing file on its node, say) must not leave the others
             # waiting in the first collective: every worker learns of it and stops with the same error.
             self.comm.raise_if_any_failed(error)
-            check_same_everywhere(cfg, self.comm)
+            check_same_everywhere(cfg, self.comm, self.fingerprints)
             self._connect()
         except BaseException:
             self.close()
@@ -95,6 +95,8 @@ class Trainer:
         parts = self.parts_source(cfg, cfg.run.seed, topo.is_main)
         self.train_set, self.val_set, self.info = parts.train_set, parts.val_set, parts.info
         self.model_name, self.data_name = parts.model_name, parts.data_name
+        self.fingerprints = fingerprints(parts)  # compared between the workers once all are built
+        self.given_weights = parts.given_weights
         self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
         self.noise_source = noise_source(cfg, self.plan, topo.world_size)
         sizes = image_sizes(cfg, self.plan, self.info)
@@ -103,8 +105,7 @@ class Trainer:
         check_trainable(self.plan, has_batchnorm(self.bare_model))
         self.precise_bn = precise_bn_per_phase(cfg.train.precise_bn_images, self.bare_model, self.plan,
                                                self.info.num_train)
-        if not self.info.num_classes:  # data passed in that does not say: the model's output size
-            self.info = complete_info(parts, self.bare_model).info
+        self.info = check_model(parts, self.bare_model, self.fingerprints, topo.is_main).info
         check_target_metric(cfg, self.info, self.data_name)
         self.channels_last = wants_channels_last(cfg.train.channels_last, self.bare_model, self.device)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -160,7 +161,7 @@ class Trainer:
         if checkpointer.finished():
             return report.finished_run(self.restored, self.validator.validate)
         report.header(f"{self.model_name} on {self.data_name}", self.model, self.data_path.line, self.precise_bn,
-                      self.channels_last, self.compile_s)
+                      self.channels_last, self.compile_s, given_weights=self.given_weights)
         pos, record, losses = checkpointer.restore()
         if self.restored is not None:
             report.print(checkpointer.resumed_line(pos))

@@ -27,7 +27,8 @@ def available_models() -> list[str]:
 def create_model(name: str, num_classes: int, in_channels: int = 3, **options) -> nn.Module:
     """Build model ``name`` for ``num_classes`` classes and ``in_channels`` input channels.
 
-    Options: ``norm`` ('batch' or 'none'), ``width``, ``image_size`` (the 'mlp' needs it).
+    Options: ``norm`` ('batch' or 'none'), ``width``, ``image_size`` (a side, or (height, width);
+    the 'mlp' needs it).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available_models())}")

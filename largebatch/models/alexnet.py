@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from largebatch.models.sizes import Size, sides, text
+
 
 class AlexNetBN(nn.Module):
     """conv11/4 96, pool; conv5 256, pool; conv3 384; conv3 384; conv3 256, pool (each conv + BN + ReLU);
@@ -26,11 +28,11 @@ class AlexNetBN(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 3, norm: str = "batch", width: int | None = None,
-                 image_size: int | None = None, zero_init_residual: bool = False):
+                 image_size: Size | None = None, zero_init_residual: bool = False):
         super().__init__()
         del width, zero_init_residual
-        if image_size is not None and image_size < 64:
-            raise ValueError(f"AlexNet-BN needs images of at least 64x64, got {image_size}")
+        if image_size is not None and min(sides(image_size)) < 64:
+            raise ValueError(f"AlexNet-BN needs images of at least 64x64, got {text(image_size)}")
         bn = norm == "batch"
 
         def conv(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
@@ -55,6 +57,6 @@ class AlexNetBN(nn.Module):
 
 
 def alexnet_bn(num_classes: int, in_channels: int = 3, norm: str = "batch", width: int | None = None,
-               image_size: int | None = None, zero_init_residual: bool = False) -> AlexNetBN:
+               image_size: Size | None = None, zero_init_residual: bool = False) -> AlexNetBN:
     """AlexNet-BN; see :class:`AlexNetBN`."""
     return AlexNetBN(num_classes, in_channels, norm, width, image_size, zero_init_residual)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from largebatch.models.sizes import Size, sides, text
+
 
 def _norm2d(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
@@ -94,11 +96,11 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int,
                  in_channels: int = 3, norm: str = "batch", width: int | None = None,
-                 image_size: int | None = None, zero_init_residual: bool = False):
+                 image_size: Size | None = None, zero_init_residual: bool = False):
         super().__init__()
         del width  # published widths are fixed
-        if image_size is not None and image_size < 32:
-            raise ValueError(f"ResNet needs images of at least 32x32, got {image_size}")
+        if image_size is not None and min(sides(image_size)) < 32:
+            raise ValueError(f"ResNet needs images of at least 32x32, got {text(image_size)}")
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=norm != "batch"), _norm2d(norm, 64),
             nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
@@ -132,13 +134,13 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int, in_channels: int = 3, norm: str = "batch", width: int | None = None,
-             image_size: int | None = None, zero_init_residual: bool = False) -> ResNet:
+             image_size: Size | None = None, zero_init_residual: bool = False) -> ResNet:
     """ResNet-18: basic blocks [2, 2, 2, 2]; 11,689,512 parameters for 1000 classes."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, norm, width, image_size, zero_init_residual)
 
 
 def resnet50(num_classes: int, in_channels: int = 3, norm: str = "batch", width: int | None = None,
-             image_size: int | None = None, zero_init_residual: bool = False) -> ResNet:
+             image_size: Size | None = None, zero_init_residual: bool = False) -> ResNet:
     """ResNet-50 v1.5: bottlenecks [3, 4, 6, 3]; 25,557,032 parameters for 1000 classes."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, norm, width, image_size, zero_init_residual)
 
@@ -185,11 +187,11 @@ class ResNet9(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 3, norm: str = "batch", width: int | None = None,
-                 image_size: int | None = None, zero_init_residual: bool = False):
+                 image_size: Size | None = None, zero_init_residual: bool = False):
         super().__init__()
         del width  # published widths are fixed
-        if image_size is not None and image_size < 8:
-            raise ValueError(f"ResNet-9 needs images of at least 8x8, got {image_size}")
+        if image_size is not None and min(sides(image_size)) < 8:
+            raise ValueError(f"ResNet-9 needs images of at least 8x8, got {text(image_size)}")
         self.prep = _ConvBN(in_channels, 64, norm)
         self.layer1 = nn.Sequential(_ConvBN(64, 128, norm), nn.MaxPool2d(2), _Residual(128, norm))
         self.layer2 = nn.Sequential(_ConvBN(128, 256, norm), nn.MaxPool2d(2))
@@ -204,6 +206,6 @@ class ResNet9(nn.Module):
 
 
 def resnet9(num_classes: int, in_channels: int = 3, norm: str = "batch", width: int | None = None,
-            image_size: int | None = None, zero_init_residual: bool = False) -> ResNet9:
+            image_size: Size | None = None, zero_init_residual: bool = False) -> ResNet9:
     """ResNet-9 (Page, Myrtle.ai); see :class:`ResNet9`."""
     return ResNet9(num_classes, in_channels, norm, width, image_size, zero_init_residual)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from largebatch.models.sizes import Size, sides, text
+
 
 def _norm2d(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
@@ -23,10 +25,10 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, norm: str = "batch",
-                 image_size: int | None = None, zero_init_residual: bool = False):
+                 image_size: Size | None = None, zero_init_residual: bool = False):
         super().__init__()
-        if image_size is not None and image_size < 8:
-            raise ValueError(f"SmallCNN needs images of at least 8x8, got {image_size}")
+        if image_size is not None and min(sides(image_size)) < 8:
+            raise ValueError(f"SmallCNN needs images of at least 8x8, got {text(image_size)}")
         w = width
         self.features = nn.Sequential(
             *_conv_block(in_channels, w, norm), *_conv_block(w, 2 * w, norm), nn.MaxPool2d(2),
@@ -43,9 +45,10 @@ class MLP(nn.Module):
     """Flatten, two hidden layers of ``width`` units (BatchNorm optional), linear classifier."""
 
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 256, norm: str = "batch",
-                 image_size: int = 8, zero_init_residual: bool = False):
+                 image_size: Size = 8, zero_init_residual: bool = False):
         super().__init__()
-        d = in_channels * image_size * image_size
+        height, width = sides(image_size)
+        d = in_channels * height * width
 
         def hidden(i, o):
             return [nn.Linear(i, o, bias=norm != "batch"), nn.BatchNorm1d(o) if norm == "batch" else nn.Identity(),
