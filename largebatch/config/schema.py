@@ -177,7 +177,7 @@ class ModelConfig:
     (CIFAR-10, Myrtle.ai), 'resnet18', 'resnet50' (ImageNet, He et al.) or 'alexnet_bn'; or
     'timm:<name>' or 'torchvision:<name>' (the optional extras of those names), or your own
     'pkg.module:factory', a function returning an nn.Module; it is called with model.options as
-    keyword arguments, plus num_classes and in_channels where it takes them."""
+    keyword arguments, plus num_classes, in_channels and image_size where it takes them."""
     options: dict = field(default_factory=dict)
     """Keyword arguments for a 'timm:', 'torchvision:' or 'pkg.module:factory' model, e.g.
     {drop_rate: 0.1}. The zoo's models take norm, width and zero_init_residual below instead."""
