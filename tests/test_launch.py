@@ -174,37 +174,6 @@ def test_torchrun_takes_the_rendezvous_backend_once():
     assert cmd.count("--rdzv-backend") == 1 and cmd[cmd.index("--rdzv-backend") + 1] == "etcd-v2"
 
 
-@pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py: pip install -e '.[mpi]'")
-def test_mpirun_wrapper_trains(tmp_path):
-    out = str(tmp_path / "run")
-    r = wrapper("mpirun.sh", "-np", "2", "train.epochs=2", "comm.backend=mpi", f"run.dir={out}",
-                extra_env={"MPIRUN": MPIEXEC})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "OMP_NUM_THREADS=" in r.stderr and "2 worker(s) on cpu over mpi (hydra)" in r.stdout + r.stderr
-    assert load_weights(out)
-
-
-def test_option_forms_the_wrappers_read():
-    # --opt=value is read like --opt value: the plan is for 2 x 8 workers and the endpoint is kept.
-    r = wrapper("torchrun.sh", "--nnodes=2", "--nproc_per_node=8", "--rdzv-endpoint=h:29500", "--dry-run")
-    assert r.returncode == 0, r.stderr
-    assert plan_of(r.stdout)["workers (world size)"] == "16"
-    cmd = command_of(r.stdout)
-    assert "--standalone" not in cmd and ["--rdzv-endpoint", "h:29500"] == cmd[cmd.index("--rdzv-endpoint"):][:2]
-    # mpirun options with a name and a value pass through whole.
-    r = wrapper("mpirun.sh", "-np", "4", "--mca", "btl", "tcp,self", "--dry-run", "train.epochs=3")
-    assert r.returncode == 0, r.stderr
-    cmd = command_of(r.stdout)
-    assert ["--mca", "btl", "tcp,self"] == cmd[cmd.index("--mca"):][:3] and cmd[-1] == "train.epochs=3"
-
-
-def test_mpirun_inside_a_slurm_allocation_spreads_over_its_nodes():
-    r = wrapper("mpirun.sh", "--dry-run", extra_env={"SLURM_NTASKS": "32", "SLURM_NNODES": "4"})
-    assert r.returncode == 0, r.stderr
-    assert plan_of(r.stdout)["workers (world size)"] == "32"
-    assert "32 ranks, 8 per node" in r.stderr
-
-
 def test_dry_runs_plan_a_factory_dataset_and_refuse_what_training_refuses(tmp_path):
     from test_cli import BLOBS
 
@@ -250,3 +219,34 @@ def test_dry_runs_take_the_threads_from_the_target_nodes_or_say_whose_cores_they
     inside = {"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_CPUS_ON_NODE": "64"}
     r = wrapper("slurm.sbatch", "--dry-run", extra_env=inside)
     assert omp_line(r.stderr) == "OMP_NUM_THREADS=8, 16 tasks, 8 per node"
+
+
+@pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py: pip install -e '.[mpi]'")
+def test_mpirun_wrapper_trains(tmp_path):
+    out = str(tmp_path / "run")
+    r = wrapper("mpirun.sh", "-np", "2", "train.epochs=2", "comm.backend=mpi", f"run.dir={out}",
+                extra_env={"MPIRUN": MPIEXEC})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "OMP_NUM_THREADS=" in r.stderr and "2 worker(s) on cpu over mpi (hydra)" in r.stdout + r.stderr
+    assert load_weights(out)
+
+
+def test_option_forms_the_wrappers_read():
+    # --opt=value is read like --opt value: the plan is for 2 x 8 workers and the endpoint is kept.
+    r = wrapper("torchrun.sh", "--nnodes=2", "--nproc_per_node=8", "--rdzv-endpoint=h:29500", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert plan_of(r.stdout)["workers (world size)"] == "16"
+    cmd = command_of(r.stdout)
+    assert "--standalone" not in cmd and ["--rdzv-endpoint", "h:29500"] == cmd[cmd.index("--rdzv-endpoint"):][:2]
+    # mpirun options with a name and a value pass through whole.
+    r = wrapper("mpirun.sh", "-np", "4", "--mca", "btl", "tcp,self", "--dry-run", "train.epochs=3")
+    assert r.returncode == 0, r.stderr
+    cmd = command_of(r.stdout)
+    assert ["--mca", "btl", "tcp,self"] == cmd[cmd.index("--mca"):][:3] and cmd[-1] == "train.epochs=3"
+
+
+def test_mpirun_inside_a_slurm_allocation_spreads_over_its_nodes():
+    r = wrapper("mpirun.sh", "--dry-run", extra_env={"SLURM_NTASKS": "32", "SLURM_NNODES": "4"})
+    assert r.returncode == 0, r.stderr
+    assert plan_of(r.stdout)["workers (world size)"] == "32"
+    assert "32 ranks, 8 per node" in r.stderr
