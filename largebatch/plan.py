@@ -7,12 +7,15 @@ warmup and total steps (with train.phases, a table of them per phase): the same 
 training run prints when it starts. Then the bytes of parameters, gradients and optimizer state
 each worker holds under each comm.shard mode (none, optimizer, full), counted from the shapes of
 the run's model (built on the meta device, so no memory is allocated); the run's own mode is marked
-with '*'. See largebatch.footprint for how each mode is counted.
+with '*'. A plan that training would refuse (a micro-batch of one image through BatchNorm, a
+dataset the run cannot read) is refused with training's own line and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Optional
 
 from largebatch.config.arguments import add_config_arguments, config_from_args
 from largebatch.errors import UsageError, run_cli
@@ -23,13 +26,26 @@ _KNOWN = {"digits": (10, 1, 8), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32)
 """(classes, channels, image side) of the datasets whose shape is fixed."""
 
 
+@dataclass(frozen=True)
+class PlanData:
+    """What the plan knows of the training data: counted from the dataset, or taken from the config."""
+
+    num_train: int
+    num_classes: int
+    channels: int
+    image_size: Optional[int]
+    """The dataset's own side; None where the data is not read."""
+    note: str = ""
+    """Where the classes (and the shape) come from when they are assumed, for the model's line."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m largebatch.plan", description=__doc__.split("\n")[0])
     parser.add_argument("--world-size", type=int, required=True, metavar="N", help="number of workers (ranks)")
     parser.add_argument("--num-classes", type=int, metavar="C",
                         help="classes of the model's output, for the memory lines (default: the dataset's own; "
                              f"where the data is not read (data.train_samples set), {DEFAULT_CLASSES} for an image "
-                             "folder or packed file)")
+                             "folder or packed file, data.num_classes for a pkg.module:factory dataset)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.world_size < 1:
@@ -39,69 +55,91 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     if cfg is None:
         return 0
-    from largebatch.data import build_datasets
     from largebatch.engine import make_run_plan
+    from largebatch.engine.run_plan import check_trainable, has_batchnorm
 
-    info = None
-    if cfg.data.train_samples is not None:
-        num_train = cfg.data.train_samples  # the data need not be on this machine
-    else:
-        info = build_datasets(cfg.data)[2]
-        num_train = info.num_train
-    run_plan = make_run_plan(cfg, args.world_size, num_train)
+    data = plan_data(cfg, args.num_classes)
+    run_plan = make_run_plan(cfg, args.world_size, data.num_train)
+    size = _model_size(cfg, run_plan, data)
+    try:
+        model, unbuilt = build_model(cfg, data, size), None
+    except UsageError as exc:  # e.g. timm not installed here: the plan stands, the memory is not counted
+        model, unbuilt = None, exc
+    if model is not None:
+        check_trainable(run_plan, has_batchnorm(model))  # what training refuses, with its line
     for line in run_plan.lines():
         print(line)
-    for line in memory_lines(cfg, run_plan, args.world_size, info, args.num_classes):
+    if model is None:
+        print(f"memory per worker      not computed: {unbuilt}")
+        if any(p.batch.micro_batch == 1 for p in run_plan.phases):
+            print("  micro-batches of 1 image: training refuses them if the model has BatchNorm layers")
+        return 0
+    for line in memory_lines(cfg, run_plan, args.world_size, model, data):
         print(line)
     return 0
 
 
-def _data_shape(cfg, info, num_classes: int | None) -> tuple[int, int, str]:
-    """(classes, channels, note on where the classes come from) for the model's build."""
-    if info is not None:
-        return (num_classes or info.num_classes), info.channels, ""
-    name = cfg.data.name
+def plan_data(cfg, num_classes: Optional[int] = None) -> PlanData:
+    """The training data as the plan sees it. Without data.train_samples the datasets are built as
+    training builds them (a ``pkg.module:factory`` is called with data.options): counted, their
+    classes and shape read; a dataset training cannot read is refused in training's line. With it,
+    the data need not be on this machine: the classes are ``num_classes`` (--num-classes), else the
+    dataset's known count, else data.num_classes for a factory and :data:`DEFAULT_CLASSES` for an
+    image folder or packed file, and the note says what was assumed."""
+    d = cfg.data
+    if d.train_samples is None:
+        from largebatch.parts import datasets_from_config
+
+        info = datasets_from_config(cfg, cfg.run.seed, True)[2]
+        return PlanData(info.num_train, num_classes or info.num_classes, info.channels, info.image_size)
+    if d.name in _KNOWN:
+        classes, channels, _ = _KNOWN[d.name]
+        return PlanData(d.train_samples, num_classes or classes, channels, None)
+    if d.name == "synthetic":
+        return PlanData(d.train_samples, num_classes or d.num_classes, 3, None)
     if num_classes is not None:
-        return num_classes, _KNOWN.get(name, (0, 3, 0))[1], ""
-    if name in _KNOWN:
-        return _KNOWN[name][0], _KNOWN[name][1], ""
-    if name == "synthetic":
-        return cfg.data.num_classes, 3, ""
-    return DEFAULT_CLASSES, 3, f" ({DEFAULT_CLASSES} classes assumed: --num-classes C to change)"
+        return PlanData(d.train_samples, num_classes, 3, None)
+    if ":" in d.name:
+        return PlanData(d.train_samples, d.num_classes, 3, None,
+                        f" (data not read with data.train_samples: {d.num_classes} classes from data.num_classes and "
+                        "3 channels assumed; set data.num_classes=C or --num-classes C)")
+    return PlanData(d.train_samples, DEFAULT_CLASSES, 3, None,
+                    f" ({DEFAULT_CLASSES} classes assumed: --num-classes C to change)")
 
 
-def _shapes(cfg, classes: int, channels: int, size: int) -> tuple[list[list[tuple]], str]:
-    """(shapes of the model's parameters in the optimizer's groups, the model's name)."""
+def _model_size(cfg, run_plan, data: PlanData) -> int:
+    """The image side the first phase builds the model for."""
+    size = run_plan.phases[0].image_size or data.image_size
+    if size is None:  # the dataset's own size, not read here
+        size = 32 if cfg.data.name == "synthetic" else _KNOWN.get(cfg.data.name, (0, 0, 224))[2]
+    return size
+
+
+def build_model(cfg, data: PlanData, size: int):
+    """The run's model for ``data`` at ``size`` pixels, on the meta device where it builds there (no
+    memory is allocated), else on the CPU."""
     import torch
 
     from largebatch.data import DatasetInfo
-    from largebatch.footprint import model_groups
     from largebatch.parts import model_builder
 
-    info = DatasetInfo(num_train=0, num_val=0, num_classes=classes, channels=channels, image_size=size)
+    info = DatasetInfo(num_train=0, num_val=0, num_classes=data.num_classes, channels=data.channels,
+                       image_size=size)
     build = model_builder(cfg, info)
     try:
         with torch.device("meta"):
-            model = build(size)
+            return build(size)
     except UsageError:
         raise
     except Exception:  # a model whose construction needs real tensors
-        model = build(size)
-    return model_groups(model, cfg.optim.weight_decay, cfg.optim.exclude_bn_and_bias), cfg.model.name
+        return build(size)
 
 
-def memory_lines(cfg, run_plan, world_size: int, info=None, num_classes: int | None = None) -> list[str]:
+def memory_lines(cfg, run_plan, world_size: int, model, data: PlanData) -> list[str]:
     """The plan's memory lines: bytes per worker under each comm.shard mode."""
-    from largebatch.footprint import footprints, numel, state_per_parameter, table
+    from largebatch.footprint import footprints, model_groups, numel, state_per_parameter, table
 
-    classes, channels, note = _data_shape(cfg, info, num_classes)
-    size = run_plan.phases[0].image_size or (info.image_size if info is not None else None)
-    if size is None:  # the dataset's own size, not read here
-        size = 32 if cfg.data.name == "synthetic" else _KNOWN.get(cfg.data.name, (0, 0, 224))[2]
-    try:
-        groups, name = _shapes(cfg, classes, channels, size)
-    except UsageError as exc:
-        return [f"memory per worker      not computed: {exc}"]
+    groups = model_groups(model, cfg.optim.weight_decay, cfg.optim.exclude_bn_and_bias)
     accum = max(p.batch.accum_steps for p in run_plan.phases)
     mode = cfg.comm.shard
     rows = footprints(groups, world_size, cfg.optim.name, cfg.optim.momentum, accum)
@@ -111,7 +149,7 @@ def memory_lines(cfg, run_plan, world_size: int, info=None, num_classes: int | N
     state = f"{copies} fp32 cop{'y' if copies == 1 else 'ies'} per parameter" + (
         " + a step count per tensor" if scalars else "")
     lines = [f"memory per worker      {world_size} workers, comm.shard={mode} (marked *); fp32",
-             f"  {name}: {params:,} parameters in {tensors} tensors{note}",
+             f"  {cfg.model.name}: {params:,} parameters in {tensors} tensors{data.note}",
              f"  {cfg.optim.name}: {state}"]
     lines += table(rows, mark=mode)
     if accum > 1:

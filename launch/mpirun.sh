@@ -28,6 +28,10 @@
 #                         (Open MPI: --map-by ppr:R:node, MPICH/Intel MPI: -ppn R) and the threads
 #   --hostfile FILE       one host per line (Open MPI's 'slots=' and MPICH's 'host:n' forms both work)
 #   --hosts H1,H2,...     hosts, comma-separated
+#   --cpus-per-worker C   CPU threads per rank (OMP_NUM_THREADS, exported to every rank); default:
+#                         SLURM_CPUS_PER_TASK inside a Slurm allocation, else the launching node's
+#                         cores (SLURM_CPUS_ON_NODE there) / R. Give it with --dry-run on a login
+#                         node, whose cores are not the target nodes'
 #   --dry-run             print the plan and the command, start nothing; without an MPI on PATH the
 #                         command is shown in Hydra's form (MPICH, Intel MPI) and says so
 #   --config FILE, section.key=value
@@ -41,8 +45,9 @@
 # WHAT IT DOES
 #   Prints the batch plan for N workers with `python -m largebatch.plan` (per-worker batch,
 #   micro-batch, accumulation steps, scaled lr, warmup and total steps), refuses a global batch N
-#   does not divide (naming the nearest valid ones), sets OMP_NUM_THREADS to this node's cores / R
-#   when unset and exports it to every rank, then execs mpirun in the form of the MPI it finds
+#   does not divide (naming the nearest valid ones), sets OMP_NUM_THREADS when unset (--cpus-per-worker,
+#   else Slurm's cores per task, else this node's cores / R, which a dry run says are this
+#   machine's) and exports it to every rank, then execs mpirun in the form of the MPI it finds
 #   (`mpirun --version`: Open MPI, else Hydra), printing which one. Each rank finds its rank, world
 #   size and local rank from the MPI launcher's variables; rank 0 picks the rendezvous address
 #   and a free port and broadcasts them with MPI (mpi4py) before the process group starts.
@@ -52,8 +57,9 @@
 #   MPIRUN            the mpirun to use (default: mpirun, else mpiexec, on PATH)
 #   LARGEBATCH_HEARTBEAT_S
 #                     seconds between rank 0's progress lines when its output is not a terminal (30)
-#   OMP_NUM_THREADS   CPU threads per rank; default here: cores / ranks-per-node (cores counted on
-#                     the launching node: nodes are assumed alike)
+#   OMP_NUM_THREADS   CPU threads per rank; default here: --cpus-per-worker, else SLURM_CPUS_PER_TASK,
+#                     else cores / ranks-per-node (cores counted on the launching node:
+#                     SLURM_CPUS_ON_NODE in an allocation, else nproc; nodes are assumed alike)
 #   MASTER_ADDR, MASTER_PORT
 #                     rendezvous endpoint; when both are set no MPI broadcast is needed (mpi4py
 #                     optional); comm.master_addr=HOST picks the address only
@@ -80,7 +86,7 @@
 set -euo pipefail
 LB_NAME=launch/mpirun.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-np="${SLURM_NTASKS:-}"; per_node=""; hostfile=""; hosts=""; dry=0; trainer=(); mpi_opts=()
+np="${SLURM_NTASKS:-}"; per_node=""; hostfile=""; hosts=""; dry=0; cpus=""; trainer=(); mpi_opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -np|-n|--np|-c) np=$2; shift 2 ;;
@@ -91,6 +97,8 @@ while [[ $# -gt 0 ]]; do
     --hostfile=*|--machinefile=*) hostfile=${1#*=}; shift ;;
     --hosts|-hosts|--host|-host|-H) hosts=$2; shift 2 ;;
     --hosts=*|--host=*) hosts=${1#*=}; shift ;;
+    --cpus-per-worker) lb_positive_int "$1" "${2-}"; cpus=$2; shift 2 ;;
+    --cpus-per-worker=*) cpus=${1#*=}; lb_positive_int --cpus-per-worker "$cpus"; shift ;;
     --dry-run) dry=1; shift ;;
     --config) trainer+=("$1" "$2"); shift 2 ;;
     --config=*) trainer+=(--config "${1#*=}"); shift ;;
@@ -131,7 +139,7 @@ if [[ -z "$per_node" ]]; then
 fi
 lb_positive_int --ranks-per-node "$per_node"
 lb_plan "$np" ${trainer[@]+"${trainer[@]}"}
-lb_omp_threads "$per_node"
+lb_omp_threads "$per_node" "$cpus" task "$dry"
 
 MPIRUN=${MPIRUN:-$(command -v mpirun || command -v mpiexec || true)}
 found=1

@@ -27,6 +27,10 @@
 #                         free port); needed for more than one node
 #   --rdzv-backend B      rendezvous backend (default c10d)
 #   --standalone          accepted; implied on one node without --rdzv-endpoint
+#   --cpus-per-worker C   CPU threads per worker (OMP_NUM_THREADS); default: the cores of the node
+#                         the script runs on / nproc-per-node (inside a Slurm allocation, the cores
+#                         it has there: SLURM_CPUS_ON_NODE). Give it with --dry-run on a login node,
+#                         whose cores are not the target nodes'
 #   --dry-run             print the plan and the command, start nothing
 #   --config FILE, section.key=value
 #                         go to the trainer (`python -m largebatch.train --help-config`); the plan
@@ -41,13 +45,15 @@
 #   `python -m largebatch.plan` (the trainer's own arithmetic: per-worker batch, micro-batch,
 #   accumulation steps, scaled lr, warmup and total steps), refuses a global batch that the world
 #   size does not divide (naming the nearest valid ones), sets OMP_NUM_THREADS to cores per worker
-#   when it is unset, then execs `python -m torch.distributed.run` (torchrun) with
+#   when it is unset (--cpus-per-worker, else the cores counted on the node it runs on, which a dry
+#   run says are this machine's), then execs `python -m torch.distributed.run` (torchrun) with
 #   `-m largebatch.train` and the trainer's arguments.
 #
 # ENVIRONMENT
 #   PYTHON            interpreter to use (default: python3)
-#   OMP_NUM_THREADS   CPU threads per worker; default here: cores / nproc-per-node
-#                     (torchrun alone would set 1)
+#   OMP_NUM_THREADS   CPU threads per worker; default here: --cpus-per-worker, else this node's
+#                     cores (SLURM_CPUS_ON_NODE in an allocation) / nproc-per-node (torchrun alone
+#                     would set 1)
 #   NCCL_*, GLOO_SOCKET_IFNAME
 #                     passed through to the workers (pick the network interface on multi-NIC nodes)
 #   LARGEBATCH_HEARTBEAT_S
@@ -73,7 +79,7 @@
 set -euo pipefail
 LB_NAME=launch/torchrun.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-nnodes=1; nproc=1; endpoint=""; backend=c10d; dry=0; trainer=(); torchrun_opts=()
+nnodes=1; nproc=1; endpoint=""; backend=c10d; dry=0; cpus=""; trainer=(); torchrun_opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --nnodes) nnodes=$2; shift 2 ;;
@@ -85,6 +91,8 @@ while [[ $# -gt 0 ]]; do
     --rdzv-backend|--rdzv_backend) backend=$2; shift 2 ;;
     --rdzv-backend=*|--rdzv_backend=*) backend=${1#*=}; shift ;;
     --standalone) shift ;;  # implied for one node without an endpoint
+    --cpus-per-worker) lb_positive_int "$1" "${2-}"; cpus=$2; shift 2 ;;
+    --cpus-per-worker=*) cpus=${1#*=}; lb_positive_int --cpus-per-worker "$cpus"; shift ;;
     --dry-run) dry=1; shift ;;
     --config) trainer+=("$1" "$2"); shift 2 ;;
     --config=*) trainer+=(--config "${1#*=}"); shift ;;
@@ -112,7 +120,7 @@ else
   rdzv=(--rdzv-backend "$backend" --rdzv-endpoint "$endpoint")
 fi
 lb_plan "$world" ${trainer[@]+"${trainer[@]}"}
-lb_omp_threads "$nproc"
+lb_omp_threads "$nproc" "$cpus" node "$dry"
 # ${a[@]+"${a[@]}"}: an empty array under `set -u` on bash < 4.4 as well
 cmd=("$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc-per-node "$nproc" "${rdzv[@]}"
      ${torchrun_opts[@]+"${torchrun_opts[@]}"} -m largebatch.train ${trainer[@]+"${trainer[@]}"})

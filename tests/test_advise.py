@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from conftest import run_module
 from largebatch.config import load_config, to_dict
 from largebatch.errors import UsageError
 from largebatch.scaling import advise
+from largebatch.batching import check_trainable_batch, plan, plan_warning
 from largebatch.scaling.choices import ASSUMPTIONS, Choice
 from largebatch.scaling.model import Cluster, Workload
 from largebatch.scaling.predict import predict_step
@@ -60,7 +62,7 @@ def test_knee_and_fit_find_the_critical_batch_of_an_exact_curve():
 # -- a run folder ------------------------------------------------------------------------------------------
 
 def _run(folder, epochs, *, batch=64, target=None, reached=None, price=None, weights=True, summary=True,
-         extra=()) -> str:
+         extra=(), batchnorm=True, loss=None) -> str:
     """A run folder as the trainer writes it: config.yaml, metrics.jsonl, checkpoints/final.pt."""
     os.makedirs(os.path.join(folder, "checkpoints"), exist_ok=True)
     overrides = [f"run.dir={folder}", f"train.global_batch={batch}", f"train.epochs={len(epochs)}", *extra]
@@ -70,7 +72,7 @@ def _run(folder, epochs, *, batch=64, target=None, reached=None, price=None, wei
         overrides.append(f"run.cost_per_node_hour={price}")
     with open(os.path.join(folder, "config.yaml"), "w") as fh:
         yaml.safe_dump(to_dict(load_config(None, overrides)), fh)
-    lines = [dict(event="epoch", epoch=i + 1, step=125 * (i + 1), train_loss=1.0 / (i + 1), val_acc=e[0],
+    lines = [dict(event="epoch", epoch=i + 1, step=125 * (i + 1), train_loss=loss or 1.0 / (i + 1), val_acc=e[0],
                   samples_per_sec=4000.0, lr=0.1, elapsed_s=i + 1.0, **e[1]) for i, e in enumerate(epochs)]
     if summary:
         lines.append(dict(event="summary", val_acc=epochs[-1][0], best_val_acc=max(e[0] for e in epochs),
@@ -79,8 +81,9 @@ def _run(folder, epochs, *, batch=64, target=None, reached=None, price=None, wei
     with open(os.path.join(folder, "metrics.jsonl"), "w") as fh:
         fh.write("".join(json.dumps(x) + "\n" for x in lines))
     if weights:
-        state = {"conv.weight": torch.zeros(500, 100), "bn.weight": torch.zeros(100),
-                 "bn.running_mean": torch.zeros(100), "bn.num_batches_tracked": torch.zeros((), dtype=torch.long)}
+        state = {"conv.weight": torch.zeros(500, 100), "bn.weight": torch.zeros(100)}
+        if batchnorm:
+            state.update({"bn.running_mean": torch.zeros(100), "bn.num_batches_tracked": torch.zeros((), dtype=torch.long)})
         torch.save({"model": state, "step": 125 * len(epochs)}, os.path.join(folder, "checkpoints", "final.pt"))
     return folder
 
@@ -90,6 +93,14 @@ def _ns(scale, g2=0.01):
 
 
 EPOCHS = [(0.90, _ns(None, -0.01)), (0.95, _ns(200)), (0.97, _ns(400)), (0.98, _ns(800))]
+
+
+def _refusal(p):
+    try:
+        check_trainable_batch(p, True, 32)
+    except UsageError as exc:
+        return str(exc)
+    return None
 
 
 def test_a_run_folder_gives_its_segments_up_to_the_target(tmp_path):
@@ -137,7 +148,20 @@ def test_the_table_marks_the_fastest_and_the_cheapest_and_agrees_with_the_simula
     assert {(r.global_batch, r.workers) for r in rows} == {(b, n) for b in (64, 256, 1024, 4096) for n in (1, 4, 16, 64)
                                                             if b % n == 0}
     fast, cheap = Choice(**doc["fastest"]), Choice(**doc["cheapest"])
-    assert fast.wall_s == min(r.wall_s for r in rows) and cheap.cost == min(r.cost for r in rows)
+    # training's own checks on each plan (train.max_micro_batch=32): the model has BatchNorm
+    for r in rows:
+        p = plan(r.global_batch, r.workers, 32)
+        assert r.warning == (_refusal(p) or plan_warning(p, 32)) and r.refused == (p.micro_batch == 1)
+    assert {(r.global_batch, r.workers) for r in rows if r.refused} == {(64, 64)}
+    assert {(r.global_batch, r.workers) for r in rows if r.warning} == {(64, 16), (64, 64), (256, 64)}
+    # the fastest and the cheapest of what training takes without a word
+    ok = [r for r in rows if r.warning is None]
+    assert fast.wall_s == min(r.wall_s for r in ok) and cheap.cost == min(r.cost for r in ok)
+    assert fast.warning is None and cheap.warning is None
+    said = {(int(ln.split()[0]), int(ln.split()[1])): ln.split()[-1] for ln in text.splitlines()
+            if ln[:12].strip().isdigit() and "<-" not in ln}
+    assert said.get((64, 64)) == "refuses" and said.get((256, 64)) == "warns" and said.get((4096, 1)) == "ok"
+    assert "training refuses: micro-batches of 1 image through the model's BatchNorm; never picked" in text
     cluster = Cluster(**doc["cluster"])
     for r in rows:
         assert r.steps == pytest.approx(steps_model(read_run(run).segments).steps(r.global_batch))
@@ -160,12 +184,52 @@ def test_compute_time_and_gradient_come_from_the_run_when_not_given(tmp_path, ca
     assert read_run(run).micro_batch == 16 and read_run(run).per_worker_batch == 64
     assert advise.main([run, *CLUSTER, "--workers", "1,4", "--batches", "64,128"]) == 0
     text = capsys.readouterr().out
-    # 4,000 images/s on one worker: 16 ms per micro-batch of 64; 50,100 parameters x 4 bytes
-    assert "16.00 ms per micro-batch of 64" in text and "gradient 0.20 MB" in text
+    # 4,000 images/s on one worker, which ran 4 micro-batches of 16: 16 ms per 64 images, the largest
+    # micro-batch of the simulation; 50,100 parameters x 4 bytes = 0.191 MiB
+    assert ("which ran micro-batches of 16 x 4: 16.00 ms per 64 images, taken as one micro-batch (the largest; "
+            "--micro-batch B to change)") in text
+    assert "gradient 0.191 MiB: the parameters" in text and "gradient         0.191 MiB in buckets" in text
+    assert not re.search(r"\bMB\b", text)  # one unit for sizes
     assert "node-hours" in text  # no price: cost in node-hours
     bare = _run(str(tmp_path / "bare"), EPOCHS, weights=False)
     with pytest.raises(UsageError, match="no checkpoints/final.pt to size the gradient: give --gradient-mb"):
         advise.main([bare, *CLUSTER])
+
+
+def test_what_training_refuses_is_never_advised_and_what_it_warns_about_only_for_want_of_better(tmp_path, capsys):
+    args = [*CLUSTER, "--compute-ms", "50", "--micro-batch", "32", "--gradient-mb", "40"]
+    # the issue's case: 2 images per worker on 64 workers was "fastest"; 1 image per worker is refused
+    run = _run(str(tmp_path / "bn"), EPOCHS)
+    assert advise.main([run, *args, "--workers", "16,64", "--batches", "64,128"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest: global batch 128 on 16 worker(s)" in out and "cheapest: global batch 128 on 16 worker(s)" in out
+    assert "training warns: micro-batches too small for sensible BatchNorm statistics and fast steps; picked only " \
+           "because every other choice is refused" not in out
+    with pytest.raises(UsageError, match="every choice of \\[64\\] on \\[64\\] worker\\(s\\) gives micro-batches of 1"):
+        advise.main([run, *args, "--workers", "64", "--batches", "64"])
+    capsys.readouterr()
+    # nothing better than a warned plan: picked, and said so
+    assert advise.main([run, *args, "--workers", "16,64", "--batches", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "fastest: global batch 64 on 16 worker(s)" in out and "picked only because every other choice is refused" in out
+    # without BatchNorm (no running statistics in final.pt) one image per worker trains, with a warning
+    plain = _run(str(tmp_path / "plain"), EPOCHS, batchnorm=False)
+    assert advise.main([plain, *args, "--workers", "64", "--batches", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "    warns  <- fastest" in out and "training refuses" not in out
+    # no checkpoint to tell: BatchNorm is assumed, and said
+    bare = _run(str(tmp_path / "bare"), EPOCHS, weights=False)
+    with pytest.raises(UsageError, match="gives micro-batches of 1 image"):
+        advise.main([bare, *args, "--workers", "64", "--batches", "64"])
+    assert advise.main([bare, *args, "--workers", "16", "--batches", "64"]) == 0
+    assert "BatchNorm assumed in the model (no checkpoints/final.pt to tell)" in capsys.readouterr().out
+
+
+def test_the_target_loss_is_rounded_and_the_preset_help_names_what_advise_has(tmp_path, capsys):
+    run = _run(str(tmp_path / "run"), EPOCHS, loss=0.2690641060471535)
+    assert read_run(run).target == "the run's end: 500 steps, train_loss 0.2691"
+    preset = next(a for a in advise.build_parser()._actions if a.dest == "preset").help
+    assert "see --validate" not in preset and "python -m largebatch.simulate --validate" in preset
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -203,4 +267,7 @@ def test_a_probe_run_trains_with_the_noise_scale_and_is_read(tmp_path, capsys):
     assert cfg["train"]["noise_scale"] is True and cfg["train"]["max_micro_batch"] == 128
     measured = read_run(run)
     assert len(measured.segments) == 2 and all(s.noise_scale > 0 for s in measured.segments)
-    assert "fastest:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fastest:" in out
+    # the probe's 4 micro-batches of 128 are said as they ran; the simulation takes 512 images at once
+    assert re.search(r"which ran micro-batches of 128 x 4: [0-9.]+ ms per 512 images, taken as one micro-batch", out)

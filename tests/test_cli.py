@@ -124,3 +124,70 @@ def test_help_says_override():
     assert r.returncode == 0
     text = " ".join(r.stdout.split())
     assert "they override --config, which overrides the defaults" in text and "beat" not in text
+
+
+# -- python -m largebatch.plan on a pkg.module:factory dataset, and what training refuses ------------------
+
+BLOBS = '''
+import torch
+from torch.utils.data import TensorDataset
+
+
+def blobs(root=None, samples=500):
+    """4 classes of 2-channel 12x12 images; the labels say how many classes there are."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(samples) % 4
+    images = torch.randn(samples, 2, 12, 12, generator=g) + labels.view(-1, 1, 1, 1)
+    return TensorDataset(images[:400], labels[:400]), TensorDataset(images[400:], labels[400:])
+
+
+def broken(root=None):
+    raise OSError("no such file: /data/blobs.npz")
+'''
+
+
+def _cnn_parameters(classes: int, channels: int, size: int) -> int:
+    from largebatch.models import create_model
+
+    return sum(p.numel() for p in create_model("cnn", classes, in_channels=channels, image_size=size).parameters())
+
+
+def test_plan_counts_a_factory_dataset_as_training_does(tmp_path):
+    (tmp_path / "mydata.py").write_text(BLOBS)
+    r = run_module("largebatch.plan", "--world-size", "2", "data.name=mydata:blobs", "train.global_batch=64",
+                   "model.name=cnn", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "steps per epoch        6  (400 training images)" in r.stdout  # floor(400 / 64)
+    # the model is built for the data's 4 classes and 2 channels at its own 12 px
+    assert f"cnn: {_cnn_parameters(4, 2, 12):,} parameters in" in r.stdout and "assumed" not in r.stdout
+    r = run_module("largebatch.plan", "--world-size", "2", "data.name=mydata:broken", cwd=str(tmp_path))
+    assert r.returncode == 2
+    assert _one_error_line(r.stderr) == ("largebatch: error: data.name=mydata:broken: calling it with {} failed: "
+                                         "OSError: no such file: /data/blobs.npz")
+
+
+def test_plan_of_a_factory_not_read_takes_its_classes_from_the_config(tmp_path):
+    (tmp_path / "mydata.py").write_text(BLOBS)
+    args = ["--world-size", "2", "data.name=mydata:broken", "data.train_samples=4000", "data.image_size=16",
+            "model.name=cnn"]
+    r = run_module("largebatch.plan", *args, "data.num_classes=7", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr  # the factory is not called: the data need not be here
+    assert "(4000 training images)" in r.stdout
+    assert f"cnn: {_cnn_parameters(7, 3, 16):,} parameters in" in r.stdout
+    assert "7 classes from data.num_classes and 3 channels assumed" in r.stdout
+    r = run_module("largebatch.plan", *args, "--num-classes", "5", cwd=str(tmp_path))
+    assert r.returncode == 0 and f"cnn: {_cnn_parameters(5, 3, 16):,} parameters in 14 tensors\n" in r.stdout
+
+
+def test_plan_refuses_what_training_refuses_with_the_same_line(run_dir):
+    # 97 images per worker under a cap of 64: 97 micro-batches of 1 image through the cnn's BatchNorm
+    batch = ["train.global_batch=97", "train.max_micro_batch=64"]
+    plan = run_module("largebatch.plan", "--world-size", "1", *batch)
+    train = run_module("largebatch.train", f"run.dir={run_dir}", *batch)
+    assert plan.returncode == train.returncode == 2
+    refusal = [ln for ln in plan.stderr.splitlines() if ln.startswith("largebatch: error:")]
+    assert refusal == [ln for ln in train.stderr.splitlines() if ln.startswith("largebatch: error:")]
+    assert "BatchNorm cannot train on one image at a time" in refusal[0] and "Traceback" not in plan.stderr
+    assert plan.stdout == ""  # nothing that looks like a plan
+    r = run_module("largebatch.plan", "--world-size", "1", *batch, "model.norm=none")  # trains, with a warning
+    assert r.returncode == 0 and "micro-batch            1" in r.stdout and "largebatch: warning:" in r.stderr

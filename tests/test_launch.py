@@ -174,6 +174,53 @@ def test_torchrun_takes_the_rendezvous_backend_once():
     assert cmd.count("--rdzv-backend") == 1 and cmd[cmd.index("--rdzv-backend") + 1] == "etcd-v2"
 
 
+def test_dry_runs_plan_a_factory_dataset_and_refuse_what_training_refuses(tmp_path):
+    from test_cli import BLOBS
+
+    (tmp_path / "mydata.py").write_text(BLOBS)
+    path = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    r = wrapper("torchrun.sh", "--nproc-per-node", "2", "--dry-run", "data.name=mydata:blobs", "train.global_batch=64",
+                extra_env=path)
+    assert r.returncode == 0, r.stderr
+    assert "steps per epoch        6  (400 training images)" in r.stdout and "would run: " in r.stdout
+    # 97 images per worker under a cap of 64: micro-batches of 1 through the default model's BatchNorm
+    r = wrapper("torchrun.sh", "--nproc-per-node", "2", "--dry-run", "train.global_batch=194",
+                "train.max_micro_batch=64")
+    assert r.returncode == 2 and "would run" not in r.stdout
+    assert r.stderr.splitlines()[-1].startswith("largebatch: error: train.global_batch=194 on 2 worker(s)")
+    assert "BatchNorm cannot train on one image at a time" in r.stderr.splitlines()[-1]
+
+
+def omp_line(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if line.startswith("OMP_NUM_THREADS="))
+
+
+def test_dry_runs_take_the_threads_from_the_target_nodes_or_say_whose_cores_they_counted():
+    here = omp_line(wrapper("torchrun.sh", "--nproc-per-node", "2", "--dry-run").stderr)
+    assert "cores on this machine / 2 worker(s) per node" in here and "not necessarily the target nodes'" in here
+    assert "--cpus-per-worker C" in here
+    r = wrapper("torchrun.sh", "--nnodes", "4", "--nproc-per-node", "2", "--rdzv-endpoint", "n1:29500",
+                "--cpus-per-worker", "24", "--dry-run")
+    assert r.returncode == 0 and omp_line(r.stderr) == "OMP_NUM_THREADS=24 (--cpus-per-worker 24)"
+    r = wrapper("torchrun.sh", "--nproc-per-node", "8", "--dry-run", extra_env={"SLURM_CPUS_ON_NODE": "64"})
+    assert omp_line(r.stderr).startswith("OMP_NUM_THREADS=8 (SLURM_CPUS_ON_NODE=64 cores allocated on the node")
+    # mpirun's ranks are Slurm tasks: Slurm's cores per task, exported to every rank
+    r = wrapper("mpirun.sh", "-np", "8", "--dry-run", extra_env={"SLURM_CPUS_PER_TASK": "12", "SLURM_NNODES": "2"})
+    assert omp_line(r.stderr).startswith("OMP_NUM_THREADS=12 (SLURM_CPUS_PER_TASK")
+    assert "OMP_NUM_THREADS 12" in r.stdout or "-x OMP_NUM_THREADS" in r.stdout
+    r = wrapper("mpirun.sh", "-np", "8", "--cpus-per-worker=0", "--dry-run")
+    assert r.returncode == 2 and "--cpus-per-worker takes an integer >= 1, got '0'" in r.stderr
+    # sbatch's shape outside an allocation: --cpus-per-task, passed to srun as well; without it, this machine's
+    r = wrapper("slurm.sbatch", "--nodes", "16", "--ntasks-per-node", "8", "--cpus-per-task", "12", "--dry-run", *GOYAL)
+    assert omp_line(r.stderr) == "OMP_NUM_THREADS=12, 128 tasks, 8 per node"
+    assert ["--cpus-per-task", "12"] == command_of(r.stdout)[8:10]
+    here = omp_line(wrapper("slurm.sbatch", "--nodes", "16", "--ntasks-per-node", "8", "--dry-run", *GOYAL).stderr)
+    assert "cores on this machine / 8, not necessarily the nodes' cores: give --cpus-per-task C" in here
+    inside = {"SLURM_NTASKS": "16", "SLURM_NNODES": "2", "SLURM_CPUS_ON_NODE": "64"}
+    r = wrapper("slurm.sbatch", "--dry-run", extra_env=inside)
+    assert omp_line(r.stderr) == "OMP_NUM_THREADS=8, 16 tasks, 8 per node"
+
+
 @pytest.mark.skipif(MPIEXEC is None or not HAVE_MPI4PY, reason="needs mpiexec and mpi4py: pip install -e '.[mpi]'")
 def test_mpirun_wrapper_trains(tmp_path):
     out = str(tmp_path / "run")

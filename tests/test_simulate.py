@@ -282,8 +282,9 @@ def test_cli_given_inputs_and_workers(capsys):
     rows = out[out.index(next(ln for ln in out if ln.split()[:2] == ["workers", "nodes"])) + 1:]
     assert [int(ln.split()[0]) for ln in rows] == [1, 8, 16]
     cl = Cluster(8, 128 / 8 * 1e9, 5e-6, 10e9, 5e-6)
-    expect = 0.1 / (0.1 + allreduce_time(cl, 16, 100e6))
+    expect = 0.1 / (0.1 + allreduce_time(cl, 16, 100 * MIB))  # --gradient-mb counts MiB, as --bucket-mb
     assert float(rows[2].split()[-1].rstrip("%")) == pytest.approx(100 * expect, abs=0.05)
+    assert "gradient         100.0 MiB in buckets of 1000.00 MiB" in out
 
 
 def test_cli_flags_replace_a_presets_values(capsys):

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import Optional
 
 from largebatch.errors import UsageError, run_cli
-from largebatch.scaling.choices import ASSUMPTIONS, Choice, cheapest, choices, default_batches, fastest
+from largebatch.scaling.choices import ASSUMPTIONS, Choice, cheapest, choices, default_batches, fastest, recommendable
 from largebatch.scaling.cli import (
     Parser,
     check_outputs,
@@ -36,6 +36,7 @@ from largebatch.scaling.cli import (
     int_list,
     simulator_parser,
 )
+from largebatch.scaling.model import MIB, mib
 from largebatch.scaling.output import describe, duration, format_choices, write_advice_plot, write_json
 from largebatch.scaling.resolve import Resolved, resolve
 from largebatch.scaling.runs import Measured, read_run, train_probe
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in p._actions:
         if action.dest in {dest for dest, _ in NOT_HERE}:
             action.help = argparse.SUPPRESS
+        elif action.dest == "preset":
+            action.help = ("the cluster and workload of a published run (python -m largebatch.simulate --validate "
+                           "compares them with the published efficiencies)")
     return p
 
 
@@ -119,24 +123,25 @@ def _simulator_inputs(sim: argparse.Namespace, measured: Measured) -> tuple[Reso
                              "(for --micro-batch images) or --measure MODEL")
         per_image = measured.world_size / measured.images_per_second
         sim.compute_ms = per_image * sim.micro_batch * 1e3
-        derived.append(f"compute time from the run's {measured.images_per_second:,.0f} images/s on "
-                       f"{measured.world_size} worker(s): {sim.compute_ms:.2f} ms per micro-batch of {sim.micro_batch} "
-                       "(communication and data loading included)")
+        m = measured
+        derived.append(f"compute time from the run's {m.images_per_second:,.0f} images/s on {m.world_size} worker(s), "
+                       f"which ran micro-batches of {m.micro_batch} x {m.per_worker_batch // m.micro_batch}: "
+                       f"{sim.compute_ms:.2f} ms per {sim.micro_batch} images, taken as one micro-batch (the largest; "
+                       "--micro-batch B to change), communication and data loading included")
     if sim.gradient_mb is None and not sim.model and not sim.measure and not sim.preset and sim.params is None:
         if measured.gradient_bytes is None:
             raise UsageError(f"'{measured.run_dir}' has no checkpoints/final.pt to size the gradient: give "
-                             "--gradient-mb MB or --model NAME")
-        sim.gradient_mb = measured.gradient_bytes / 1e6
-        derived.append(f"gradient {sim.gradient_mb:.2f} MB: the parameters of checkpoints/final.pt x 4 bytes")
+                             "--gradient-mb MIB or --model NAME")
+        sim.gradient_mb = measured.gradient_bytes / MIB
+        derived.append(f"gradient {mib(measured.gradient_bytes)}: the parameters of checkpoints/final.pt x 4 bytes")
     check_simulator_args(sim)
     resolved = resolve(sim)
     return resolved, [n for n in [resolved.note] if n] + derived
 
 
 def _print_advice(run_dir: str, measured: Measured, model: StepsModel, r: Resolved, notes: list[str],
-                  rows: list[Choice], price: Optional[float]) -> None:
+                  rows: list[Choice], fast: Choice, cheap: Choice, price: Optional[float]) -> None:
     """The measured run, the model, the cluster, the table, the fastest and cheapest, the assumptions."""
-    fast, cheap = fastest(rows), cheapest(rows)
     print(f"run {run_dir}: global batch {measured.global_batch} on {measured.world_size} worker(s); "
           f"target: {measured.target}")
     print("measured noise scale per epoch (B_simple): "
@@ -148,6 +153,8 @@ def _print_advice(run_dir: str, measured: Measured, model: StepsModel, r: Resolv
         print("  " + line)
     print()
     print(format_choices(rows, fast, cheap))
+    for line in _training_legend(rows, fast, cheap):
+        print(line)
     print()
     unit = "" if price is not None else " node-hours"
     for name, c in (("fastest", fast), ("cheapest", cheap)):
@@ -160,10 +167,21 @@ def _print_advice(run_dir: str, measured: Measured, model: StepsModel, r: Resolv
         print(f"  - {a}")
 
 
+def _training_legend(rows: list[Choice], fast: Choice, cheap: Choice) -> list[str]:
+    """What the table's training column means, for the marks it holds."""
+    lines = []
+    if any(c.refused for c in rows):
+        lines.append("training refuses: micro-batches of 1 image through the model's BatchNorm; never picked")
+    if any(c.warning and not c.refused for c in rows):
+        picked = fast.warning or cheap.warning
+        lines.append("training warns: micro-batches too small for sensible BatchNorm statistics and fast steps; "
+                     + ("picked only because every other choice is refused" if picked else "not picked"))
+    return lines
+
+
 def _write_files(args: argparse.Namespace, run_dir: str, measured: Measured, model: StepsModel, r: Resolved,
-                 rows: list[Choice], price: Optional[float]) -> None:
+                 rows: list[Choice], fast: Choice, cheap: Choice, price: Optional[float]) -> None:
     """--plot and --json."""
-    fast, cheap = fastest(rows), cheapest(rows)
     if args.plot:
         write_advice_plot(args.plot, model, rows, fast, cheap, title=f"advice from {run_dir}")
         print(f"\nwrote {args.plot}")
@@ -193,12 +211,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     workers = int_list("--workers", args.workers, example="256,1024", rule=rule) if args.workers \
         else default_workers(r.cluster.workers_per_node, smallest=1, whole_nodes_instead=False)
     price = args.cost_per_node_hour if args.cost_per_node_hour is not None else measured.cost_per_node_hour
-    rows = choices(model, r.cluster, r.workload, workers, batches, price)
+    batchnorm = measured.has_batchnorm is not False
+    if measured.has_batchnorm is None:
+        notes.append("BatchNorm assumed in the model (no checkpoints/final.pt to tell): micro-batches of 1 image "
+                     "are marked as training refuses them")
+    rows = choices(model, r.cluster, r.workload, workers, batches, price, batchnorm)
     if not rows:
         raise UsageError(f"no worker count of {workers} divides a global batch of {batches} and fills whole nodes of "
                          f"{r.cluster.workers_per_node}; give other --workers or --batches")
-    _print_advice(run_dir, measured, model, r, notes, rows, price)
-    _write_files(args, run_dir, measured, model, r, rows, price)
+    picks = recommendable(rows)
+    if not picks:
+        raise UsageError(f"every choice of {batches} on {workers} worker(s) gives micro-batches of 1 image, which "
+                         "training refuses for a model with BatchNorm; give larger --batches or fewer --workers")
+    fast, cheap = fastest(picks), cheapest(picks)
+    _print_advice(run_dir, measured, model, r, notes, rows, fast, cheap, price)
+    _write_files(args, run_dir, measured, model, r, rows, fast, cheap, price)
     return 0
 
 

@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from largebatch.batching import micro_batch_of
+from largebatch.batching import check_trainable_batch, plan, plan_warning
+from largebatch.errors import UsageError
 from largebatch.scaling.model import Cluster, Workload
 from largebatch.scaling.predict import predict_step
 from largebatch.scaling.steps import StepsModel
 
-__all__ = ["ASSUMPTIONS", "BATCH_SPAN", "Choice", "choices", "fastest", "cheapest", "default_batches"]
+__all__ = ["ASSUMPTIONS", "BATCH_SPAN", "Choice", "choices", "recommendable", "fastest", "cheapest",
+           "default_batches"]
 
 ASSUMPTIONS = (
     "B_crit = B_simple: the simple noise scale (per-image gradient variance / squared gradient) stands in for "
@@ -59,31 +61,49 @@ class Choice:
     node_hours: float
     cost: Optional[float]
     """node_hours x price, where a price is known."""
+    refused: bool = False
+    """Training refuses this plan (micro-batches of one image through BatchNorm)."""
+    warning: Optional[str] = None
+    """The line training refuses it with, or warns about it with (micro-batches too small for
+    sensible BatchNorm statistics and fast steps); None for a plan training takes silently."""
 
 
 def choices(model: StepsModel, cluster: Cluster, workload: Workload, workers: Sequence[int], batches: Sequence[int],
-            price: Optional[float]) -> list[Choice]:
+            price: Optional[float], has_batchnorm: bool = True) -> list[Choice]:
     """Every (workers, batch) that splits evenly and fills whole nodes, with its predicted steps,
     step time (``workload.compute_time`` is for ``workload.micro_batch`` images, the largest
-    micro-batch), wall time and cost."""
+    micro-batch, which training would take as train.max_micro_batch), wall time and cost, and what
+    training says of its batch plan (the trainer's own checks, for a model with BatchNorm layers
+    where ``has_batchnorm``)."""
     out = []
     for batch in batches:
         steps = model.steps(batch)
         for n in workers:
             if batch % n or not cluster.fits(n):
                 continue
-            per_worker = batch // n
-            micro = micro_batch_of(per_worker, workload.micro_batch)
-            work = replace(workload, compute_time=workload.compute_time * micro / workload.micro_batch,
-                           micro_batch=micro, accumulation_steps=per_worker // micro)
+            p = plan(batch, n, workload.micro_batch)
+            refused, warning = False, plan_warning(p, workload.micro_batch)
+            try:
+                check_trainable_batch(p, has_batchnorm, workload.micro_batch)
+            except UsageError as exc:
+                refused, warning = True, str(exc)
+            work = replace(workload, compute_time=workload.compute_time * p.micro_batch / workload.micro_batch,
+                           micro_batch=p.micro_batch, accumulation_steps=p.accum_steps)
             pred = predict_step(cluster, work, n)
             wall = steps * pred.step_time
             hours = pred.nodes * wall / 3600.0
-            out.append(Choice(global_batch=batch, workers=n, nodes=pred.nodes, per_worker_batch=per_worker,
-                              micro_batch=micro, accum_steps=per_worker // micro, steps=steps,
+            out.append(Choice(global_batch=batch, workers=n, nodes=pred.nodes, per_worker_batch=p.per_worker_batch,
+                              micro_batch=p.micro_batch, accum_steps=p.accum_steps, steps=steps,
                               step_time=pred.step_time, wall_s=wall, node_hours=hours,
-                              cost=None if price is None else hours * price))
+                              cost=None if price is None else hours * price, refused=refused, warning=warning))
     return out
+
+
+def recommendable(rows: Sequence[Choice]) -> list[Choice]:
+    """The choices the fastest and the cheapest are picked from: those training takes without a
+    warning; where there are none, those it takes with one. Never one that training refuses."""
+    clean = [c for c in rows if c.warning is None]
+    return clean or [c for c in rows if not c.refused]
 
 
 def fastest(rows: Sequence[Choice]) -> Choice:

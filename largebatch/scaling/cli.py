@@ -109,7 +109,7 @@ def simulator_parser() -> argparse.ArgumentParser:
     w.add_argument("--micro-batch", type=int, metavar="B", help="images per worker per micro-batch (default 32)")
     w.add_argument("--accumulation-steps", type=int, metavar="A", help="micro-batches per optimizer step (default 1)")
     w.add_argument("--model", metavar="NAME", help="gradient size from the parameters of NAME in the zoo")
-    w.add_argument("--gradient-mb", type=float, metavar="MB", help="gradient size in MB (10^6 bytes)")
+    w.add_argument("--gradient-mb", type=float, metavar="MIB", help="gradient size in MiB (2^20 bytes, as --bucket-mb)")
     w.add_argument("--params", type=float, metavar="N",
                    help="parameters of the model, e.g. 1e9: sets the gradient size and replaces --model's count "
                         "(the tensors' shapes are then not known: memory is split evenly over the workers)")

@@ -13,7 +13,8 @@ from typing import Optional
 
 from largebatch.errors import UsageError
 
-__all__ = ["measure_compute", "count_parameters", "model_shapes", "checkpoint_gradient_bytes"]
+__all__ = ["measure_compute", "count_parameters", "model_shapes", "checkpoint_gradient_bytes",
+           "checkpoint_has_batchnorm"]
 
 NOT_GRADIENTS = ("running_mean", "running_var", "num_batches_tracked")
 """Suffixes of the floating-point buffers in a state dict that are statistics, not parameters."""
@@ -74,17 +75,34 @@ def model_shapes(model_name: str, image_size: int = 224) -> list[list[tuple]]:
     return model_groups(model)
 
 
-def checkpoint_gradient_bytes(run_dir: str) -> Optional[float]:
-    """Bytes of fp32 gradient of the model in ``run_dir``'s ``checkpoints/final.pt`` (its floating-point
-    tensors but the BatchNorm statistics, x 4); None where the file is missing or unreadable."""
+def _final_state(run_dir: str) -> Optional[dict]:
+    """The model's state dict in ``run_dir``'s ``checkpoints/final.pt``; None where the file is
+    missing or unreadable."""
     path = os.path.join(run_dir, "checkpoints", "final.pt")
     if not os.path.isfile(path):
         return None
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    except Exception:  # unreadable: the size must then be given
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except Exception:  # unreadable: what it would say must then be given or assumed
+        return None
+
+
+def checkpoint_gradient_bytes(run_dir: str) -> Optional[float]:
+    """Bytes of fp32 gradient of the model in ``run_dir``'s ``checkpoints/final.pt`` (its floating-point
+    tensors but the BatchNorm statistics, x 4); None where the file is missing or unreadable."""
+    state = _final_state(run_dir)
+    if state is None:
         return None
     return float(sum(t.numel() * 4 for k, t in state.items()
                      if t.is_floating_point() and not k.endswith(NOT_GRADIENTS)))
+
+
+def checkpoint_has_batchnorm(run_dir: str) -> Optional[bool]:
+    """Whether the model in ``run_dir``'s ``checkpoints/final.pt`` has BatchNorm layers (running
+    statistics in its state); None where the file is missing or unreadable."""
+    state = _final_state(run_dir)
+    if state is None:
+        return None
+    return any(k.endswith(("running_mean", "running_var")) for k in state)

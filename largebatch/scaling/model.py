@@ -15,13 +15,24 @@ from typing import Optional, Sequence
 
 from largebatch.footprint import MODES as SHARDS
 
-__all__ = ["GBIT", "MIB", "ALGORITHMS", "INTER_ALGORITHMS", "FUSIONS", "SHARDS", "gbit", "Cluster", "Workload",
+__all__ = ["GBIT", "MIB", "mib", "ALGORITHMS", "INTER_ALGORITHMS", "FUSIONS", "SHARDS", "gbit", "Cluster", "Workload",
            "StepPrediction", "ModelSize"]
 
 GBIT = 1e9 / 8
 """Bytes per second in one Gbit/s."""
 MIB = 1024 * 1024
 """Bytes in one MiB (DDP's ``bucket_cap_mb`` counts these)."""
+
+
+def mib(nbytes: float) -> str:
+    """Bytes in MiB, the one unit of sizes in the simulator's and the advice's text, with three
+    significant digits at least: 97.49 MiB, 0.191 MiB, 3,814.7 MiB."""
+    value = nbytes / MIB
+    if value >= 100:
+        return f"{value:,.1f} MiB"
+    return f"{value:.2f} MiB" if value >= 1 else f"{value:.3g} MiB"
+
+
 ALGORITHMS = ("ring", "halving-doubling", "hierarchical")
 INTER_ALGORITHMS = ("ring", "halving-doubling")
 FUSIONS = ("fixed", "greedy")

@@ -13,7 +13,7 @@ from largebatch.errors import UsageError
 from largebatch.fileio import write_bytes_atomic
 from largebatch.footprint import Footprint, state_per_parameter, table
 from largebatch.scaling.choices import Choice
-from largebatch.scaling.model import GBIT, MIB, Cluster, ModelSize, StepPrediction, Workload
+from largebatch.scaling.model import GBIT, MIB, Cluster, ModelSize, StepPrediction, Workload, mib
 from largebatch.scaling.predict import predict_preset, vary
 from largebatch.scaling.presets import Preset
 from largebatch.scaling.steps import StepsModel
@@ -41,7 +41,7 @@ def describe(cluster: Cluster, workload: Workload, baseline_workers: int = 1) ->
         f"compute          {w.compute_time * 1e3:.1f} ms forward+backward per micro-batch of {w.micro_batch}"
         + (f", {w.accumulation_steps} micro-batches per step" if w.accumulation_steps > 1 else "")
         + f"; backward {w.backward_fraction:.0%}",
-        f"gradient         {w.gradient_bytes / 1e6:.1f} MB in "
+        f"gradient         {mib(w.gradient_bytes)} in "
         + (f"buckets of {w.bucket_bytes / MIB:.2f} MiB" if w.fusion == "fixed"
            else f"greedy fusion up to {w.bucket_bytes / MIB:.2f} MiB every {w.cycle_time * 1e3:g} ms"),
         f"workers per node {cluster.workers_per_node}",
@@ -52,11 +52,11 @@ def describe(cluster: Cluster, workload: Workload, baseline_workers: int = 1) ->
     ]
     if w.shard == "optimizer":
         lines.append(f"sharding         optimizer (ZeRO-1): the allreduce, then an allgather of "
-                     f"{w.parameter_bytes / 1e6:.1f} MB of updated parameters")
+                     f"{mib(w.parameter_bytes)} of updated parameters")
     elif w.shard == "full":
         lines += [f"sharding         full (ZeRO-3), in blocks of {w.bucket_bytes / MIB:.2f} MiB of gradient: "
-                  f"{w.parameter_bytes / 1e6:.1f} MB of parameters",
-                  f"                 all-gathered in forward and again in backward, {w.gradient_bytes / 1e6:.1f} MB "
+                  f"{mib(w.parameter_bytes)} of parameters",
+                  f"                 all-gathered in forward and again in backward, {mib(w.gradient_bytes)} "
                   "of gradient reduce-scattered"]
     if w.update_time:
         per = " (each worker 1/p of it)" if w.shard != "none" else ""
@@ -131,14 +131,16 @@ def format_choices(rows: Sequence[Choice], fast: Choice, cheap: Choice) -> str:
     """The advice table: a row per (global batch, workers), the fastest and the cheapest marked."""
     priced = any(r.cost is not None for r in rows)
     head = (f"{'global batch':>12} {'workers':>7} {'nodes':>5} {'per worker':>10} {'micro x accum':>13} "
-            f"{'steps':>8} {'step ms':>9} {'wall':>8} {'node-hours':>10}" + (f" {'cost':>9}" if priced else "") + "  ")
+            f"{'steps':>8} {'step ms':>9} {'wall':>8} {'node-hours':>10}" + (f" {'cost':>9}" if priced else "")
+            + f" {'training':>8}  ")
     lines = [head]
     for r in rows:
         mark = ", ".join(m for m, c in (("fastest", fast), ("cheapest", cheap)) if r is c)
+        said = "refuses" if r.refused else "warns" if r.warning else "ok"
         lines.append(f"{r.global_batch:>12} {r.workers:>7} {r.nodes:>5} {r.per_worker_batch:>10} "
                      f"{f'{r.micro_batch} x {r.accum_steps}':>13} {r.steps:>8.0f} {r.step_time * 1e3:>9.1f} "
                      f"{duration(r.wall_s):>8} {r.node_hours:>10.3g}"
-                     + (f" {r.cost:>9.3g}" if priced else "") + (f"  <- {mark}" if mark else ""))
+                     + (f" {r.cost:>9.3g}" if priced else "") + f" {said:>8}" + (f"  <- {mark}" if mark else ""))
     return "\n".join(lines)
 
 

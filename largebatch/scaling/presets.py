@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from largebatch.scaling.model import MIB, Cluster, Workload, gbit
+from largebatch.scaling.model import MIB, Cluster, Workload, gbit, mib
 
 __all__ = ["RESNET50_PARAMS", "RESNET50_TENSORS", "RESNET101_PARAMS", "Variation", "Preset", "PRESETS",
            "DEFAULT_CLUSTER"]
@@ -83,9 +83,10 @@ GOYAL2017 = Preset(
     inputs=(
         ("compute", "32 / 219 img/s = 146.1 ms for forward+backward of 32 images: ResNet-50 fp32 on one P100, "
                     "219 img/s (TensorFlow performance benchmarks, NVIDIA DGX-1, synthetic data, 2017)"),
-        ("gradient", f"{RESNET50_PARAMS:,} parameters x 4 bytes (fp32) = {_R50_FP32 / 1e6:.1f} MB"),
-        ("buckets", f"one allreduce per parameter tensor, {RESNET50_TENSORS} of {_R50_FP32 / RESNET50_TENSORS / 1e6:.2f} MB "
-                    "on average: the paper aggregates each layer's gradient as soon as backprop has computed it"),
+        ("gradient", f"{RESNET50_PARAMS:,} parameters x 4 bytes (fp32) = {mib(_R50_FP32)}"),
+        ("buckets", f"one allreduce per parameter tensor, {RESNET50_TENSORS} of "
+                    f"{mib(_R50_FP32 / RESNET50_TENSORS)} on average: the paper aggregates each layer's gradient as soon as backprop "
+                    "has computed it"),
         ("algorithm", "hierarchical: inside the server (NCCL), halving-doubling between the 32 servers (Gloo), as in "
                       "the paper's section 4"),
         ("intra-node", "NVLink (P100 SXM2, hybrid cube mesh of Big Basin / DGX-1): 20 GB/s per link and direction x 0.8 "
@@ -121,7 +122,7 @@ HOROVOD2018 = Preset(
         ("compute", "550 ms for forward+backward of 64 images (116 img/s): ResNet-50's 219 img/s on a P100 scaled by "
                     "FLOPs, 4.1 / 7.8 GFLOPs per image = 115 img/s; Horovod's README example prints "
                     "1656.82 img/s on 16 GPUs, 103.6 img/s per GPU with communication"),
-        ("gradient", f"{RESNET101_PARAMS:,} parameters x 4 bytes (fp32) = {_R101_FP32 / 1e6:.1f} MB"),
+        ("gradient", f"{RESNET101_PARAMS:,} parameters x 4 bytes (fp32) = {mib(_R101_FP32)}"),
         ("buckets", "64 MiB: Horovod's tensor-fusion buffer (HOROVOD_FUSION_THRESHOLD default), taken as fixed "
                     "buckets filled in order"),
         ("algorithm", "ring through all 128 GPUs (NCCL 2 under Horovod)"),
@@ -153,7 +154,7 @@ SONY2018 = Preset(
     inputs=(
         ("compute", "40 ms for forward+backward of 32 images (800 img/s): mixed-precision ResNet-50 on one V100 was "
                     "published at roughly 800-1,400 img/s (2018, batch 128-256, by framework); the low end for batch 32"),
-        ("gradient", f"{RESNET50_PARAMS:,} parameters x 2 bytes (fp16 gradients) = {_R50_FP16 / 1e6:.1f} MB"),
+        ("gradient", f"{RESNET50_PARAMS:,} parameters x 2 bytes (fp16 gradients) = {mib(_R50_FP16)}"),
         ("buckets", "2 Mi values (4 MiB in fp16) per allreduce during backward: the pack size of Neural Network "
                     "Libraries' all_reduce_callback in its distributed-training example (the paper gives none)"),
         ("algorithm", "hierarchical = 2D torus: reduce-scatter over the 4 GPUs of a node, ring allreduce between the "

@@ -55,7 +55,7 @@ def _sizes(args: argparse.Namespace, preset: Optional[Preset], micro: int) -> _S
     """The compute time and the gradient as the options give them; the last option that sizes the
     model wins (a preset, --gradient-mb, --model, --measure where nothing else did, --params)."""
     s = _Sizes(compute=args.compute_ms / 1e3 if args.compute_ms is not None else None,
-               gradient=args.gradient_mb * 1e6 if args.gradient_mb is not None else None,
+               gradient=args.gradient_mb * MIB if args.gradient_mb is not None else None,
                bytes_per_value=args.bytes_per_value or 4, size=ModelSize(0))
     if preset is not None:
         s.size = ModelSize(preset.parameters, None, f"the {preset.name} preset's model")
@@ -96,7 +96,7 @@ def _workload(args: argparse.Namespace, preset: Optional[Preset], micro: int, s:
         if s.compute is None:
             raise UsageError("give the compute time: --compute-ms MS, --measure MODEL, or --preset NAME")
         if grad is None:
-            raise UsageError("give the gradient size: --model NAME, --gradient-mb MB, --params N, --measure MODEL, "
+            raise UsageError("give the gradient size: --model NAME, --gradient-mb MIB, --params N, --measure MODEL, "
                              "or --preset NAME")
         workload = Workload(compute_time=s.compute, micro_batch=micro, gradient_bytes=grad)
     else:

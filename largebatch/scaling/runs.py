@@ -13,7 +13,7 @@ import yaml
 from largebatch.batching import micro_batch_of
 from largebatch.errors import UsageError
 from largebatch.report import read_metrics
-from largebatch.scaling.measure import checkpoint_gradient_bytes
+from largebatch.scaling.measure import checkpoint_gradient_bytes, checkpoint_has_batchnorm
 from largebatch.scaling.steps import Segment
 
 __all__ = ["Measured", "read_run", "fill_gaps", "train_probe"]
@@ -40,6 +40,8 @@ class Measured:
     """The run's training throughput over all workers."""
     gradient_bytes: Optional[float]
     """Parameters x 4 bytes, from checkpoints/final.pt."""
+    has_batchnorm: Optional[bool]
+    """Whether the model has BatchNorm layers, from checkpoints/final.pt; None: not known."""
     cost_per_node_hour: Optional[float]
 
 
@@ -86,7 +88,9 @@ def _segments_to(run_dir: str, epochs: list[dict], batches: list[int], scales: l
         for e, b, s in zip(epochs, batches, scales):
             segments.append(Segment(e["step"] - steps_before, b, s))
             steps_before = e["step"]
-        return segments, f"the run's end: {epochs[-1]['step']} steps, train_loss {epochs[-1].get('train_loss')}"
+        loss = epochs[-1].get("train_loss")
+        loss = f"{loss:.4g}" if isinstance(loss, (int, float)) else "not recorded"
+        return segments, f"the run's end: {epochs[-1]['step']} steps, train_loss {loss}"
     for e, b, s in zip(epochs, batches, scales):
         acc, last = e.get("val_acc"), accs[-1]
         span = e["step"] - steps_before
@@ -131,7 +135,8 @@ def read_run(run_dir: str, target_accuracy: Optional[float] = None) -> Measured:
     return Measured(run_dir=run_dir, segments=segments, target=what, global_batch=batches[0], world_size=world,
                     micro_batch=micro, per_worker_batch=per_worker, num_train=max(spe, 1) * batches[0],
                     images_per_second=summary.get("samples_per_sec") or first.get("samples_per_sec"),
-                    gradient_bytes=checkpoint_gradient_bytes(run_dir), cost_per_node_hour=run.get("cost_per_node_hour"))
+                    gradient_bytes=checkpoint_gradient_bytes(run_dir), has_batchnorm=checkpoint_has_batchnorm(run_dir),
+                    cost_per_node_hour=run.get("cost_per_node_hour"))
 
 
 def train_probe(config: Optional[str], overrides: list[str]) -> str:
