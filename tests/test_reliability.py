@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,6 +216,22 @@ def test_fresh_start_moves_old_checkpoints_aside(tmp_path):
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)] == ["step-000000011.pt"]
     replaced = glob.glob(os.path.join(d, "checkpoints", "replaced-*", "*.pt"))
     assert sorted(map(os.path.basename, replaced)) == sorted(map(os.path.basename, old))
+    assert re.fullmatch(r"replaced-\d{8}-\d{6}", os.path.basename(os.path.dirname(replaced[0]))), replaced
+
+
+def test_checkpoints_moved_aside_go_to_a_folder_named_by_utc_time_and_unique(tmp_path):
+    d = str(tmp_path)
+    folder = ckpt.checkpoint_dir(d)
+    made = []
+    for step in (11, 22, 33):  # three moves in the same second
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"step-{step:09d}.pt"), "wb").close()
+        made.append(ckpt.move_aside(d, now=1796354100.0))  # 2026-12-04 03:15:00 UTC
+    assert [os.path.relpath(m, folder) for m in made] == ["replaced-20261204-031500", "replaced-20261204-031500-2",
+                                                          "replaced-20261204-031500-3"]
+    assert [os.listdir(m) for m in made] == [["step-000000011.pt"], ["step-000000022.pt"], ["step-000000033.pt"]]
+    assert ckpt.list_checkpoints(d) == [] and ckpt.move_aside(d) is None
+    assert sorted(os.listdir(folder)) == [os.path.basename(m) for m in made]  # sorted by name = by time
 
 
 def test_every_steps_at_epoch_end_without_epoch_checkpoints(tmp_path):
