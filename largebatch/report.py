@@ -13,21 +13,27 @@ Reads each run's ``metrics.jsonl`` and ``config.yaml`` and writes to ``--out`` (
 - ``summary.md``     final and best accuracy, time to target, images/s, cost, world size, global batch
 
 Each run is labelled by its folder name and the settings that differ between the runs given and
-change what a run computes or how fast (e.g. optimizer and global batch; not logging, paths,
-checkpoint cadence, timeouts, bucket sizes or loader processes). Legends sit to the right of the
-plots. Needs matplotlib: ``pip install 'largebatch[report]'``.
+change what a run computes or how fast (e.g. optimizer, global batch, comm.shard; not logging,
+paths, checkpoint cadence, timeouts, bucket sizes or loader processes, nor model settings the run's
+model ignores, such as model.norm for a model passed in). Legends sit to the right of the plots. A
+folder given twice is reported once; a run without epoch records (one that stopped before its first
+epoch ended) is named and left out of the plots, and when no run has any the report stops with
+exit status 2. Needs matplotlib: ``pip install 'largebatch[report]'``.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import yaml
 
 from largebatch.errors import UsageError, run_cli
+from largebatch.fileio import write_bytes_atomic
 
 
 @dataclass
@@ -72,7 +78,8 @@ def _flatten(cfg: dict) -> dict:
 
 SHOWN_THOUGH_SAFE = frozenset({
     "train.epochs", "train.max_micro_batch", "train.stop_at_target", "train.device", "train.channels_last",
-    "train.compile", "comm.backend", "train.precise_bn_images",
+    "train.compile", "comm.backend", "train.precise_bn_images", "comm.shard", "train.noise_scale",
+    "data.device_cache",
 })
 """Keys a resumed run may change (largebatch.config.SAFE_TO_CHANGE) that still change the results or the speed."""
 
@@ -83,6 +90,33 @@ def label_keys_left_out() -> frozenset:
     from largebatch.config.compare import SAFE_TO_CHANGE
 
     return frozenset(SAFE_TO_CHANGE - SHOWN_THOUGH_SAFE)
+
+
+PUBLISHED_MODELS = ("resnet9", "resnet18", "resnet50", "alexnet_bn")
+"""The zoo's models of fixed, published widths (they ignore model.width)."""
+
+
+def ignored_model_keys(name: str) -> tuple[tuple[str, ...], str]:
+    """The model.* keys a run of ``model.name`` does not use, and why, in words: a model passed in
+    is used as built; timm's, torchvision's and a factory's take model.options alone; the zoo's
+    take norm, width and zero_init_residual, not options, and its published models ignore width."""
+    from largebatch.config.schema import MODELS
+
+    if name.startswith("python:"):
+        return (("model.norm", "model.width", "model.zero_init_residual", "model.options"),
+                f"a model passed to largebatch.fit() ({name[len('python:'):]}) is used as it was built")
+    if name not in MODELS:
+        return (("model.norm", "model.width", "model.zero_init_residual"),
+                f"model.name={name} builds its own layers and takes only model.options")
+    if name in PUBLISHED_MODELS:
+        return ("model.width", "model.options"), f"the zoo's {name} has a fixed width and takes no model.options"
+    return ("model.options",), f"the zoo's {name} takes model.norm, model.width and model.zero_init_residual"
+
+
+def _used(flat: dict) -> dict:
+    """A run's flat config without the model keys its model ignores."""
+    ignored = set(ignored_model_keys(str(flat.get("model.name", "")))[0])
+    return {k: v for k, v in flat.items() if k not in ignored}
 
 
 def _short(key: str, keys) -> str:
@@ -123,13 +157,14 @@ def label_runs(runs: list[Run]) -> None:
     matter (see :func:`label_keys_left_out`)."""
     from largebatch.config import valid_keys
 
-    flat = [_flatten(r.config) for r in runs]
+    flat = [_used(_flatten(r.config)) for r in runs]
     order = {k: i for i, k in enumerate(valid_keys())}  # the config's own order: run, data, model, train, ...
     keys = sorted({k for f in flat for k in f}, key=lambda k: (order.get(k, len(order)), k))
     left_out = label_keys_left_out()
-    differing = [k for k in keys if k not in left_out and len({repr(f.get(k)) for f in flat}) > 1]
+    # a key differs where two runs that use it set it differently (model.norm: between zoo models)
+    differing = [k for k in keys if k not in left_out and len({repr(f[k]) for f in flat if k in f}) > 1]
     for r, name, f in zip(runs, _folder_names([r.path for r in runs]), flat):
-        parts = [f"{_short(k, keys)}={_value(f.get(k))}" for k in differing]
+        parts = [f"{_short(k, keys)}={_value(f[k])}" for k in differing if k in f]
         r.label = f"{name}: {' '.join(parts)}" if parts else name
 
 
@@ -203,6 +238,27 @@ def _pyplot():
     return plt
 
 
+def _plain_number(x: float) -> str:
+    """A tick value as people write it: 90, 1,000, 0.02 (not 9x10^1)."""
+    if x >= 1:
+        return f"{x:,.0f}" if x == round(x) else f"{x:,.3g}"
+    import numpy as np
+
+    return np.format_float_positional(x, precision=3, unique=True, fractional=False, trim="-")
+
+
+def _plain_log_ticks(ax) -> None:
+    """Label a log y axis with plain numbers; matplotlib still chooses which ticks carry a label."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return _plain_number(x) if super().__call__(x, pos) else ""
+
+    ax.yaxis.set_major_formatter(PlainLogFormatter(base=10.0))
+    ax.yaxis.set_minor_formatter(PlainLogFormatter(base=10.0, labelOnlyBase=False))
+
+
 def _legend_outside(fig, ax) -> None:
     """One legend for the figure, to the right of ``ax`` (the rightmost axes), outside the plots."""
     handles, labels = ax.get_legend_handles_labels()
@@ -238,6 +294,7 @@ def _by_epoch_and_time(plt, runs: list[Run], legend_in: float, key: str, title: 
         ax.grid(alpha=0.3)
         if logy:
             ax.set_yscale("log")
+            _plain_log_ticks(ax)
     _legend_outside(fig, axes[1])
     fig.suptitle(title)
     return fig
@@ -279,6 +336,7 @@ def _noise_figure(plt, noisy: list[Run], legend_in: float):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("noise scale B_simple (images)")
         ax.set_yscale("log")
+        _plain_log_ticks(ax)
         ax.grid(alpha=0.3)
     _legend_outside(fig, axes[1])
     fig.suptitle("gradient noise scale")
@@ -289,11 +347,40 @@ def plot_runs(runs: list[Run], out: str) -> list[str]:
     plt = _pyplot()
     written = []
     for name, fig in figures(runs).items():
-        path = os.path.join(out, name)
-        fig.savefig(path, dpi=110, bbox_inches="tight")  # the image grows to hold the legend
+        path, image = os.path.join(out, name), io.BytesIO()
+        fig.savefig(image, format="png", dpi=110, bbox_inches="tight")  # the image grows to hold the legend
         plt.close(fig)
+        write_bytes_atomic(image.getvalue(), path)
         written.append(path)
     return written
+
+
+def distinct_folders(paths: list[str]) -> list[str]:
+    """``paths`` with a folder given again (by the same or another path) left out, in order; a
+    warning names each one left out."""
+    seen: dict[str, str] = {}
+    for p in paths:
+        real = os.path.realpath(p)
+        if real in seen:
+            same = "" if p == seen[real] else f" (as {seen[real]})"
+            print(f"largebatch: warning: {p} was given more than once{same}; it is reported once", file=sys.stderr)
+        else:
+            seen[real] = p
+    return list(seen.values())
+
+
+def runs_to_plot(runs: list[Run]) -> list[Run]:
+    """The runs with epoch records; a warning names each run without any (its plots would be
+    empty), and a UsageError says so when no run has any."""
+    empty = [r for r in runs if not r.epochs]
+    if len(empty) == len(runs):
+        raise UsageError(f"nothing to plot: no epoch records in the metrics.jsonl of {', '.join(r.path for r in empty)} "
+                         "(a run that stops or crashes before its first epoch ends has none); report runs that "
+                         "trained at least one epoch")
+    for r in empty:
+        print(f"largebatch: warning: {r.path} has no epoch records in its metrics.jsonl (it stopped or crashed before "
+              "its first epoch ended); it is left out of the plots", file=sys.stderr)
+    return [r for r in runs if r.epochs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,13 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR")
     ap.add_argument("--out", default="report", help="folder for the plots and summary.md (default: report)")
     args = ap.parse_args(argv)
-    runs = [load_run(p) for p in args.runs]
+    runs = [load_run(p) for p in distinct_folders(args.runs)]
     label_runs(runs)
+    plotted = runs_to_plot(runs)
     os.makedirs(args.out, exist_ok=True)
-    files = plot_runs(runs, args.out)
+    files = plot_runs(plotted, args.out)
     table = summary_table(runs)
-    with open(os.path.join(args.out, "summary.md"), "w") as fh:
-        fh.write(table + "\n")
+    write_bytes_atomic((table + "\n").encode(), os.path.join(args.out, "summary.md"))
     print(table)
     print("\nwrote " + ", ".join(files + [os.path.join(args.out, "summary.md")]))
     return 0

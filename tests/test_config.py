@@ -4,7 +4,8 @@ import re
 import pytest
 import yaml
 
-from largebatch.config import Config, load_config, to_dict, valid_keys
+from largebatch.config import Config, describe_keys, load_config, to_dict, valid_keys
+from largebatch.config.schema import OPTIMIZERS
 from largebatch.errors import UsageError
 
 REQUIRED_KEYS = [
@@ -120,6 +121,33 @@ def test_shipped_configs_load():
 def test_digits_yaml_is_the_embedded_default():
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.yaml")
     assert load_config(path) == Config()
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_digits_yaml_stays_the_default_when_the_optimizer_changes(optimizer):
+    # the lr and its scaling rule follow optim.name; a file that pins them would train lamb at sgd's lr
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "digits.yaml")
+    overrides = [f"optim.name={optimizer}", "train.global_batch=1024"]
+    assert load_config(path, overrides) == load_config(None, overrides)
+
+
+def test_shipped_configs_pin_the_lr_only_with_the_optimizer_it_was_chosen_for():
+    folder = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for f in sorted(os.listdir(folder)):
+        optim = (yaml.safe_load(open(os.path.join(folder, f))) or {}).get("optim") or {}
+        if {"base_lr", "scaling"} & set(optim):
+            assert "name" in optim, f"configs/{f} sets optim.base_lr or optim.scaling without naming optim.name"
+
+
+def test_help_config_shows_the_declared_defaults_and_what_they_resolve_to():
+    text = describe_keys()
+    lrs = {name: load_config(None, [f"optim.name={name}"]).optim.base_lr for name in OPTIMIZERS}
+    assert lrs == {"sgd": 0.2, "lars": 0.9375, "larc": 0.9375, "lamb": pytest.approx(0.0035355, abs=1e-7)}
+    assert ("optim.base_lr = None (per optimizer, at base_batch 256: sgd 0.2, lars/larc 0.9375, lamb 0.0035355)\n"
+            in text)
+    assert "optim.scaling = None (per optimizer: sgd/lars/larc linear, lamb sqrt)\n" in text
+    assert "optim.base_lr = 0.2" not in text and "optim.scaling = 'linear'" not in text
+    assert "train.global_batch = 128\n" in text  # keys with a plain default show just that
 
 
 def test_seed_range():

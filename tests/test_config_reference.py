@@ -34,8 +34,11 @@ def test_every_key_is_described_once_with_its_docstring_and_default():
         items = [ln for ln in joined.splitlines() if ln.startswith(f"- `{d.key}` = ")]
         assert len(items) == 1, (d.key, items)
         assert items[0].endswith(d.doc.replace("<", "\\<")), (d.key, items[0])
-        assert f"{d.key} = {d.default!r}\n    {d.doc}" in describe_keys()  # what --help-config prints
+        resolved = f" ({d.resolved})" if d.resolved else ""
+        assert f"{d.key} = {d.default!r}{resolved}\n    {d.doc}" in describe_keys()  # what --help-config prints
     assert "- `train.global_batch` = `128`: Images per optimizer step" in joined
+    assert "- `optim.base_lr` = `null` (per optimizer, at base_batch 256: sgd 0.2, lars/larc 0.9375," in joined
+    assert "- `optim.scaling` = `null` (per optimizer: sgd/lars/larc linear, lamb sqrt): How" in joined
     assert "- `schedule.milestones` = `[30, 60, 80]`:" in joined and "- `run.cost_per_node_hour` = `null`:" in joined
     assert re.findall(r"^### `(\w+)`$", text, flags=re.M) == ["run", "data", "model", "train", "optim", "schedule",
                                                              "comm", "checkpoint", "log"]

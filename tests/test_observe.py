@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import textwrap
 
 import pytest
 import yaml
@@ -207,6 +208,109 @@ def test_report_legends_sit_outside_the_plots(tmp_path):
     assert r.returncode == 0, r.stderr
     table = (out / "summary.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[2:]] == [r.label for r in runs]
+
+
+def _labels(tmp_path, runs: dict) -> dict:
+    from largebatch.report import label_runs, load_run
+
+    for name, overrides in runs.items():
+        write_fake_run(str(tmp_path / name), overrides)
+    loaded = [load_run(str(tmp_path / name)) for name in runs]
+    label_runs(loaded)
+    return {os.path.basename(r.path): r.label for r in loaded}
+
+
+def test_report_labels_show_sharding_and_noise_scale_but_not_what_a_model_ignores(tmp_path):
+    assert _labels(tmp_path / "a", {"ddp": [], "zero": ["comm.shard=optimizer"], "fsdp": ["comm.shard=full"]}) == {
+        "ddp": "ddp: shard=none", "zero": "zero: shard=optimizer", "fsdp": "fsdp: shard=full"}
+    assert _labels(tmp_path / "b", {"plain": [], "noise": ["train.noise_scale=true"]}) == {
+        "plain": "plain: noise_scale=false", "noise": "noise: noise_scale=true"}
+    # model.norm, width and zero_init_residual are the zoo's: a model passed in or a factory's ignores them
+    passed = ["model.name=python:Net"]
+    assert _labels(tmp_path / "c", {"bn": passed, "nonorm": [*passed, "model.norm=none", "model.width=8"],
+                                    "seed1": [*passed, "model.norm=none", "run.seed=1"]}) == {
+        "bn": "bn: seed=0", "nonorm": "nonorm: seed=0", "seed1": "seed1: seed=1"}
+    assert _labels(tmp_path / "d", {"cnn": ["model.norm=none"], "net": [*passed, "model.norm=batch"]}) == {
+        "cnn": "cnn: model=cnn", "net": "net: model=python:Net"}
+    assert _labels(tmp_path / "e", {"bn": [], "nonorm": ["model.norm=none"]}) == {  # zoo models: shown
+        "bn": "bn: norm=batch", "nonorm": "nonorm: norm=none"}
+    assert _labels(tmp_path / "f", {"w16": ["model.name=resnet18", "model.width=16"],  # a published, fixed width
+                                    "w64": ["model.name=resnet18", "model.width=64"]}) == {"w16": "w16", "w64": "w64"}
+
+
+def test_a_model_setting_the_model_ignores_is_named_at_start_up(tmp_path):
+    script = tmp_path / "passed.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        from torch import nn
+        import largebatch
+        largebatch.fit(model=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), overrides=sys.argv[1:])
+    '''))
+    d = tmp_path / "run"
+    r = launch_workers(1, str(script), "train.epochs=1", "model.norm=none", "model.width=8", f"run.dir={d}")[0]
+    assert r.returncode == 0, r.stderr[-3000:]
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("largebatch: warning:")]
+    assert warnings == ["largebatch: warning: model.norm=none and model.width=8 are ignored: a model passed to "
+                        "largebatch.fit() (Sequential) is used as it was built"], r.stderr
+    r = launch_workers(1, str(script), "train.epochs=1", f"run.dir={tmp_path / 'plain'}")[0]
+    assert r.returncode == 0 and "largebatch: warning" not in r.stderr, r.stderr[-3000:]
+
+
+def test_report_of_runs_without_epoch_records(tmp_path):
+    write_fake_run(str(tmp_path / "ok"), [])
+    write_fake_run(str(tmp_path / "crashed"), [])
+    (tmp_path / "crashed" / "metrics.jsonl").write_text("")  # it stopped before its first epoch ended
+    out = tmp_path / "report"
+    r = run_module("largebatch.report", str(tmp_path / "crashed"), "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r
+    assert r.stderr.splitlines() == [f"largebatch: error: nothing to plot: no epoch records in the metrics.jsonl of "
+                                     f"{tmp_path / 'crashed'} (a run that stops or crashes before its first epoch "
+                                     "ends has none); report runs that trained at least one epoch"]
+    assert not out.exists()
+    r = run_module("largebatch.report", str(tmp_path / "crashed"), str(tmp_path / "ok"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"largebatch: warning: {tmp_path / 'crashed'} has no epoch records in its "
+                                     "metrics.jsonl (it stopped or crashed before its first epoch ended); it is "
+                                     "left out of the plots"]
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert [row.split("|")[1].strip() for row in (out / "summary.md").read_text().splitlines()[2:]] == ["crashed", "ok"]
+
+
+def test_report_of_one_folder_given_twice_labels_it_by_its_name(tmp_path):
+    write_fake_run(str(tmp_path / "runs" / "run"), [])
+    out = tmp_path / "report"
+    r = run_module("largebatch.report", "runs/run", "runs/run", "./runs/../runs/run/", "--out", str(out),
+                   cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [
+        "largebatch: warning: runs/run was given more than once; it is reported once",
+        "largebatch: warning: ./runs/../runs/run/ was given more than once (as runs/run); it is reported once"]
+    assert [row.split("|")[1].strip() for row in (out / "summary.md").read_text().splitlines()[2:]] == ["run"]
+
+
+def test_report_log_axes_read_as_plain_numbers(tmp_path):
+    import matplotlib  # noqa: F401  (the dev extra installs it)
+    from largebatch.report import figures, label_runs, load_run
+
+    write_fake_run(str(tmp_path / "run"), ["train.noise_scale=true"], epochs=5)
+    path = tmp_path / "run" / "metrics.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    for line, noise in zip(lines, (60.0, 75.0, 90.0, 120.0, 140.0)):  # less than a decade: minor ticks labelled
+        line["noise_scale"] = noise
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    runs = [load_run(str(tmp_path / "run"))]
+    label_runs(runs)
+    figs = figures(runs)
+    for name in ("noise_scale.png", "loss.png"):
+        fig = figs[name]
+        fig.canvas.draw()
+        texts = [t.get_text() for ax in fig.axes for minor in (False, True)
+                 for t in ax.get_yticklabels(minor=minor) if t.get_text()]
+        assert texts and not any("10^" in t or "times" in t or "e+" in t for t in texts), (name, texts)
+        if name == "noise_scale.png":
+            assert {"60", "100"} <= set(texts), texts
+        else:  # training loss 1/e: 1, 0.5, ..., 0.2
+            assert {"1", "0.2"} <= set(texts), texts
 
 
 HEARTBEAT = re.compile(r"^epoch (\d+)/(\d+) step (\d+)/(\d+)  lr \S+  (\S+ steps/s|[\d,]+ img/s)  ETA \w+$")

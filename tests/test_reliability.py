@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import torch
 from checks import max_abs_diff
 from conftest import (REPO, _env, free_port, launch_workers, load_weights, resumed_at, run_module, start,
                       worker_env)
+from largebatch.config import load_config
 from largebatch.engine import checkpoint as ckpt
+from largebatch.engine import make_run_plan
 
 TIMING = ("samples_per_sec", "elapsed_s", "data_wait", "time_to_target_s", "cost", "startup_s", "first_step_s",
           "build_s", "compile_s")
@@ -213,6 +216,22 @@ def test_fresh_start_moves_old_checkpoints_aside(tmp_path):
     assert [os.path.basename(p) for p in ckpt.list_checkpoints(d)] == ["step-000000011.pt"]
     replaced = glob.glob(os.path.join(d, "checkpoints", "replaced-*", "*.pt"))
     assert sorted(map(os.path.basename, replaced)) == sorted(map(os.path.basename, old))
+    assert re.fullmatch(r"replaced-\d{8}-\d{6}", os.path.basename(os.path.dirname(replaced[0]))), replaced
+
+
+def test_checkpoints_moved_aside_go_to_a_folder_named_by_utc_time_and_unique(tmp_path):
+    d = str(tmp_path)
+    folder = ckpt.checkpoint_dir(d)
+    made = []
+    for step in (11, 22, 33):  # three moves in the same second
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"step-{step:09d}.pt"), "wb").close()
+        made.append(ckpt.move_aside(d, now=1796354100.0))  # 2026-12-04 03:15:00 UTC
+    assert [os.path.relpath(m, folder) for m in made] == ["replaced-20261204-031500", "replaced-20261204-031500-2",
+                                                          "replaced-20261204-031500-3"]
+    assert [os.listdir(m) for m in made] == [["step-000000011.pt"], ["step-000000022.pt"], ["step-000000033.pt"]]
+    assert ckpt.list_checkpoints(d) == [] and ckpt.move_aside(d) is None
+    assert sorted(os.listdir(folder)) == [os.path.basename(m) for m in made]  # sorted by name = by time
 
 
 def test_every_steps_at_epoch_end_without_epoch_checkpoints(tmp_path):
@@ -258,3 +277,23 @@ def test_a_finished_run_is_reported_and_left_as_it_was(tmp_path):
     r = run_module("largebatch.train", "train.epochs=2", f"run.dir={d}")
     assert r.returncode == 0 and "resuming from" in r.stderr and "epoch   2/2" in r.stderr
     assert "epochs: 2" in open(os.path.join(d, "config.yaml")).read()
+    # ... and says, once, that the cosine decay now spans 22 steps, so the lr climbs back from the
+    # end of the finished run's decay to half the peak
+    before, now = (make_run_plan(load_config(None, [f"train.epochs={e}"]), 1, 1438).schedule for e in (1, 2))
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("largebatch: warning:")]
+    assert warnings == [
+        f"largebatch: warning: train.epochs changed from 1 to 2 since the checkpoint: the lr schedule (cosine decay) "
+        f"now ends at step 22, not 11, so the lr goes from {before(10):.4g} (the checkpoint's last step) to "
+        f"{now(11):.4g} at step 11 (train.epochs=1 would give {before(11):.4g}); keep train.epochs=1 to follow the old schedule, "
+        f"or train the longer run from the start in another run.dir"], r.stderr
+    assert now(11) == pytest.approx(0.05) and before(10) < 0.01
+    assert r.stderr.index("resuming from") < r.stderr.index("largebatch: warning:") < r.stderr.index("epoch   2/2")
+
+
+def test_more_epochs_under_a_schedule_that_does_not_change_resume_without_a_warning(tmp_path):
+    d = str(tmp_path / "run")
+    args = ["schedule.decay=step", "schedule.milestones=[1]", f"run.dir={d}"]
+    assert run_module("largebatch.train", "train.epochs=1", *args).returncode == 0
+    r = run_module("largebatch.train", "train.epochs=2", *args)
+    assert r.returncode == 0 and resumed_at(r.stderr, 11), r.stderr
+    assert "largebatch: warning" not in r.stderr

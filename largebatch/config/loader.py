@@ -247,7 +247,8 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 def describe_keys() -> str:
     """Every key with its default and docstring, for ``--help-config``."""
-    return "\n".join(f"{k.key} = {k.default!r}\n    {k.doc}" for k in key_docs())
+    return "\n".join(f"{k.key} = {k.default!r}{f' ({k.resolved})' if k.resolved else ''}\n    {k.doc}"
+                     for k in key_docs())
 
 
 def write_yaml_atomic(data: Any, path: str) -> None:

@@ -48,7 +48,8 @@ def markdown() -> str:
         if head != section:
             section = head
             lines += ["", f"### `{head}`", ""]
-        text = f"- `{item.key}` = `{_yaml(item.default)}`: {item.doc.replace('<', chr(92) + '<')}"
+        resolved = f" ({item.resolved})" if item.resolved else ""
+        text = f"- `{item.key}` = `{_yaml(item.default)}`{resolved}: {item.doc.replace('<', chr(92) + '<')}"
         wrapped = textwrap.wrap(text, width=100, subsequent_indent="  ", break_long_words=False,
                                 break_on_hyphens=False)
         lines += [_BLOCK_MARK.sub(lambda m: m.group(1) + (m.group(2) or "") + "\\" + m.group(3), line)

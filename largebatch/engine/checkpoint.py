@@ -70,14 +70,29 @@ def _rotate(run_dir: str, keep: int) -> None:
     fsync_dir(folder)
 
 
-def move_aside(run_dir: str) -> Optional[str]:
-    """Move the step checkpoints of an earlier run into ``checkpoints/replaced-<time>/`` (kept, but
-    no longer found by ``resume: auto``). Returns that folder, or None when there was nothing."""
+def _new_aside_folder(run_dir: str, now: float) -> str:
+    """Create and return ``checkpoints/replaced-<UTC time>/``, e.g. ``replaced-20261204-031500``
+    (readable, and sorted by time as text); a second one in the same second gets ``-2``, ``-3``..."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    os.makedirs(checkpoint_dir(run_dir), exist_ok=True)
+    for n in range(1, 10_000):
+        folder = os.path.join(checkpoint_dir(run_dir), f"replaced-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            continue
+    raise OSError(f"cannot find a free name for replaced-{stamp} in {checkpoint_dir(run_dir)}")
+
+
+def move_aside(run_dir: str, now: Optional[float] = None) -> Optional[str]:
+    """Move the step checkpoints of an earlier run into ``checkpoints/replaced-<UTC time>/`` (kept,
+    but no longer found by ``resume: auto``); ``now``: the time to name it by (default: now).
+    Returns that folder, or None when there was nothing."""
     found = list_checkpoints(run_dir)
     if not found:
         return None
-    folder = os.path.join(checkpoint_dir(run_dir), f"replaced-{int(time.time())}")
-    os.makedirs(folder, exist_ok=True)
+    folder = _new_aside_folder(run_dir, time.time() if now is None else now)
     for path in found:
         os.replace(path, os.path.join(folder, os.path.basename(path)))
     fsync_dir(checkpoint_dir(run_dir))

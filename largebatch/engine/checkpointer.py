@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from largebatch.config import Config, config_differences, config_hash, to_dict
+from largebatch.config import Config, config_differences, config_hash, flat_config, from_flat, to_dict
 from largebatch.distributed import Communicator, Topology, sharded_state
 from largebatch.distributed.shard import is_fsdp
 from largebatch.distributed.wrap import unwrap
@@ -23,7 +23,7 @@ from largebatch.engine.checkpoint import (begin_sharded, checkpoint_dir, find_re
                                           finish_sharded, move_aside, rng_state, save as save_checkpoint, set_rng_state,
                                           sharded_paths)
 from largebatch.engine.bucket_tuning import BucketChoice
-from largebatch.engine.run_plan import RunPlan
+from largebatch.engine.run_plan import RunPlan, make_run_plan
 from largebatch.engine.state import Losses, Position, Record
 from largebatch.errors import RunStopped, UsageError
 from largebatch.fileio import save_torch_atomic
@@ -105,14 +105,38 @@ class Checkpointer:
         return self.start_position(), Record.from_state(state), losses
 
     def resumed_line(self, pos: Position) -> str:
-        """What rank 0 prints on resuming."""
+        """What rank 0 prints on resuming: one line, and under it a warning where the lr schedule at
+        the resumed step is not the checkpoint's (train.epochs changed)."""
         state, topo = self.restored, self.topology
         same_world = state["world_size"] == topo.world_size
         where = f"epoch {pos.epoch + 1}, step {pos.step}"  # a finished run never gets here (finished())
         bp = self.plan.phase_of(pos.epoch).batch
-        return (f"resuming from {state.get('path', 'checkpoint')} at {where}"
+        line = (f"resuming from {state.get('path', 'checkpoint')} at {where}"
                 + ("" if same_world else f" on {topo.world_size} workers instead of {state['world_size']}: "
                    f"same global batch {bp.global_batch}, same data position"))
+        warning = self.schedule_change(pos.step)
+        return line if warning is None else f"{line}\nlargebatch: warning: {warning}"
+
+    def schedule_change(self, step: int) -> Optional[str]:
+        """One line where the lr at ``step`` under this run's train.epochs differs from the lr the
+        checkpoint's train.epochs gave it (a finished run given more epochs climbs back from its
+        decayed lr to near the peak); None where it is the same."""
+        saved, epochs = self.restored["config"]["train"]["epochs"], self.cfg.train.epochs
+        if saved == epochs:
+            return None
+        try:
+            before = make_run_plan(from_flat({**flat_config(to_dict(self.cfg)), "train.epochs": saved}),
+                                   self.topology.world_size, self.plan.num_train, announce=False).schedule
+        except UsageError:  # the checkpoint's epochs do not make a plan here: nothing to compare
+            return None
+        now = self.plan.schedule
+        if abs(now(step) - before(step)) <= 1e-9 * max(abs(now(step)), abs(before(step))):
+            return None
+        return (f"train.epochs changed from {saved} to {epochs} since the checkpoint: the lr schedule ({now.decay} "
+                f"decay) now ends at step {now.total_steps}, not {before.total_steps}, so the lr goes from "
+                f"{before(max(step - 1, 0)):.4g} (the checkpoint's last step) to {now(step):.4g} at step {step} "
+                f"(train.epochs={saved} would give {before(step):.4g}); keep train.epochs={saved} to follow the old "
+                "schedule, or train the longer run from the start in another run.dir")
 
     def _load_model_and_optimizer(self, state: dict) -> None:
         """A sharded checkpoint (comm.shard=full) is read by every worker, whatever the number of

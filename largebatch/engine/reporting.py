@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from largebatch.config import Config, to_dict, write_yaml_atomic
+from largebatch.config import Config, ModelConfig, to_dict, write_yaml_atomic
 from largebatch.distributed import Communicator, Topology
 from largebatch.distributed.wrap import shard_line, unwrap
 from largebatch.engine.checkpoint import checkpoint_dir
@@ -20,6 +20,7 @@ from largebatch.engine.metrics import MetricsLog, Progress
 from largebatch.engine.run_plan import Phase, RunPlan, phase_line
 from largebatch.engine.state import Losses, Position, Record
 from largebatch.fileio import write_bytes_atomic
+from largebatch.report import ignored_model_keys
 from largebatch.version import __version__
 
 
@@ -38,6 +39,18 @@ def precision_line(precision: str, fsdp_bf16: bool) -> str:
         return FSDP_BF16
     return {"fp32": "fp32", "bf16": "bf16 autocast (float32 weights and gradients)",
             "fp16": "fp16 autocast (float32 weights and gradients), the loss scaled by a gradient scaler"}[precision]
+
+
+def ignored_model_settings(model: ModelConfig):
+    """One line naming the model.* settings changed from their defaults that the model ignores
+    (model.norm for a model passed in, say); None where there are none."""
+    keys, why = ignored_model_keys(model.name)
+    default = ModelConfig()
+    changed = [f"{k}={getattr(model, k.split('.')[1])}" for k in keys
+               if getattr(model, k.split(".")[1]) != getattr(default, k.split(".")[1])]
+    if not changed:
+        return None
+    return f"{' and '.join(changed)} {'is' if len(changed) == 1 else 'are'} ignored: {why}"
 
 
 class Reporter:
@@ -92,6 +105,9 @@ class Reporter:
             self.print("  " + line)
         if given_weights:
             self.print(f"  {INITIALISATION}")
+        ignored = ignored_model_settings(cfg.model)
+        if ignored:
+            self.print(f"largebatch: warning: {ignored}")
         self._print_engine(model, data_line, precise_bn)
         self.print(f"  precision              {precision_line(cfg.train.precision, self.comm.param_dtype is not None)}")
         speed = [f"channels-last {'on' if channels_last else 'off'}"]

@@ -67,6 +67,8 @@ class RunPlan:
     """Where the base lr came from and how it was scaled, for the plan's lr line."""
     warnings: tuple = ()
     """One line each about a plan that trains but badly (tiny micro-batches, a warmup as long as the run)."""
+    warmup_epochs: float = 0.0
+    """schedule.warmup_epochs, for the warmup line where the schedule has none (one that would start at the peak)."""
 
     @property
     def batch(self) -> BatchPlan:
@@ -110,26 +112,39 @@ class RunPlan:
                 f"per-worker batch       {b.per_worker_batch}",
                 f"micro-batch            {b.micro_batch}",
                 f"accumulation steps     {b.accum_steps}",
-                f"scaled lr (peak)       {s.peak_lr:.6g}  (base lr {self.lr_source}; warmup from "
-                f"{s.warmup_start_lr:.6g}, {s.decay} decay)",
-                f"warmup steps           {s.warmup_steps}",
+                f"scaled lr (peak)       {s.peak_lr:.6g}  (base lr {self.lr_source}; {self._warmup_from()}, "
+                f"{s.decay} decay)",
+                self._warmup_line(),
                 f"steps per epoch        {self.steps_per_epoch}  ({self.num_train} training images)",
                 f"total steps            {self.total_steps}  ({self.epochs} epochs)",
             ]
         size = "the dataset's own size" if self.eval_size is None else f"{self.eval_size} px"
         lines = [
             f"workers (world size)   {b.world_size}",
-            f"phases                 {len(self.phases)}  (validation at {size}; lr from {s.warmup_start_lr:.6g}, "
+            f"phases                 {len(self.phases)}  (validation at {size}; {self._warmup_from('lr from')}, "
             f"{s.decay} decay over epochs)",
             f"base lr                {self.lr_source}",
         ]
         lines += ["  " + line for line in phase_table(self.phases)]
         lines += [
-            f"warmup steps           {s.warmup_steps}",
+            self._warmup_line(),
             f"training images        {self.num_train}",
             f"total steps            {self.total_steps}  ({self.epochs} epochs)",
         ]
         return lines
+
+    def _warmup_from(self, words: str = "warmup from") -> str:
+        s = self.schedule
+        return f"{words} {s.warmup_start_lr:.6g}" if s.warmup_steps else "no warmup"
+
+    def _warmup_line(self) -> str:
+        """The plan's warmup line: its steps, or that there is none and the lr starts at its peak."""
+        if self.schedule.warmup_steps:
+            return f"warmup steps           {self.schedule.warmup_steps}"
+        if self.warmup_epochs > 0:
+            return (f"warmup steps           0  (no warmup: the lr starts at its peak, so schedule.warmup_epochs="
+                    f"{self.warmup_epochs:g} has nothing to rise to)")
+        return "warmup steps           0  (no warmup: the lr starts at its peak)"
 
 
 def phase_table(phases) -> list[str]:
@@ -200,7 +215,8 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
     lr_source = f"{o.base_lr:.6g} per {o.base_batch} images: {o.base_lr_source()}, {o.scaling} scaling"
     result = RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
                      phased=bool(cfg.train.phases), eval_size=phases[-1].image_size,
-                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings))
+                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings),
+                     warmup_epochs=cfg.schedule.warmup_epochs)
     if announce if announce is not None else launcher_rank() == 0:
         for line in result.warnings:
             print(f"largebatch: warning: {line}", file=sys.stderr, flush=True)
