@@ -8,6 +8,10 @@
 Run it as a plain ``python script.py`` (one worker) or under ``torchrun``, ``mpirun`` or ``srun``
 (one process per worker, each running the same script): the topology comes from the launcher's
 environment, as for ``python -m largebatch.train``. Every worker gets the run's summary.
+
+A script may call ``fit`` several times (a sweep, say), with different configs: each call starts
+its own process group and ends it before returning. Every worker must make the same calls in the
+same order, as it does when every worker runs the same script.
 """
 
 from __future__ import annotations

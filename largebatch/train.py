@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 
 from largebatch.config.arguments import add_config_arguments, config_from_args
 from largebatch.distributed import SINGLE, discover
@@ -59,19 +58,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_ending_mpi_on_crash(argv: list[str] | None = None) -> int:
-    """``main``; an unexpected error also ends the other ranks of an MPI job (see abort_if_running).
-    Usage errors and agreed stops need not: every rank meets those and exits by itself."""
+    """``main``; an unexpected error (a bug in a user's model, say) prints its traceback once and
+    exits with status 1, and also ends the other ranks of an MPI job (see abort_if_running), which
+    is why it is printed here and not by the interpreter. Usage errors and agreed stops need not:
+    every rank meets those and exits by itself."""
     try:
         return main(argv)
     except (UsageError, RunStopped, KeyboardInterrupt, SystemExit):
         raise
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)  # under a process group, torch's: [rank<N>] prefixes
         sys.stderr.flush()
         from largebatch.distributed.mpi import abort_if_running
 
         abort_if_running(1)
-        raise
+        raise SystemExit(1) from None
 
 
 def cli() -> None:

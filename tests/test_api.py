@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import sys
 import textwrap
 
@@ -187,3 +188,44 @@ def test_timm_and_torchvision_models(project, package, name):
                    "data.image_size=32", "train.global_batch=64", "train.epochs=1", f"run.dir={d}", cwd=str(project))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{name} on synthetic" in r.stderr
+
+
+WRONG_SIZE = '''
+import sys
+import largebatch
+from mine import Net, data
+
+
+def wrong(num_classes, in_channels):
+    """A user's model built for images with one channel more than the data has."""
+    return Net(num_classes, in_channels + 1)
+
+
+if __name__ == "__main__":
+    train, val = data()
+    largebatch.fit(model=lambda: wrong(4, 1), train_set=train, val_set=val, overrides=sys.argv[1:],
+                   **{"train.global_batch": 64})
+'''
+
+
+@pytest.mark.parametrize("path", ["api", "factory"])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_crash_in_your_model_prints_one_traceback_per_worker(project, path, nproc):
+    """The traceback of an error raised in the user's own forward, once on each worker, ending in the
+    user's frame and the error; exit status 1."""
+    (project / "wrong.py").write_text(textwrap.dedent(WRONG_SIZE))
+    d = f"run.dir={project / 'r'}"
+    if path == "api":
+        results = launch_workers(nproc, str(project / "wrong.py"), d, cwd=str(project))
+    else:
+        results = launch_workers(nproc, "largebatch.train", "model.name=wrong:wrong", "data.name=mine:data",
+                                 "train.global_batch=64", d, cwd=str(project))
+    for rank, r in enumerate(results):
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert r.stderr.count("Traceback (most recent call last)") == 1, r.stderr
+        frames = re.findall(r'^(?:\[rank\d\]: )?  File "([^"]+)", line \d+, in (\w+)$', r.stderr, re.M)
+        assert frames.count((str(project / "mine.py"), "forward")) == 1, frames
+        last = r.stderr.rstrip().splitlines()[-1]
+        assert re.fullmatch(r"(\[rank\d\]: )?RuntimeError: mat1 and mat2 shapes cannot be multiplied \(\d+x64 "
+                            r"and 128x32\)", last), last
+        assert all(prefix == f"[rank{rank}]: " for prefix in re.findall(r"^\[rank\d\]: ", r.stderr, re.M)), r.stderr

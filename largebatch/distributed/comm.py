@@ -7,8 +7,11 @@ ZeRO, the gradient scaler) is in :mod:`largebatch.distributed.wrap`.
 
 from __future__ import annotations
 
+import atexit
 import gc
+import itertools
 import os
+import sys
 from datetime import timedelta
 from typing import Any, Optional
 
@@ -67,20 +70,49 @@ def cpu_threads(topology: Topology, environ=os.environ) -> Optional[int]:
     return max(1, cores // topology.local_world_size)
 
 
+_RENDEZVOUS_COUNT = itertools.count()
+"""Rendezvous made by this process: the n-th fit of a script is the n-th on every rank, each rank
+running the same script, so the count scopes a fit's keys with no message passing."""
+_STORE: dict = {}
+"""The store this process met its workers in, kept for its next fit: {"key": ..., "store": TCPStore}."""
+
+
 def _rendezvous_store(topology: Topology, timeout_s: float, master_addr: Optional[str]):
-    """The key-value store the workers meet in, with keys scoped to this launch attempt.
+    """The key-value store the workers meet in, with keys scoped to this launch attempt and fit.
 
     torchrun's agent keeps one store across ``--max-restarts`` attempts; without a per-attempt
     prefix a restarted worker can read the address of a dead worker of the previous attempt and
-    fail to connect. Without an agent, rank 0 hosts the store at the endpoint
-    :func:`largebatch.distributed.rendezvous.endpoint` finds for the launcher.
+    fail to connect. A script that calls ``largebatch.fit`` several times meets again in the same
+    store, so each fit has its own prefix too: otherwise a worker that starts its second fit early
+    reads the address its peer published for the first one. Without an agent, rank 0 hosts the
+    store at the endpoint :func:`largebatch.distributed.rendezvous.endpoint` finds for the
+    launcher, and keeps it for the process's next fit: a new one on the same port could be met by
+    a worker still connected to the old one.
     """
-    host, port = endpoint(topology, os.environ, master_addr)
+    fit = next(_RENDEZVOUS_COUNT)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(host, port, world_size=topology.world_size, is_master=not agent and topology.rank == 0,
-                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False, multi_tenant=not agent)
+    key = (topology, master_addr, agent, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
+    if _STORE.get("key") == key:
+        store = _STORE["store"]
+        store.set_timeout(timedelta(seconds=timeout_s))
+    else:
+        _release_store()
+        host, port = endpoint(topology, os.environ, master_addr)
+        store = dist.TCPStore(host, port, world_size=topology.world_size,
+                              is_master=not agent and topology.rank == 0, timeout=timedelta(seconds=timeout_s),
+                              wait_for_workers=False, multi_tenant=not agent)
+        _STORE.update(key=key, store=store)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"largebatch/attempt-{attempt}/", store)
+    return dist.PrefixStore(f"largebatch/attempt-{attempt}/fit-{fit}", store)  # PrefixStore adds the "/"
+
+
+@atexit.register
+def _release_store() -> None:
+    """Close the store this process kept (rank 0: stop hosting it), before the interpreter shuts
+    down, where destroying its client threads can abort the process."""
+    if _STORE:
+        _STORE.clear()
+        gc.collect()
 
 
 def _check_mpi_world(topology: Topology) -> None:
@@ -141,26 +173,35 @@ class Communicator:
                              "on CPU use comm.compression=fp16")
         if self.distributed and backend == "mpi":
             _check_mpi_world(topology)
-        if self.distributed and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            self.store = _rendezvous_store(topology, timeout_s, master_addr)
-            dist.init_process_group(backend="gloo" if backend == "mpi" else backend, rank=topology.rank,
-                                    world_size=topology.world_size, timeout=timedelta(seconds=timeout_s),
-                                    store=self.store)
-            self.owns_group = True
-        elif shard != "none" and not dist.is_initialized():
-            # One worker: ZeRO and FSDP2 still want a process group; a 1-rank one needs no rendezvous.
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
-                                    timeout=timedelta(seconds=timeout_s), store=dist.HashStore())
-            self.owns_group = True
+        if not dist.is_initialized() and (self.distributed or shard != "none"):
+            self._start_group(timeout_s, master_addr)
         self.timeout_s = timeout_s
         # Control flags (stop agreement) travel on the CPU, so reading them never waits for the GPU.
         self.control_group = None
         if self.distributed and backend == "nccl":
             self.control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+    def _start_group(self, timeout_s: float, master_addr: Optional[str]) -> None:
+        """The process group this communicator owns (close() ends it): the workers' own, met in the
+        rendezvous store, or under comm.shard a 1-rank one for a single worker, which ZeRO and FSDP2
+        still want and which needs no rendezvous."""
+        topology, device = self.topology, self.device
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if self.distributed:
+            self.store = _rendezvous_store(topology, timeout_s, master_addr)
+            backend, rank, size, store = ("gloo" if self.backend == "mpi" else self.backend, topology.rank,
+                                          topology.world_size, self.store)
+        else:
+            backend, rank, size, store = "nccl" if device.type == "cuda" else "gloo", 0, 1, dist.HashStore()
+        hook = sys.excepthook
+        dist.init_process_group(backend=backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
+                                store=store)
+        if getattr(hook, "__name__", None) == "_distributed_excepthook":
+            # torch prefixes tracebacks with [rank<N>] by wrapping sys.excepthook in every
+            # init_process_group; a later fit of the same process keeps the one prefix it has
+            sys.excepthook = hook
+        self.owns_group = True
 
     @property
     def world_size(self) -> int:
@@ -306,8 +347,8 @@ class Communicator:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
-        # Release the store here, not at interpreter exit, where destroying its client threads
-        # can abort the process. (A process group made by the caller is the caller's to end.)
+        # This fit's view of the store; the store itself is kept for the process's next fit and
+        # released at exit (_release_store). A process group made by the caller is the caller's to end.
         self.store = None
         if released:
             gc.collect()
