@@ -58,7 +58,7 @@ def test_torchrun_reports_failure_without_hanging(run_dir):
 
 def test_plan_cli_prints_plan():
     r = run_module("largebatch.plan", "--world-size", "4", "train.global_batch=256", "train.max_micro_batch=16",
-                   "schedule.warmup_epochs=1", "train.epochs=10", "optim.base_batch=128")
+                   "schedule.warmup_epochs=1", "train.epochs=10")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for expected in ["workers (world size)   4", "per-worker batch       64", "micro-batch            16",

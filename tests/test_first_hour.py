@@ -305,13 +305,12 @@ def test_warmup_as_long_as_the_run_warns_once(capsys):
                                                     "(train.epochs=2, 22 steps)")
     assert warmup_warning(3, 2, 22, 22) is not None and warmup_warning(1.95, 2, 22, 22) is not None
     assert warmup_warning(1, 2, 11, 22) is None and warmup_warning(0, 1, 0, 11) is None
-    # a global batch above base_batch, so the warmup rises (one that starts at the peak is none: no warning)
-    make_run_plan(load_config(None, ["train.epochs=2", "optim.base_batch=64"]), 1, 1438, announce=True)
+    make_run_plan(load_config(None, ["train.epochs=2"]), 1, 1438, announce=True)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("largebatch: warning: schedule.warmup_epochs=2 is not shorter")
     assert "lower schedule.warmup_epochs (e.g. 0.2" in err[0]
-    make_run_plan(load_config(None, ["train.epochs=5", "optim.base_batch=64"]), 1, 1438, announce=True)  # 2 of 5
-    make_run_plan(load_config(None, ["train.epochs=2", "optim.base_batch=64"]), 1, 1438, announce=False)
+    make_run_plan(load_config(None, ["train.epochs=5"]), 1, 1438, announce=True)  # rounding: 2 of 5 epochs
+    make_run_plan(load_config(None, ["train.epochs=2", "schedule.warmup_epochs=2"]), 1, 1438, announce=False)
     assert capsys.readouterr().err == ""
 
 

@@ -263,23 +263,24 @@ def test_workers_with_different_configs_are_stopped(tmp_path):
 
 def test_a_finished_run_is_reported_and_left_as_it_was(tmp_path):
     d = str(tmp_path / "run")
-    assert run_module("largebatch.train", "train.epochs=1", f"run.dir={d}").returncode == 0
+    no_warmup = "schedule.warmup_epochs=0"  # the cosine decay from the first step
+    assert run_module("largebatch.train", "train.epochs=1", no_warmup, f"run.dir={d}").returncode == 0
     names = ("config.yaml", "metrics.jsonl", os.path.join("checkpoints", "final.pt"))
     before = {n: open(os.path.join(d, n), "rb").read() for n in names}
     # A later command with another (safe-to-change) setting neither trains nor rewrites the record.
-    r = run_module("largebatch.train", "train.epochs=1", "comm.backend=gloo", "train.log_every_steps=2",
+    r = run_module("largebatch.train", "train.epochs=1", no_warmup, "comm.backend=gloo", "train.log_every_steps=2",
                    f"run.dir={d}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{d} holds a finished run (step 11, val_acc" in r.stderr and "nothing was trained or written" in r.stderr
     assert "epoch   1/1" not in r.stderr
     assert {n: open(os.path.join(d, n), "rb").read() for n in names} == before
     # Asking for more epochs continues the run, which then writes its record.
-    r = run_module("largebatch.train", "train.epochs=2", f"run.dir={d}")
+    r = run_module("largebatch.train", "train.epochs=2", no_warmup, f"run.dir={d}")
     assert r.returncode == 0 and "resuming from" in r.stderr and "epoch   2/2" in r.stderr
     assert "epochs: 2" in open(os.path.join(d, "config.yaml")).read()
     # ... and says, once, that the cosine decay now spans 22 steps, so the lr climbs back from the
     # end of the finished run's decay to half the peak
-    before, now = (make_run_plan(load_config(None, [f"train.epochs={e}"]), 1, 1438).schedule for e in (1, 2))
+    before, now = (make_run_plan(load_config(None, [f"train.epochs={e}", no_warmup]), 1, 1438).schedule for e in (1, 2))
     warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("largebatch: warning:")]
     assert warnings == [
         f"largebatch: warning: train.epochs changed from 1 to 2 since the checkpoint: the lr schedule (cosine decay) "
@@ -292,7 +293,7 @@ def test_a_finished_run_is_reported_and_left_as_it_was(tmp_path):
 
 def test_more_epochs_under_a_schedule_that_does_not_change_resume_without_a_warning(tmp_path):
     d = str(tmp_path / "run")
-    args = ["schedule.decay=step", "schedule.milestones=[1]", f"run.dir={d}"]
+    args = ["schedule.decay=step", "schedule.milestones=[1]", "schedule.warmup_epochs=0", f"run.dir={d}"]
     assert run_module("largebatch.train", "train.epochs=1", *args).returncode == 0
     r = run_module("largebatch.train", "train.epochs=2", *args)
     assert r.returncode == 0 and resumed_at(r.stderr, 11), r.stderr

@@ -29,10 +29,11 @@ def test_goyal_warmup_then_steps():
 
 
 def test_warmup_depends_on_steps_not_world_size():
-    args = ["train.global_batch=256", "optim.base_batch=128", "schedule.warmup_epochs=2", "train.epochs=4"]
-    a = make_run_plan(load_config(None, args), 1, 1438).schedule
-    b = make_run_plan(load_config(None, args), 4, 1438).schedule
-    c = make_run_plan(load_config(None, args + ["train.max_micro_batch=8"]), 4, 1438).schedule
+    cfg = load_config(None, ["train.global_batch=256", "schedule.warmup_epochs=2", "train.epochs=4"])
+    a = make_run_plan(cfg, 1, 1438).schedule
+    b = make_run_plan(cfg, 4, 1438).schedule
+    c = make_run_plan(load_config(None, ["train.global_batch=256", "schedule.warmup_epochs=2", "train.epochs=4",
+                                         "train.max_micro_batch=8"]), 4, 1438).schedule
     assert a == b == c
     assert a.warmup_steps == 2 * (1438 // 256)
 
@@ -77,37 +78,42 @@ def _warmup_lines(plan):
     return [x for x in plan.lines() if "warmup" in x]
 
 
-def test_a_warmup_that_starts_at_the_peak_is_no_warmup(capsys):
-    # global batch 128 below base_batch 256: the warmup would start at the peak 0.1 and stay there
-    plan = make_run_plan(load_config(None, ["train.epochs=2", "schedule.warmup_epochs=2"]), 1, 1438, announce=True)
-    assert capsys.readouterr().err == ""  # not "the lr rises for the whole run and never decays"
+def test_a_warmup_that_starts_at_the_peak_holds_it_and_says_so(capsys):
+    # global batch 128 below base_batch 256: the warmup starts at the peak 0.1, so it holds the lr there
+    plan = make_run_plan(load_config(None, ["train.epochs=4", "schedule.warmup_epochs=2"]), 1, 1438, announce=True)
+    assert capsys.readouterr().err == ""  # a warmup shorter than the run: no warning
     s = plan.schedule
-    assert s.warmup_steps == 0 and s(0) == pytest.approx(0.1) and s(11) == pytest.approx(0.05)  # cosine from step 0
+    assert s.warmup_steps == 22 and s(0) == pytest.approx(0.1) and s(21) == pytest.approx(0.1) and s(30) < 0.1
     assert _warmup_lines(plan) == [
+        "scaled lr (peak)       0.1  (base lr 0.2 per 256 images: the sgd default, linear scaling; held at 0.1 in "
+        "warmup, cosine decay)",
+        "warmup steps           22  (the lr starts at its peak, so the warmup holds it there: a global batch at or "
+        "below optim.base_batch has nothing to warm up to)"]
+    # as long as the run: the warning says the lr holds, not that it rises
+    make_run_plan(load_config(None, ["train.epochs=2"]), 1, 1438, announce=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the lr holds at its peak for the whole run" in err and "rises" not in err
+    assert _warmup_lines(make_run_plan(load_config(None, ["schedule.warmup_epochs=0"]), 1, 1438)) == [
         "scaled lr (peak)       0.1  (base lr 0.2 per 256 images: the sgd default, linear scaling; no warmup, "
-        "cosine decay)",
-        "warmup steps           0  (no warmup: the lr starts at its peak, so schedule.warmup_epochs=2 has nothing "
-        "to rise to)"]
-    # an explicit start at the peak is no warmup either
-    s = make_run_plan(load_config(None, ["train.global_batch=512", "schedule.warmup_start_lr=0.4"]), 1, 1438).schedule
-    assert s.peak_lr == pytest.approx(0.4) and s.warmup_steps == 0
-    assert "(no warmup: the lr starts at its peak)" in _warmup_lines(make_run_plan(
-        load_config(None, ["schedule.warmup_epochs=0"]), 1, 1438))[1]
+        "cosine decay)", "warmup steps           0"]
 
 
-def test_a_warmup_that_rises_is_kept_and_warned_about_when_as_long_as_the_run(capsys):
+def test_a_warmup_that_rises_says_where_from_and_warns_when_as_long_as_the_run(capsys):
     plan = make_run_plan(load_config(None, ["train.epochs=2", "train.global_batch=512"]), 1, 1438, announce=True)
     err = capsys.readouterr().err
-    assert err.startswith("largebatch: warning: schedule.warmup_epochs=2 is not shorter than the run") and "\n" == err[-1]
+    assert err.count("\n") == 1 and "the lr rises for the whole run and never decays" in err
     assert plan.schedule.warmup_steps == 4 and plan.schedule(0) == pytest.approx(0.2)
-    assert _warmup_lines(plan)[0].endswith("; warmup from 0.2, cosine decay)")
-    assert _warmup_lines(plan)[1] == "warmup steps           4"
+    assert _warmup_lines(plan) == [
+        "scaled lr (peak)       0.4  (base lr 0.2 per 256 images: the sgd default, linear scaling; warmup from 0.2, "
+        "cosine decay)", "warmup steps           4"]
 
 
-def test_a_phased_warmup_is_none_only_when_no_phase_it_covers_rises():
+def test_a_phased_warmup_holds_only_when_no_phase_it_covers_rises():
     phases = "train.phases=[{epochs: %d, global_batch: 128}, {epochs: %d, global_batch: 512}]"
     flat = make_run_plan(load_config(None, [phases % (10, 20)]), 1, 1438)  # the warmup lies in phase 1, at its peak
-    assert flat.schedule.warmup_steps == 0 and flat.schedule(0) == pytest.approx(0.1)
-    assert "no warmup, cosine decay over epochs" in flat.lines()[1]
+    assert flat.schedule.warmup_steps == 22 and flat.schedule(0) == flat.schedule(21) == pytest.approx(0.1)
+    assert "held at 0.1 in warmup, cosine decay over epochs" in flat.lines()[1]
+    assert "holds it there" in _warmup_lines(flat)[-1]
     rising = make_run_plan(load_config(None, [phases % (1, 29)]), 1, 1438)  # phase 2's peak 0.4 lies in the warmup
-    assert rising.schedule.warmup_steps == 11 + 2 and "lr from 0.1, cosine decay over epochs" in rising.lines()[1]
+    assert "lr from 0.1, cosine decay over epochs" in rising.lines()[1]
+    assert _warmup_lines(rising)[-1] == f"warmup steps           {rising.schedule.warmup_steps}"

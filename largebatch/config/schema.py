@@ -404,8 +404,8 @@ class OptimConfig:
 class ScheduleConfig:
     warmup_epochs: float = 2.0
     """Epochs of linear warmup from warmup_start_lr to the scaled peak (Goyal et al.: 5); 0 = none. A
-    warmup that would start at the peak (warmup_start_lr null and a global batch at or below
-    base_batch) is none: the decay then spans the whole run, and the run header says so."""
+    warmup that starts at the peak (warmup_start_lr null and a global batch at or below base_batch)
+    holds the lr there for its epochs, and the run header says so."""
     warmup_start_lr: Optional[float] = None
     """Learning rate at the first warmup step; null = base_lr (Goyal et al.), or the peak when the
     peak is lower (a global batch below base_batch)."""

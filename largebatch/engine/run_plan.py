@@ -23,7 +23,7 @@ from largebatch.engine.guards import launcher_rank
 from largebatch.errors import UsageError
 from largebatch.models.sizes import Size, as_size, text as size_text
 from largebatch.optim.schedule import (LRSchedule, PhasedSchedule, build_phased_schedule, build_schedule, scaled_lr,
-                                       warmup_warning)
+                                       warmup_rises, warmup_warning)
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,6 @@ class RunPlan:
     """Where the base lr came from and how it was scaled, for the plan's lr line."""
     warnings: tuple = ()
     """One line each about a plan that trains but badly (tiny micro-batches, a warmup as long as the run)."""
-    warmup_epochs: float = 0.0
-    """schedule.warmup_epochs, for the warmup line where the schedule has none (one that would start at the peak)."""
 
     @property
     def batch(self) -> BatchPlan:
@@ -112,7 +110,7 @@ class RunPlan:
                 f"per-worker batch       {b.per_worker_batch}",
                 f"micro-batch            {b.micro_batch}",
                 f"accumulation steps     {b.accum_steps}",
-                f"scaled lr (peak)       {s.peak_lr:.6g}  (base lr {self.lr_source}; {self._warmup_from()}, "
+                f"scaled lr (peak)       {s.peak_lr:.6g}  (base lr {self.lr_source}; {self._warmup_words()}, "
                 f"{s.decay} decay)",
                 self._warmup_line(),
                 f"steps per epoch        {self.steps_per_epoch}  ({self.num_train} training images)",
@@ -121,7 +119,7 @@ class RunPlan:
         size = "the dataset's own size" if self.eval_size is None else f"{self.eval_size} px"
         lines = [
             f"workers (world size)   {b.world_size}",
-            f"phases                 {len(self.phases)}  (validation at {size}; {self._warmup_from('lr from')}, "
+            f"phases                 {len(self.phases)}  (validation at {size}; {self._warmup_words('lr from')}, "
             f"{s.decay} decay over epochs)",
             f"base lr                {self.lr_source}",
         ]
@@ -133,18 +131,20 @@ class RunPlan:
         ]
         return lines
 
-    def _warmup_from(self, words: str = "warmup from") -> str:
+    def _warmup_words(self, words: str = "warmup from") -> str:
         s = self.schedule
-        return f"{words} {s.warmup_start_lr:.6g}" if s.warmup_steps else "no warmup"
+        if not s.warmup_steps:
+            return "no warmup"
+        return f"{words} {s.warmup_start_lr:.6g}" if warmup_rises(s) else f"held at {s.warmup_start_lr:.6g} in warmup"
 
     def _warmup_line(self) -> str:
-        """The plan's warmup line: its steps, or that there is none and the lr starts at its peak."""
-        if self.schedule.warmup_steps:
-            return f"warmup steps           {self.schedule.warmup_steps}"
-        if self.warmup_epochs > 0:
-            return (f"warmup steps           0  (no warmup: the lr starts at its peak, so schedule.warmup_epochs="
-                    f"{self.warmup_epochs:g} has nothing to rise to)")
-        return "warmup steps           0  (no warmup: the lr starts at its peak)"
+        """The warmup's steps, and what they do where they do not raise the lr."""
+        s = self.schedule
+        line = f"warmup steps           {s.warmup_steps}"
+        if s.warmup_steps and not warmup_rises(s):
+            line += ("  (the lr starts at its peak, so the warmup holds it there: a global batch at or below "
+                     "optim.base_batch has nothing to warm up to)")
+        return line
 
 
 def phase_table(phases) -> list[str]:
@@ -208,15 +208,15 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
     else:
         p = phases[0]
         schedule = build_schedule(cfg.optim, cfg.schedule, p.batch.global_batch, p.steps_per_epoch, cfg.train.epochs)
-    warning = warmup_warning(cfg.schedule.warmup_epochs, cfg.train.epochs, schedule.warmup_steps, schedule.total_steps)
+    warning = warmup_warning(cfg.schedule.warmup_epochs, cfg.train.epochs, schedule.warmup_steps, schedule.total_steps,
+                             warmup_rises(schedule))
     if warning:
         warnings.append(warning)
     o = cfg.optim
     lr_source = f"{o.base_lr:.6g} per {o.base_batch} images: {o.base_lr_source()}, {o.scaling} scaling"
     result = RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
                      phased=bool(cfg.train.phases), eval_size=phases[-1].image_size,
-                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings),
-                     warmup_epochs=cfg.schedule.warmup_epochs)
+                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings))
     if announce if announce is not None else launcher_rank() == 0:
         for line in result.warnings:
             print(f"largebatch: warning: {line}", file=sys.stderr, flush=True)

@@ -3,10 +3,9 @@
 Linear scaling rule and gradual warmup (Goyal et al. 2017, "Accurate, Large Minibatch SGD:
 Training ImageNet in 1 Hour"): the peak learning rate is ``base_lr * global_batch / base_batch``;
 over the first ``warmup_steps`` optimizer steps the rate rises linearly from ``base_lr`` to that
-peak, then follows the chosen decay. A warmup with nothing to rise to (its start lr is the peak:
-a global batch at or below ``base_batch`` with the default start) is no warmup: the decay then
-spans the whole run rather than holding the peak for the warmup's steps. Everything is computed
-per step from the step counter alone, so a resumed run needs only the step.
+peak, then follows the chosen decay; a warmup that starts at the peak (a global batch at or below
+``base_batch``) holds it there for its steps. Everything is computed per step from the step counter alone,
+so a resumed run needs only the step.
 """
 
 from __future__ import annotations
@@ -32,20 +31,29 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch: int, rule: str = "l
     raise ValueError(f"unknown scaling rule {rule!r}")
 
 
-def warmup_warning(warmup_epochs: float, epochs: int, warmup_steps: int, total_steps: int):
-    """One line when the warmup is not shorter than the run (in epochs or in steps), so the lr only
-    ever rises and the decay never starts; None otherwise, and None where the schedule has no warmup
-    steps (``warmup_steps`` 0: none asked for, or one that would start at the peak)."""
-    if warmup_epochs <= 0 or warmup_steps == 0 or (warmup_epochs < epochs and warmup_steps < total_steps):
+def warmup_warning(warmup_epochs: float, epochs: int, warmup_steps: int, total_steps: int, rises: bool = True):
+    """One line when the warmup is not shorter than the run (in epochs or in steps), so the decay
+    never starts: the lr only ever rises, or (``rises`` false: the warmup starts at the peak) holds
+    at its peak for the whole run; None otherwise."""
+    if warmup_epochs <= 0 or (warmup_epochs < epochs and warmup_steps < total_steps):
         return None
+    what = ("rises for the whole run" if rises else
+            "holds at its peak for the whole run (the warmup starts at the peak: nothing to rise to)")
     return (f"schedule.warmup_epochs={warmup_epochs:g} is not shorter than the run (train.epochs={epochs}, "
-            f"{total_steps} steps): the lr rises for the whole run and never decays; lower schedule.warmup_epochs "
+            f"{total_steps} steps): the lr {what} and never decays; lower schedule.warmup_epochs "
             f"(e.g. {epochs / 10:g}, a tenth of the run) or raise train.epochs")
 
 
-def _rises(start: float, peaks) -> bool:
-    """Whether a warmup from ``start`` to ``peaks`` (the peak of each phase it covers) changes the lr."""
-    return any(not math.isclose(start, peak, rel_tol=1e-9, abs_tol=0.0) for peak in peaks)
+def warmup_rises(schedule) -> bool:
+    """Whether ``schedule`` (an :class:`LRSchedule` or a :class:`PhasedSchedule`) has a warmup that
+    changes the lr. One that starts at the peak it rises to (a global batch at or below
+    ``base_batch`` with the default start) holds the lr at the peak for its steps instead."""
+    if not schedule.warmup_steps:
+        return False
+    phases = getattr(schedule, "phases", None)
+    peaks = ([schedule.peak_lr] if phases is None else
+             [p.peak_lr for p in phases if p.first_step < schedule.warmup_steps])
+    return any(not math.isclose(schedule.warmup_start_lr, peak, rel_tol=1e-9) for peak in peaks)
 
 
 def _check_steps_and_decay(total_steps: int, warmup_steps: int, decay: str) -> None:
@@ -104,8 +112,6 @@ def build_schedule(optim_cfg, sched_cfg, global_batch: int, steps_per_epoch: int
     # Goyal et al. warm up from the unscaled base_lr; a global batch below base_batch has nothing to
     # warm up to, so the ramp then starts (and stays) at the peak.
     start = min(optim_cfg.base_lr, peak) if sched_cfg.warmup_start_lr is None else sched_cfg.warmup_start_lr
-    if not _rises(start, [peak]):
-        warmup = 0  # nothing to warm up to: the decay starts at step 0
     return LRSchedule(peak_lr=peak, total_steps=total, warmup_steps=warmup, warmup_start_lr=start,
                       decay=sched_cfg.decay, milestones=milestones, gamma=sched_cfg.gamma,
                       power=sched_cfg.power, end_lr=sched_cfg.end_lr)
@@ -200,11 +206,8 @@ def build_phased_schedule(optim_cfg, sched_cfg, phases: list[tuple[int, int, int
 
     start = pieces[0].peak_lr
     start = min(optim_cfg.base_lr, start) if sched_cfg.warmup_start_lr is None else sched_cfg.warmup_start_lr
-    warmup = min(step, step_at(sched_cfg.warmup_epochs))
-    if not _rises(start, [p.peak_lr for p in pieces if p.first_step < warmup]):
-        warmup = 0  # nothing to warm up to in the phases the warmup covers
     return PhasedSchedule(phases=tuple(pieces), total_steps=step,
-                          warmup_steps=warmup,
+                          warmup_steps=min(step, step_at(sched_cfg.warmup_epochs)),
                           warmup_start_lr=start, decay=sched_cfg.decay,
                           milestones=tuple(sorted(step_at(m) for m in sched_cfg.milestones)), gamma=sched_cfg.gamma,
                           power=sched_cfg.power, end_lr=sched_cfg.end_lr)
