@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from largebatch.engine.run_plan import check_trainable, has_batchnorm
 
     data = plan_data(cfg, args.num_classes)
-    run_plan = make_run_plan(cfg, args.world_size, data.num_train)
+    run_plan = make_run_plan(cfg, args.world_size, data.num_train, announce=False)
     size = _model_size(cfg, run_plan, data)
     try:
         model, unbuilt = build_model(cfg, data, size), None
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         model, unbuilt = None, exc
     if model is not None:
         check_trainable(run_plan, has_batchnorm(model))  # what training refuses, with its line
+    run_plan.announce(True)
     for line in run_plan.lines():
         print(line)
     if model is None:

@@ -131,6 +131,13 @@ class RunPlan:
         ]
         return lines
 
+    def announce(self, announce: Optional[bool] = None) -> None:
+        """Print the warnings to stderr (``largebatch: warning: ...``) where ``announce`` is true;
+        None: only in the process the launcher made rank 0 (or that no launcher started)."""
+        if announce if announce is not None else launcher_rank() == 0:
+            for line in self.warnings:
+                print(f"largebatch: warning: {line}", file=sys.stderr, flush=True)
+
     def _warmup_words(self, words: str = "warmup from") -> str:
         s = self.schedule
         if not s.warmup_steps:
@@ -217,9 +224,7 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
     result = RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
                      phased=bool(cfg.train.phases), eval_size=phases[-1].image_size,
                      max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings))
-    if announce if announce is not None else launcher_rank() == 0:
-        for line in result.warnings:
-            print(f"largebatch: warning: {line}", file=sys.stderr, flush=True)
+    result.announce(announce)
     return result
 
 

@@ -97,12 +97,13 @@ class Trainer:
         self.model_name, self.data_name = parts.model_name, parts.data_name
         self.fingerprints = fingerprints(parts)  # compared between the workers once all are built
         self.given_weights = parts.given_weights
-        self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train)
+        self.plan: RunPlan = make_run_plan(cfg, topo.world_size, self.info.num_train, announce=False)
         self.noise_source = noise_source(cfg, self.plan, topo.world_size)
         sizes = image_sizes(cfg, self.plan, self.info)
         torch.manual_seed(cfg.run.seed)
         self.bare_model = parts.build_model(sizes[0])
         check_trainable(self.plan, has_batchnorm(self.bare_model))
+        self.plan.announce()  # its warnings, once the plan is known to train
         self.precise_bn = precise_bn_per_phase(cfg.train.precise_bn_images, self.bare_model, self.plan,
                                                self.info.num_train)
         self.info = check_model(parts, self.bare_model, self.fingerprints, topo.is_main).info
