@@ -138,7 +138,7 @@ def plan_warning(p: BatchPlan, max_micro_batch: Optional[int] = None, key: str =
     else:
         why = (f"micro-batches below half of train.max_micro_batch ({p.per_worker_batch} has no divisor from "
                f"{(max_micro_batch + 1) // 2} to {max_micro_batch})")
-    return (f"{_shape(p, key, max_micro_batch)}: {why} give noisy BatchNorm statistics and slow steps; "
+    return (f"{_shape(p, key, max_micro_batch)}: {why} give slow steps (and noisy statistics in any BatchNorm layer); "
             f"nearest sensible: {suggestion(p, max_micro_batch, key)}")
 
 

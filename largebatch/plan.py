@@ -103,7 +103,7 @@ def plan_data(cfg, num_classes: Optional[int] = None) -> PlanData:
     if ":" in d.name:
         return PlanData(d.train_samples, d.num_classes, 3, None,
                         f" (data not read with data.train_samples: {d.num_classes} classes from data.num_classes and "
-                        "3 channels assumed; set data.num_classes=C or --num-classes C)")
+                        "3 channels assumed; --num-classes C to change)")
     return PlanData(d.train_samples, DEFAULT_CLASSES, 3, None,
                     f" ({DEFAULT_CLASSES} classes assumed: --num-classes C to change)")
 

@@ -92,29 +92,10 @@ def label_keys_left_out() -> frozenset:
     return frozenset(SAFE_TO_CHANGE - SHOWN_THOUGH_SAFE)
 
 
-PUBLISHED_MODELS = ("resnet9", "resnet18", "resnet50", "alexnet_bn")
-"""The zoo's models of fixed, published widths (they ignore model.width)."""
-
-
-def ignored_model_keys(name: str) -> tuple[tuple[str, ...], str]:
-    """The model.* keys a run of ``model.name`` does not use, and why, in words: a model passed in
-    is used as built; timm's, torchvision's and a factory's take model.options alone; the zoo's
-    take norm, width and zero_init_residual, not options, and its published models ignore width."""
-    from largebatch.config.schema import MODELS
-
-    if name.startswith("python:"):
-        return (("model.norm", "model.width", "model.zero_init_residual", "model.options"),
-                f"a model passed to largebatch.fit() ({name[len('python:'):]}) is used as it was built")
-    if name not in MODELS:
-        return (("model.norm", "model.width", "model.zero_init_residual"),
-                f"model.name={name} builds its own layers and takes only model.options")
-    if name in PUBLISHED_MODELS:
-        return ("model.width", "model.options"), f"the zoo's {name} has a fixed width and takes no model.options"
-    return ("model.options",), f"the zoo's {name} takes model.norm, model.width and model.zero_init_residual"
-
-
 def _used(flat: dict) -> dict:
     """A run's flat config without the model keys its model ignores."""
+    from largebatch.config.compare import ignored_model_keys
+
     ignored = set(ignored_model_keys(str(flat.get("model.name", "")))[0])
     return {k: v for k, v in flat.items() if k not in ignored}
 

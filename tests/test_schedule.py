@@ -87,8 +87,7 @@ def test_a_warmup_that_starts_at_the_peak_holds_it_and_says_so(capsys):
     assert _warmup_lines(plan) == [
         "scaled lr (peak)       0.1  (base lr 0.2 per 256 images: the sgd default, linear scaling; held at 0.1 in "
         "warmup, cosine decay)",
-        "warmup steps           22  (the lr starts at its peak, so the warmup holds it there: a global batch at or "
-        "below optim.base_batch has nothing to warm up to)"]
+        "warmup steps           22  (the lr starts at its peak, 0.1, so the warmup holds it there)"]
     # as long as the run: the warning says the lr holds, not that it rises
     make_run_plan(load_config(None, ["train.epochs=2"]), 1, 1438, announce=True)
     err = capsys.readouterr().err
@@ -114,6 +113,12 @@ def test_a_phased_warmup_holds_only_when_no_phase_it_covers_rises():
     assert flat.schedule.warmup_steps == 22 and flat.schedule(0) == flat.schedule(21) == pytest.approx(0.1)
     assert "held at 0.1 in warmup, cosine decay over epochs" in flat.lines()[1]
     assert "holds it there" in _warmup_lines(flat)[-1]
+    # the same hold whatever puts the start at the peak: scaling=none, or warmup_start_lr set to it
+    for args in (["optim.scaling=none", "train.global_batch=1024"],
+                 ["train.global_batch=1024", "schedule.warmup_start_lr=0.8"]):
+        line = _warmup_lines(make_run_plan(load_config(None, args), 1, 1438))[-1]
+        assert line.endswith("(the lr starts at its peak, " + ("0.2" if "optim.scaling=none" in args else "0.8")
+                             + ", so the warmup holds it there)"), line
     rising = make_run_plan(load_config(None, [phases % (1, 29)]), 1, 1438)  # phase 2's peak 0.4 lies in the warmup
     assert "lr from 0.1, cosine decay over epochs" in rising.lines()[1]
     assert _warmup_lines(rising)[-1] == f"warmup steps           {rising.schedule.warmup_steps}"

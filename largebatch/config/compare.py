@@ -1,10 +1,13 @@
-"""A config's identity: its flat form, its hash, and the keys in which two configs differ."""
+"""A config's identity: its flat form, its hash, the keys in which two configs differ, and the
+model keys a run's model does not use."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from typing import Any
+
+from largebatch.config.schema import MODELS
 
 SAFE_TO_CHANGE = frozenset({
     "run.dir", "run.cost_per_node_hour", "train.epochs", "train.target_accuracy", "train.target_metric",
@@ -32,3 +35,22 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     a, b = flat_config(saved), flat_config(current)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if k not in SAFE_TO_CHANGE and a.get(k) != b.get(k)]
+
+
+PUBLISHED_MODELS = ("resnet9", "resnet18", "resnet50", "alexnet_bn")
+"""The zoo's models of fixed, published widths (they ignore model.width)."""
+
+
+def ignored_model_keys(name: str) -> tuple[tuple[str, ...], str]:
+    """The model.* keys a run of ``model.name`` does not use, and why, in words: a model passed in
+    is used as built; timm's, torchvision's and a factory's take model.options alone; the zoo's
+    take norm, width and zero_init_residual, not options, and its published models ignore width."""
+    if name.startswith("python:"):
+        return (("model.norm", "model.width", "model.zero_init_residual", "model.options"),
+                f"a model passed to largebatch.fit() ({name[len('python:'):]}) is used as it was built")
+    if name not in MODELS:
+        return (("model.norm", "model.width", "model.zero_init_residual"),
+                f"model.name={name} builds its own layers and takes only model.options")
+    if name in PUBLISHED_MODELS:
+        return ("model.width", "model.options"), f"the zoo's {name} has a fixed width and takes no model.options"
+    return ("model.options",), f"the zoo's {name} takes model.norm, model.width and model.zero_init_residual"

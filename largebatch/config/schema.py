@@ -105,7 +105,9 @@ class DataConfig:
     num_samples: int = 10000
     """'synthetic' only: number of training images (the validation set is val_fraction of this)."""
     num_classes: int = 10
-    """'synthetic' only: number of classes."""
+    """'synthetic': number of classes. Also what python -m largebatch.plan takes for a
+    pkg.module:factory dataset it does not read (data.train_samples set); training counts the
+    dataset's own."""
     val_fraction: float = 0.2
     """Share of the data held out for validation, where the dataset has no split of its own.
     The split is fixed (it does not depend on run.seed)."""

@@ -20,7 +20,7 @@ from largebatch.engine.metrics import MetricsLog, Progress
 from largebatch.engine.run_plan import Phase, RunPlan, phase_line
 from largebatch.engine.state import Losses, Position, Record
 from largebatch.fileio import write_bytes_atomic
-from largebatch.report import ignored_model_keys
+from largebatch.config.compare import ignored_model_keys
 from largebatch.version import __version__
 
 

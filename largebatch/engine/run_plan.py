@@ -149,8 +149,7 @@ class RunPlan:
         s = self.schedule
         line = f"warmup steps           {s.warmup_steps}"
         if s.warmup_steps and not warmup_rises(s):
-            line += ("  (the lr starts at its peak, so the warmup holds it there: a global batch at or below "
-                     "optim.base_batch has nothing to warm up to)")
+            line += f"  (the lr starts at its peak, {s.warmup_start_lr:.6g}, so the warmup holds it there)"
         return line
 
 

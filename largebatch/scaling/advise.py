@@ -174,7 +174,8 @@ def _training_legend(rows: list[Choice], fast: Choice, cheap: Choice) -> list[st
         lines.append("training refuses: micro-batches of 1 image through the model's BatchNorm; never picked")
     if any(c.warning and not c.refused for c in rows):
         picked = fast.warning or cheap.warning
-        lines.append("training warns: micro-batches too small for sensible BatchNorm statistics and fast steps; "
+        lines.append("training warns: micro-batches too small for fast steps (and for sensible statistics in any "
+                     "BatchNorm layer); "
                      + ("picked only because every other choice is refused" if picked else "not picked"))
     return lines
 
