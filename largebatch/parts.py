@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -280,13 +281,15 @@ def check_model(parts: Parts, model: nn.Module, sampled: dict[str, Fingerprint],
 
 
 def _outputs(parts: Parts, model: nn.Module) -> int:
-    """The model's output count, from its output on one validation image (the random number
-    generators left as they were)."""
-    sample = parts.val_set.__getitems__([0]).images
+    """The model's output count, from its output on one validation image, on the model's own
+    device (an instance passed in may already be on a GPU; the engine moves it to the run's device
+    later), the random number generators left as they were."""
+    device = _device_of(model)
+    sample = parts.val_set.__getitems__([0]).images.to(device)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             out = model(sample)
     except Exception as exc:
         raise UsageError(f"the model fails on one validation image of shape {tuple(sample.shape[1:])}: "
@@ -298,3 +301,10 @@ def _outputs(parts: Parts, model: nn.Module) -> int:
         raise UsageError(f"the model returns {shape} for one image of shape {tuple(sample.shape[1:])}; a classifier "
                          "returns (batch, classes) logits: flatten its output (end it with nn.Flatten())")
     return out.shape[1]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; the CPU for a model with neither."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -241,6 +241,26 @@ def test_the_class_count_comes_from_the_model_where_the_data_does_not_say():
     assert parts.info.num_classes == 5
 
 
+class _OnItsDevice(nn.Module):
+    """Refuses an input on another device than its weights (as a GPU model would, with an error)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.linear = nn.Linear(64, 4, device=device)
+
+    def forward(self, x):
+        assert x.device == self.linear.weight.device, f"input on {x.device}, weights on {self.linear.weight.device}"
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_model_is_checked_on_its_own_device(device):
+    # a model passed in already on a GPU is checked there; the meta device stands in for one on the CPU
+    x, y = _data()
+    parts = _check(_OnItsDevice(device), TensorDataset(x, y))
+    assert parts.info.num_classes == 4
+
+
 def test_a_label_outside_the_classes_met_while_training_stops_every_worker_in_one_line(project):
     results = launch_workers(2, "largebatch.train", "data.name=userparts:late_label", "model.name=userparts:net",
                              *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
