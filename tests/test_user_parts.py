@@ -72,6 +72,29 @@ def jittered():  # the same data, with a random transform on every fetch: trains
     return Pairs(x[:256], y[:256], jitter=True), Pairs(x[256:], y[256:])
 
 
+class Counted(Pairs):
+    """A transform without randomness that changes from fetch to fetch: the image of an item in
+    ``start`` ({index: its fetches so far}) is mirrored on its fetches 2 and 3. Where the counts
+    start alike, two workers fetch the same pixels; where one starts at 2, that worker's two
+    fetches agree with each other (as a RandomHorizontalFlip's may) and not with the other's."""
+
+    def __init__(self, x, y, start):
+        super().__init__(x, y)
+        self.count = dict(start)
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        if i not in self.count:
+            return x, y
+        self.count[i] += 1
+        return (x.flip(-1) if self.count[i] in (3, 4) else x), y
+
+
+def flipped_once():  # one sampled item (36 of 256) mirrored on rank 1 only, at start-up: trains, with a warning
+    x, y = _tensors(320, 0)
+    return Counted(x[:256], y[:256], {36: 2 if RANK == 1 else 0}), Pairs(x[256:], y[256:])
+
+
 def late_label():  # label 7 on 4 classes at a training index the start-up check does not sample
     x, y = _tensors(320, 0)
     y[5] = 7
@@ -121,18 +144,18 @@ class _Random(Dataset):
         return torch.rand(1, 8, 8), i % 3
 
 
-def test_a_dataset_random_per_fetch_has_no_thumbnails_and_still_compares_its_labels():
+def test_a_dataset_random_per_fetch_has_no_steady_items_and_still_compares_its_labels():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 3
     fixed = fingerprint(UserImages(TensorDataset(x, y)))
-    assert fixed.thumbs is not None and fixed.labels == tuple(int(y[i]) for i in fixed.indices)
+    assert all(fixed.steady) and fixed.labels == tuple(int(y[i]) for i in fixed.indices)
     random = fingerprint(UserImages(_Random()))
-    assert random.thumbs is None and random.labels == fixed.labels
-    # images are compared only where every worker's two fetches agreed: a random one on any worker
-    # leaves them out, while lengths and labels are still compared
-    assert differing([fixed, random]) == ([], [])
+    assert not any(random.steady) and random.labels == fixed.labels
+    # images are compared only where both workers' two fetches agreed, while lengths and labels are
+    # always compared
+    assert differing([fixed, random]) == ([], [], {})
     other = fingerprint(UserImages(TensorDataset(x + 1.0, y)))
-    assert differing([fixed, other]) == ([1], [f"images of the items at indices {list(fixed.indices)}"])
+    assert differing([fixed, other]) == ([1], [f"images of the items at indices {list(fixed.indices)}"], {})
     assert differing([fixed, fixed, fingerprint(UserImages(TensorDataset(x[:30], y[:30])))])[0] == [2]
 
 
@@ -141,7 +164,44 @@ def test_thumbnails_agree_up_to_rounding():
     x, y = torch.randn(40, 3, 16, 16, generator=g), torch.arange(40) % 3
     a = fingerprint(UserImages(TensorDataset(x, y)))
     b = fingerprint(UserImages(TensorDataset(x * (1 + 1e-6), y)))  # another CPU's rounding
-    assert differing([a, b]) == ([], [])
+    assert differing([a, b]) == ([], [], {})
+
+
+def _counted(start):
+    """The fingerprint of a Counted dataset of 40 items whose sampled items' fetches start at ``start``."""
+    module = {}
+    exec(USER_CODE, module)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 3
+    data = module["Counted"](x, y, {})
+    images = UserImages(data)  # fetches item 0 once; the counts start after it
+    data.count = dict(start)
+    return fingerprint(images)
+
+
+def test_a_transform_that_changes_some_items_per_fetch_is_a_warning_and_every_item_differing_a_refusal():
+    indices = sample_indices(40)
+    plain = _counted({i: 0 for i in indices})
+    one = _counted({i: 2 if i == indices[3] else 0 for i in indices})  # fetches 2 and 3 of one item: mirrored
+    assert all(plain.steady) and all(one.steady)
+    assert differing([plain, one]) == ([], [], {1: [indices[3]]})
+    assert differing([plain, plain, one]).uneven == {2: [indices[3]]}
+    every = _counted({i: 2 for i in indices})
+    assert differing([plain, every]) == ([1], [f"images of the items at indices {indices}"], {})
+    # an item that changes between the two fetches (fetch 1 and 2) is not compared: no refusal
+    moving = _counted({i: 1 if i == indices[0] else 2 for i in indices})
+    assert not moving.steady[0] and differing([plain, moving]) == ([], [], {1: indices[1:]})
+
+
+def test_an_item_that_differs_on_one_worker_is_a_warning_on_2_workers(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:flipped_once", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    warned = [x for x in results[0].stderr.splitlines() if "images differ" in x]
+    assert warned == ["largebatch: warning: the training set's images differ from rank 0's on rank 1 at indices "
+                      "[36], while its other sampled items agree: fine for a random transform in the dataset; if its "
+                      "data is drawn at random, seed it (torch.manual_seed before making it)"], results[0].stderr
+    assert "images differ" not in results[1].stderr
 
 
 def test_workers_with_different_lengths_are_refused_in_one_line(project):
