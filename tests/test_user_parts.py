@@ -95,6 +95,23 @@ def flipped_once():  # one sampled item (36 of 256) mirrored on rank 1 only, at 
     return Counted(x[:256], y[:256], {36: 2 if RANK == 1 else 0}), Pairs(x[256:], y[256:])
 
 
+class FloatAt(Pairs):
+    """Label 2.5 at index ``at``."""
+
+    def __init__(self, x, y, at):
+        super().__init__(x, y)
+        self.at = at
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, (2.5 if i == self.at else y)
+
+
+def late_float():  # a float label at a training index the start-up check does not sample
+    x, y = _tensors(320, 0)
+    return FloatAt(x[:256], y[:256], 101), Pairs(x[256:], y[256:])
+
+
 def late_label():  # label 7 on 4 classes at a training index the start-up check does not sample
     x, y = _tensors(320, 0)
     y[5] = 7
@@ -344,6 +361,22 @@ def test_a_float_label_is_refused_before_the_run_starts(project):
     assert r.returncode != 0
     assert "train_set[0] returned" in r.stderr and "as its label; return an integer class index" in r.stderr
     assert "worker(s) on cpu" not in r.stderr, r.stderr  # no run header: refused before it
+
+
+def test_a_float_label_met_while_training_stops_every_worker_in_one_line(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:late_float", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    line = _refused(results)
+    assert line == "largebatch: error: train_set[101] returned 2.5 as its label; return an integer class index", line
+
+
+def test_a_sampled_float_label_is_refused_at_start_up():
+    x, y = _data()
+    module = {}
+    exec(USER_CODE, module)
+    with pytest.raises(UsageError, match=r"^train_set\[63\] returned 2\.5 as its label; return an integer class "
+                                         r"index$"):
+        fingerprint(UserImages(module["FloatAt"](x, y, 63)))  # the last index is always sampled
 
 
 def test_user_images_refuse_a_float_label_on_construction():

@@ -34,6 +34,9 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from largebatch.data.base import BadLabel
+from largebatch.errors import UsageError
+
 SAMPLES = 8
 """Items sampled per dataset."""
 THUMB = 4
@@ -102,10 +105,14 @@ def _thumbs(images: torch.Tensor) -> torch.Tensor:
 
 def fingerprint(dataset) -> Fingerprint:
     """The fingerprint of ``dataset``, one of the engine's (``__getitems__`` gives
-    :class:`~largebatch.data.base.Samples`); its sampled items are fetched twice."""
+    :class:`~largebatch.data.base.Samples`); its sampled items are fetched twice. A sampled label
+    the dataset reports as a :class:`~largebatch.data.base.BadLabel` raises UsageError."""
     length = len(dataset)
     indices = sample_indices(length)
     first, second = dataset.__getitems__(indices), dataset.__getitems__(indices)
+    bad = [reason for _, reason in first.skipped if isinstance(reason, BadLabel)]
+    if bad:  # a sampled label that is not an integer: refused here, before the run starts
+        raise UsageError(bad[0])
     thumbs = _thumbs(first.images)
     steady = (_same_items(thumbs, _thumbs(second.images)) if first.images.shape == second.images.shape
               else [False] * len(indices))

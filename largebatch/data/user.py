@@ -46,12 +46,26 @@ def _image(value: Any, where: str) -> torch.Tensor:
     return value.float()
 
 
-def _label(value: Any, where: str) -> int:
+def _as_label(value: Any) -> Optional[int]:
+    """``value`` as a class index; None where it is not an integer."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
         return int(value)
-    raise UsageError(f"{where} returned {value!r} as its label; return an integer class index")
+    return None
+
+
+def _not_a_label(value: Any, where: str) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return f"{where} returned {value!r} as its label; return an integer class index"
+
+
+def _label(value: Any, where: str) -> int:
+    label = _as_label(value)
+    if label is None:
+        raise UsageError(_not_a_label(value, where))
+    return label
 
 
 def label_problem(where: str, label: int, classes: int, outputs: Optional[int] = None) -> Optional[str]:
@@ -101,7 +115,7 @@ class UserImages(ImageDataset):
         self.label_range: Optional[tuple[int, int]] = None
         """(classes, model outputs), set once the model is checked (:func:`largebatch.parts.check_model`):
         a label outside 0..classes-1 is given IGNORE and reported as a :class:`BadLabel`, which
-        stops the run."""
+        stops the run (as a label that is not an integer is, from the start)."""
 
     def __len__(self) -> int:
         return self.count
@@ -121,8 +135,11 @@ class UserImages(ImageDataset):
             if self.fixed and x.shape[-2:] != sides(self.image_size):
                 x = resize(x.unsqueeze(0), self.image_size)[0]
             images.append(x)
-            labels.append(_label(label, self.describe(i)))
-            problem = self.label_range and label_problem(self.describe(i), labels[-1], *self.label_range)
+            labels.append(_as_label(label))
+            # a label that is no class index (or none of the model's) stops every worker at the
+            # step's end, naming the sample, rather than this worker alone
+            problem = (_not_a_label(label, self.describe(i)) if labels[-1] is None else
+                       self.label_range and label_problem(self.describe(i), labels[-1], *self.label_range))
             if problem:
                 skipped.append([i, BadLabel(problem)])
                 labels[-1] = IGNORE
