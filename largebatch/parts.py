@@ -30,6 +30,7 @@ from largebatch.data import IGNORE, DatasetInfo, build_datasets
 from largebatch.data.augment import Augment, resolve
 from largebatch.data.base import ImageDataset
 from largebatch.data.fingerprint import Fingerprint, fingerprint
+from largebatch.data.user import UserImages, label_problem, largest_label, num_classes_of, split
 from largebatch.errors import UsageError
 from largebatch.models import create_model
 from largebatch.models.sizes import text as size_text
@@ -162,8 +163,6 @@ def model_builder(cfg, info: DatasetInfo) -> Callable[[int], nn.Module]:
 def user_datasets(train_set: Dataset, val_set: Optional[Dataset], cfg, seed: int, name: str,
                   num_classes: Optional[int] = None) -> tuple[ImageDataset, ImageDataset, DatasetInfo]:
     """The engine's view of a user's datasets (``val_set`` None: data.val_fraction of train_set)."""
-    from largebatch.data.user import UserImages, num_classes_of, split
-
     if val_set is None:
         train_set, val_set = split(train_set, cfg.data.val_fraction)
     train = UserImages(train_set, "train_set", cfg.data.image_size)
@@ -259,25 +258,35 @@ def check_model(parts: Parts, model: nn.Module, sampled: dict[str, Fingerprint],
     does not say); user datasets then check every label they give against it as the run goes."""
     info = parts.info
     outputs = info.num_classes if parts.fits_data and info.num_classes else _outputs(parts, model)
-    classes = info.num_classes or outputs
+    classes, declared = info.num_classes or outputs, bool(info.num_classes)
     if outputs < classes:
-        raise UsageError(f"the model gives {outputs} outputs and the data has {classes} classes; build it with "
-                         f"{classes} outputs (num_classes={classes})")
+        raise UsageError(f"the model gives {outputs} outputs and the data has {classes} classes"
+                         f"{_counted_from_labels(parts.train_set, classes, outputs)}")
     if outputs > classes and verbose:
         print(f"largebatch: warning: the model gives {outputs} outputs and the data has {classes} classes; outputs "
               f"{classes}..{outputs - 1} are never a target (fine for a head sized for another dataset)",
               file=sys.stderr, flush=True)
-    from largebatch.data.user import label_problem
-
     for dataset, sample in zip((parts.train_set, parts.val_set), sampled.values()):
         for index, label in zip(sample.indices, sample.labels or ()):
             problem = None if label == IGNORE and info.reads_files else label_problem(
-                dataset.describe(index), label, classes, outputs)
+                dataset.describe(index), label, classes, outputs, declared)
             if problem:
                 raise UsageError(problem)
         if hasattr(dataset, "label_range"):
-            dataset.label_range = (classes, outputs)
+            dataset.label_range = (classes, outputs, declared)
     return replace(parts, info=replace(info, num_classes=classes))
+
+
+def _counted_from_labels(train_set, classes: int, outputs: int) -> str:
+    """The end of the line refusing a model with fewer outputs than classes: where the class count
+    comes from the largest label (a TensorDataset's), that label and its sample, which may be a
+    stray one."""
+    largest = largest_label(train_set.dataset) if isinstance(train_set, UserImages) else None
+    if largest is None or largest[0] + 1 != classes:
+        return f"; build it with {classes} outputs (num_classes={classes})"
+    label, index = largest
+    return (f", counted from its largest label, {label} ({train_set.name}[{index}]); build it with {classes} outputs "
+            f"(num_classes={classes}), or map the dataset's labels to 0..{outputs - 1}")
 
 
 def _outputs(parts: Parts, model: nn.Module) -> int:

@@ -276,10 +276,17 @@ class _Plain(Dataset):
         return self.x[i], int(self.y[i])
 
 
+class _Counting(_Plain):
+    num_classes = 4
+
+
 def test_fewer_outputs_than_classes_is_refused():
     x, y = _data()
     with pytest.raises(UsageError, match=r"^the model gives 3 outputs and the data has 4 classes; build it with 4 "
                                          r"outputs \(num_classes=4\)$"):
+        _check(_linear(3), _Counting(x, y))
+    with pytest.raises(UsageError, match=r"^the model gives 3 outputs and the data has 4 classes, counted from its "
+                                         r"largest label, 3 \(train_set\[3\]\); build it with 4 outputs"):
         _check(_linear(3), TensorDataset(x, y))
 
 
@@ -293,6 +300,33 @@ def test_a_sampled_label_outside_the_model_is_refused(label, message):
     y[0] = label  # index 0 is always sampled; the data (no class attribute) says nothing, the model has 4
     with pytest.raises(UsageError, match=message):
         _check(_linear(4), _Plain(x, y), _Plain(x, y % 4))
+
+
+class _Named(_Plain):
+    classes = ["a", "b"]
+
+
+def test_a_label_outside_the_classes_the_data_declares_is_named_as_such():
+    # the engine builds the model with the 2 classes the data declares: label 3 is the data's own mistake
+    x, y = _data(classes=2)
+    y[0] = 3
+    cfg = load_config(None, ["model.name=mlp", "data.name=python:D"])
+    parts = from_objects(None, _Named(x, y), _Named(x, y % 2))(cfg, 0, False)
+    with pytest.raises(UsageError, match=r"^train_set\[0\] has label 3, outside the 2 classes the data says it has "
+                                         r"\(0..1\); fix the dataset's classes or num_classes, or its labels$"):
+        check_model(parts, parts.build_model(8), fingerprints(parts), False)
+
+
+def test_a_class_count_from_one_stray_label_names_that_label():
+    x, y = _data(classes=2)
+    y[13] = 7  # a TensorDataset's class count is its largest label + 1
+    with pytest.raises(UsageError, match=r"^the model gives 2 outputs and the data has 8 classes, counted from its "
+                                         r"largest label, 7 \(train_set\[13\]\); build it with 8 outputs "
+                                         r"\(num_classes=8\), or map the dataset's labels to 0..1$"):
+        _check(_linear(2), TensorDataset(x, y), TensorDataset(x, y % 2))
+    # split from train_set (a Subset of it): the index is still the one in the dataset passed in
+    with pytest.raises(UsageError, match=r"largest label, 7 \(train_set\[13\]\)"):
+        _check(_linear(2), TensorDataset(x, y))
 
 
 def test_an_output_that_is_not_logits_is_refused():
@@ -309,7 +343,7 @@ def test_more_outputs_than_classes_is_a_warning(capsys):
     assert parts.info.num_classes == 4
     assert "warning: the model gives 10 outputs and the data has 4 classes; outputs 4..9 are never a target" \
         in capsys.readouterr().err
-    assert parts.train_set.label_range == (4, 10)  # labels checked against the data's classes as the run goes
+    assert parts.train_set.label_range == (4, 10, True)  # labels checked against the data's classes as the run goes
 
 
 def test_the_class_count_comes_from_the_model_where_the_data_does_not_say():
