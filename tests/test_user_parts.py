@@ -376,7 +376,7 @@ def test_a_label_outside_the_classes_met_while_training_stops_every_worker_in_on
     results = launch_workers(2, "largebatch.train", "data.name=userparts:late_label", "model.name=userparts:net",
                              *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
     line = _refused(results)
-    assert "train_set[5] has label 7, and the model gives 4 outputs (classes 0..3)" in line, line
+    assert "train_set[5] has label 7, outside the 4 classes the data says it has (0..3)" in line, line  # num_classes=4
 
 
 def test_a_float_label_is_refused_before_the_run_starts(project):
