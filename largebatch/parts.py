@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -29,6 +30,7 @@ from largebatch.data import IGNORE, DatasetInfo, build_datasets
 from largebatch.data.augment import Augment, resolve
 from largebatch.data.base import ImageDataset
 from largebatch.data.fingerprint import Fingerprint, fingerprint
+from largebatch.data.user import UserImages, label_problem, largest_label, num_classes_of, split
 from largebatch.errors import UsageError
 from largebatch.models import create_model
 from largebatch.models.sizes import text as size_text
@@ -161,8 +163,6 @@ def model_builder(cfg, info: DatasetInfo) -> Callable[[int], nn.Module]:
 def user_datasets(train_set: Dataset, val_set: Optional[Dataset], cfg, seed: int, name: str,
                   num_classes: Optional[int] = None) -> tuple[ImageDataset, ImageDataset, DatasetInfo]:
     """The engine's view of a user's datasets (``val_set`` None: data.val_fraction of train_set)."""
-    from largebatch.data.user import UserImages, num_classes_of, split
-
     if val_set is None:
         train_set, val_set = split(train_set, cfg.data.val_fraction)
     train = UserImages(train_set, "train_set", cfg.data.image_size)
@@ -258,35 +258,47 @@ def check_model(parts: Parts, model: nn.Module, sampled: dict[str, Fingerprint],
     does not say); user datasets then check every label they give against it as the run goes."""
     info = parts.info
     outputs = info.num_classes if parts.fits_data and info.num_classes else _outputs(parts, model)
-    classes = info.num_classes or outputs
+    classes, declared = info.num_classes or outputs, bool(info.num_classes)
     if outputs < classes:
-        raise UsageError(f"the model gives {outputs} outputs and the data has {classes} classes; build it with "
-                         f"{classes} outputs (num_classes={classes})")
+        raise UsageError(f"the model gives {outputs} outputs and the data has {classes} classes"
+                         f"{_counted_from_labels(parts.train_set, classes, outputs)}")
     if outputs > classes and verbose:
         print(f"largebatch: warning: the model gives {outputs} outputs and the data has {classes} classes; outputs "
               f"{classes}..{outputs - 1} are never a target (fine for a head sized for another dataset)",
               file=sys.stderr, flush=True)
-    from largebatch.data.user import label_problem
-
     for dataset, sample in zip((parts.train_set, parts.val_set), sampled.values()):
         for index, label in zip(sample.indices, sample.labels or ()):
             problem = None if label == IGNORE and info.reads_files else label_problem(
-                dataset.describe(index), label, classes, outputs)
+                dataset.describe(index), label, classes, outputs, declared)
             if problem:
                 raise UsageError(problem)
         if hasattr(dataset, "label_range"):
-            dataset.label_range = (classes, outputs)
+            dataset.label_range = (classes, outputs, declared)
     return replace(parts, info=replace(info, num_classes=classes))
 
 
+def _counted_from_labels(train_set, classes: int, outputs: int) -> str:
+    """The end of the line refusing a model with fewer outputs than classes: where the class count
+    comes from the largest label (a TensorDataset's), that label and its sample, which may be a
+    stray one."""
+    largest = largest_label(train_set.dataset) if isinstance(train_set, UserImages) else None
+    if largest is None or largest[0] + 1 != classes:
+        return f"; build it with {classes} outputs (num_classes={classes})"
+    label, index = largest
+    return (f", counted from its largest label, {label} ({train_set.name}[{index}]); build it with {classes} outputs "
+            f"(num_classes={classes}), or map the dataset's labels to 0..{outputs - 1}")
+
+
 def _outputs(parts: Parts, model: nn.Module) -> int:
-    """The model's output count, from its output on one validation image (the random number
-    generators left as they were)."""
-    sample = parts.val_set.__getitems__([0]).images
+    """The model's output count, from its output on one validation image, on the model's own
+    device (an instance passed in may already be on a GPU; the engine moves it to the run's device
+    later), the random number generators left as they were."""
+    device = _device_of(model)
+    sample = parts.val_set.__getitems__([0]).images.to(device)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             out = model(sample)
     except Exception as exc:
         raise UsageError(f"the model fails on one validation image of shape {tuple(sample.shape[1:])}: "
@@ -298,3 +310,10 @@ def _outputs(parts: Parts, model: nn.Module) -> int:
         raise UsageError(f"the model returns {shape} for one image of shape {tuple(sample.shape[1:])}; a classifier "
                          "returns (batch, classes) logits: flatten its output (end it with nn.Flatten())")
     return out.shape[1]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; the CPU for a model with neither."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

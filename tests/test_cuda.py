@@ -116,3 +116,19 @@ def test_steady_state_step_never_synchronises(tmp_path, optim, precision):
         assert [int(o) for o in outcomes] == [APPLIED] * 4
     finally:
         trainer.close()
+
+
+def test_fit_takes_a_model_instance_already_on_the_gpu(tmp_path):
+    """largebatch.fit(model=Net().cuda()): the start-up check runs the model where it is."""
+    import largebatch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).cuda()
+    summary = largebatch.fit(model=model, train_set=TensorDataset(x, y),
+                             overrides=[f"run.dir={tmp_path / 'r'}", "train.device=cuda", "train.epochs=1",
+                                        "train.global_batch=32"])
+    assert summary["steps"] >= 1 and next(model.parameters()).is_cuda

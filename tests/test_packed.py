@@ -166,6 +166,10 @@ def test_unreadable_source_images_and_atomic_output(tmp_path, capsys):
     (["digits"], "give SRC and DEST"),
     (["digits", "d.lbpack", "train.epochs=3"], "only data.* keys apply"),
     (["digits", "d.lbpack", "--size", "4"], "--size 4 is not allowed"),
+    (["digits", "d.lbpack", "data.image_size=[8, 12]"], r"^data.image_size=\[8, 12\] is not square, and a packed "
+                                                        r"file holds square images; give one side with --size "
+                                                        r"\(e.g. --size 12\)$"),
+    (["synthetic", "d.lbpack", "data.image_size=[16, 8]"], r"^data.image_size=\[16, 8\] is not square, and a packed"),
 ])
 def test_pack_cli_bad_input(tmp_path, args, message):
     with pytest.raises(UsageError, match=message):

@@ -72,6 +72,46 @@ def jittered():  # the same data, with a random transform on every fetch: trains
     return Pairs(x[:256], y[:256], jitter=True), Pairs(x[256:], y[256:])
 
 
+class Counted(Pairs):
+    """A transform without randomness that changes from fetch to fetch: the image of an item in
+    ``start`` ({index: its fetches so far}) is mirrored on its fetches 2 and 3. Where the counts
+    start alike, two workers fetch the same pixels; where one starts at 2, that worker's two
+    fetches agree with each other (as a RandomHorizontalFlip's may) and not with the other's."""
+
+    def __init__(self, x, y, start):
+        super().__init__(x, y)
+        self.count = dict(start)
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        if i not in self.count:
+            return x, y
+        self.count[i] += 1
+        return (x.flip(-1) if self.count[i] in (3, 4) else x), y
+
+
+def flipped_once():  # one sampled item (36 of 256) mirrored on rank 1 only, at start-up: trains, with a warning
+    x, y = _tensors(320, 0)
+    return Counted(x[:256], y[:256], {36: 2 if RANK == 1 else 0}), Pairs(x[256:], y[256:])
+
+
+class FloatAt(Pairs):
+    """Label 2.5 at index ``at``."""
+
+    def __init__(self, x, y, at):
+        super().__init__(x, y)
+        self.at = at
+
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x, (2.5 if i == self.at else y)
+
+
+def late_float():  # a float label at a training index the start-up check does not sample
+    x, y = _tensors(320, 0)
+    return FloatAt(x[:256], y[:256], 101), Pairs(x[256:], y[256:])
+
+
 def late_label():  # label 7 on 4 classes at a training index the start-up check does not sample
     x, y = _tensors(320, 0)
     y[5] = 7
@@ -121,18 +161,18 @@ class _Random(Dataset):
         return torch.rand(1, 8, 8), i % 3
 
 
-def test_a_dataset_random_per_fetch_has_no_thumbnails_and_still_compares_its_labels():
+def test_a_dataset_random_per_fetch_has_no_steady_items_and_still_compares_its_labels():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 3
     fixed = fingerprint(UserImages(TensorDataset(x, y)))
-    assert fixed.thumbs is not None and fixed.labels == tuple(int(y[i]) for i in fixed.indices)
+    assert all(fixed.steady) and fixed.labels == tuple(int(y[i]) for i in fixed.indices)
     random = fingerprint(UserImages(_Random()))
-    assert random.thumbs is None and random.labels == fixed.labels
-    # images are compared only where every worker's two fetches agreed: a random one on any worker
-    # leaves them out, while lengths and labels are still compared
-    assert differing([fixed, random]) == ([], [])
+    assert not any(random.steady) and random.labels == fixed.labels
+    # images are compared only where both workers' two fetches agreed, while lengths and labels are
+    # always compared
+    assert differing([fixed, random]) == ([], [], {})
     other = fingerprint(UserImages(TensorDataset(x + 1.0, y)))
-    assert differing([fixed, other]) == ([1], [f"images of the items at indices {list(fixed.indices)}"])
+    assert differing([fixed, other]) == ([1], [f"images of the items at indices {list(fixed.indices)}"], {})
     assert differing([fixed, fixed, fingerprint(UserImages(TensorDataset(x[:30], y[:30])))])[0] == [2]
 
 
@@ -141,7 +181,44 @@ def test_thumbnails_agree_up_to_rounding():
     x, y = torch.randn(40, 3, 16, 16, generator=g), torch.arange(40) % 3
     a = fingerprint(UserImages(TensorDataset(x, y)))
     b = fingerprint(UserImages(TensorDataset(x * (1 + 1e-6), y)))  # another CPU's rounding
-    assert differing([a, b]) == ([], [])
+    assert differing([a, b]) == ([], [], {})
+
+
+def _counted(start):
+    """The fingerprint of a Counted dataset of 40 items whose sampled items' fetches start at ``start``."""
+    module = {}
+    exec(USER_CODE, module)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 3
+    data = module["Counted"](x, y, {})
+    images = UserImages(data)  # fetches item 0 once; the counts start after it
+    data.count = dict(start)
+    return fingerprint(images)
+
+
+def test_a_transform_that_changes_some_items_per_fetch_is_a_warning_and_every_item_differing_a_refusal():
+    indices = sample_indices(40)
+    plain = _counted({i: 0 for i in indices})
+    one = _counted({i: 2 if i == indices[3] else 0 for i in indices})  # fetches 2 and 3 of one item: mirrored
+    assert all(plain.steady) and all(one.steady)
+    assert differing([plain, one]) == ([], [], {1: [indices[3]]})
+    assert differing([plain, plain, one]).uneven == {2: [indices[3]]}
+    every = _counted({i: 2 for i in indices})
+    assert differing([plain, every]) == ([1], [f"images of the items at indices {indices}"], {})
+    # an item that changes between the two fetches (fetch 1 and 2) is not compared: no refusal
+    moving = _counted({i: 1 if i == indices[0] else 2 for i in indices})
+    assert not moving.steady[0] and differing([plain, moving]) == ([], [], {1: indices[1:]})
+
+
+def test_an_item_that_differs_on_one_worker_is_a_warning_on_2_workers(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:flipped_once", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+    warned = [x for x in results[0].stderr.splitlines() if "images differ" in x]
+    assert warned == ["largebatch: warning: the training set's images differ from rank 0's on rank 1 at indices "
+                      "[36], while its other sampled items agree: fine for a random transform in the dataset; if its "
+                      "data is drawn at random, seed it (torch.manual_seed before making it)"], results[0].stderr
+    assert "images differ" not in results[1].stderr
 
 
 def test_workers_with_different_lengths_are_refused_in_one_line(project):
@@ -199,10 +276,17 @@ class _Plain(Dataset):
         return self.x[i], int(self.y[i])
 
 
+class _Counting(_Plain):
+    num_classes = 4
+
+
 def test_fewer_outputs_than_classes_is_refused():
     x, y = _data()
     with pytest.raises(UsageError, match=r"^the model gives 3 outputs and the data has 4 classes; build it with 4 "
                                          r"outputs \(num_classes=4\)$"):
+        _check(_linear(3), _Counting(x, y))
+    with pytest.raises(UsageError, match=r"^the model gives 3 outputs and the data has 4 classes, counted from its "
+                                         r"largest label, 3 \(train_set\[3\]\); build it with 4 outputs"):
         _check(_linear(3), TensorDataset(x, y))
 
 
@@ -216,6 +300,33 @@ def test_a_sampled_label_outside_the_model_is_refused(label, message):
     y[0] = label  # index 0 is always sampled; the data (no class attribute) says nothing, the model has 4
     with pytest.raises(UsageError, match=message):
         _check(_linear(4), _Plain(x, y), _Plain(x, y % 4))
+
+
+class _Named(_Plain):
+    classes = ["a", "b"]
+
+
+def test_a_label_outside_the_classes_the_data_declares_is_named_as_such():
+    # the engine builds the model with the 2 classes the data declares: label 3 is the data's own mistake
+    x, y = _data(classes=2)
+    y[0] = 3
+    cfg = load_config(None, ["model.name=mlp", "data.name=python:D"])
+    parts = from_objects(None, _Named(x, y), _Named(x, y % 2))(cfg, 0, False)
+    with pytest.raises(UsageError, match=r"^train_set\[0\] has label 3, outside the 2 classes the data says it has "
+                                         r"\(0..1\); fix the dataset's classes or num_classes, or its labels$"):
+        check_model(parts, parts.build_model(8), fingerprints(parts), False)
+
+
+def test_a_class_count_from_one_stray_label_names_that_label():
+    x, y = _data(classes=2)
+    y[13] = 7  # a TensorDataset's class count is its largest label + 1
+    with pytest.raises(UsageError, match=r"^the model gives 2 outputs and the data has 8 classes, counted from its "
+                                         r"largest label, 7 \(train_set\[13\]\); build it with 8 outputs "
+                                         r"\(num_classes=8\), or map the dataset's labels to 0..1$"):
+        _check(_linear(2), TensorDataset(x, y), TensorDataset(x, y % 2))
+    # split from train_set (a Subset of it): the index is still the one in the dataset passed in
+    with pytest.raises(UsageError, match=r"largest label, 7 \(train_set\[13\]\)"):
+        _check(_linear(2), TensorDataset(x, y))
 
 
 def test_an_output_that_is_not_logits_is_refused():
@@ -232,7 +343,7 @@ def test_more_outputs_than_classes_is_a_warning(capsys):
     assert parts.info.num_classes == 4
     assert "warning: the model gives 10 outputs and the data has 4 classes; outputs 4..9 are never a target" \
         in capsys.readouterr().err
-    assert parts.train_set.label_range == (4, 10)  # labels checked against the data's classes as the run goes
+    assert parts.train_set.label_range == (4, 10, True)  # labels checked against the data's classes as the run goes
 
 
 def test_the_class_count_comes_from_the_model_where_the_data_does_not_say():
@@ -241,11 +352,31 @@ def test_the_class_count_comes_from_the_model_where_the_data_does_not_say():
     assert parts.info.num_classes == 5
 
 
+class _OnItsDevice(nn.Module):
+    """Refuses an input on another device than its weights (as a GPU model would, with an error)."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.linear = nn.Linear(64, 4, device=device)
+
+    def forward(self, x):
+        assert x.device == self.linear.weight.device, f"input on {x.device}, weights on {self.linear.weight.device}"
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_the_model_is_checked_on_its_own_device(device):
+    # a model passed in already on a GPU is checked there; the meta device stands in for one on the CPU
+    x, y = _data()
+    parts = _check(_OnItsDevice(device), TensorDataset(x, y))
+    assert parts.info.num_classes == 4
+
+
 def test_a_label_outside_the_classes_met_while_training_stops_every_worker_in_one_line(project):
     results = launch_workers(2, "largebatch.train", "data.name=userparts:late_label", "model.name=userparts:net",
                              *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
     line = _refused(results)
-    assert "train_set[5] has label 7, and the model gives 4 outputs (classes 0..3)" in line, line
+    assert "train_set[5] has label 7, outside the 4 classes the data says it has (0..3)" in line, line  # num_classes=4
 
 
 def test_a_float_label_is_refused_before_the_run_starts(project):
@@ -264,6 +395,22 @@ def test_a_float_label_is_refused_before_the_run_starts(project):
     assert r.returncode != 0
     assert "train_set[0] returned" in r.stderr and "as its label; return an integer class index" in r.stderr
     assert "worker(s) on cpu" not in r.stderr, r.stderr  # no run header: refused before it
+
+
+def test_a_float_label_met_while_training_stops_every_worker_in_one_line(project):
+    results = launch_workers(2, "largebatch.train", "data.name=userparts:late_float", "model.name=userparts:net",
+                             *FAST, f"run.dir={project / 'r'}", cwd=str(project), timeout=120)
+    line = _refused(results)
+    assert line == "largebatch: error: train_set[101] returned 2.5 as its label; return an integer class index", line
+
+
+def test_a_sampled_float_label_is_refused_at_start_up():
+    x, y = _data()
+    module = {}
+    exec(USER_CODE, module)
+    with pytest.raises(UsageError, match=r"^train_set\[63\] returned 2\.5 as its label; return an integer class "
+                                         r"index$"):
+        fingerprint(UserImages(module["FloatAt"](x, y, 63)))  # the last index is always sampled
 
 
 def test_user_images_refuse_a_float_label_on_construction():

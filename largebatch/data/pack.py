@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from largebatch.config import load_config
 from largebatch.data.augment import transform_uint8
 from largebatch.data.cifar import batch_folder, load_cifar
-from largebatch.data.datasets import build_datasets, square_size
+from largebatch.data.datasets import build_datasets
 from largebatch.data.digits import digits_arrays
 from largebatch.data.imagefolder import load_imagefolder, unreadable_message, unreadable_reason
 from largebatch.data.packed import PackWriter, read_meta, verify_images
@@ -77,7 +77,6 @@ class Source(Dataset):
                            "val": (pixels[va.numpy()], labels[va.numpy()])}
             self.classes, self.channels = [str(c) for c in range(10)], 1
         elif name == "synthetic":
-            square_size(cfg)
             self.size = size or cfg.image_size or 32
             cfg.image_size = self.size
             train, val, _ = build_datasets(cfg)
@@ -158,6 +157,10 @@ def pack(src: str, dest: str, size: int | None = None, workers: int = 0, on_corr
         raise UsageError(f"'{bad[0]}': only data.* keys apply when packing (e.g. data.num_samples=5000)")
     name, root = detect(src)
     cfg = load_config(None, [f"data.name={name}", *([f"data.root={root}"] if root else []), *overrides]).data
+    if isinstance(cfg.image_size, list):
+        height, width = cfg.image_size
+        raise UsageError(f"data.image_size=[{height}, {width}] is not square, and a packed file holds square images; "
+                         f"give one side with --size (e.g. --size {max(height, width)})")
     source = Source(name, cfg, size, on_corrupt)
     writer = PackWriter(dest, source.channels, source.size)
     loader = DataLoader(source, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,

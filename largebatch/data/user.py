@@ -46,27 +46,44 @@ def _image(value: Any, where: str) -> torch.Tensor:
     return value.float()
 
 
-def _label(value: Any, where: str) -> int:
+def _as_label(value: Any) -> Optional[int]:
+    """``value`` as a class index; None where it is not an integer."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, (np.integer, int)) and not isinstance(value, bool):
         return int(value)
-    raise UsageError(f"{where} returned {value!r} as its label; return an integer class index")
+    return None
 
 
-def label_problem(where: str, label: int, classes: int, outputs: Optional[int] = None) -> Optional[str]:
+def _not_a_label(value: Any, where: str) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return f"{where} returned {value!r} as its label; return an integer class index"
+
+
+def _label(value: Any, where: str) -> int:
+    label = _as_label(value)
+    if label is None:
+        raise UsageError(_not_a_label(value, where))
+    return label
+
+
+def label_problem(where: str, label: int, classes: int, outputs: Optional[int] = None,
+                  declared: bool = True) -> Optional[str]:
     """Why ``label`` (of sample ``where``) cannot train a model of ``outputs`` outputs on data of
-    ``classes`` classes (``outputs`` None: as many as the classes), in one line; None if it can."""
+    ``classes`` classes (``outputs`` None: as many as the classes), in one line; None if it can.
+    ``declared``: the data states its class count (else it is the model's output count), so a
+    label past it is the data's own inconsistency, whatever the model gives."""
     outputs = classes if outputs is None else outputs
     if label < 0:
         return (f"{where} has label {label}; labels are class indices 0..{classes - 1}: map the dataset's labels "
                 "to them")
+    if label >= classes and declared:
+        return (f"{where} has label {label}, outside the {classes} classes the data says it has (0..{classes - 1}); "
+                "fix the dataset's classes or num_classes, or its labels")
     if label >= outputs:
         return (f"{where} has label {label}, and the model gives {outputs} outputs (classes 0..{outputs - 1}); "
                 f"give the model at least {label + 1} outputs, or map the dataset's labels to 0..{outputs - 1}")
-    if label >= classes:
-        return (f"{where} has label {label}, outside the {classes} classes the data says it has (0..{classes - 1}); "
-                "fix the dataset's classes or num_classes, or its labels")
     return None
 
 
@@ -98,10 +115,10 @@ class UserImages(ImageDataset):
         shape), or data.image_size."""
         self.fixed = image_size is not None
         """Resize every image to image_size on arrival (the dataset's images may differ in size)."""
-        self.label_range: Optional[tuple[int, int]] = None
-        """(classes, model outputs), set once the model is checked (:func:`largebatch.parts.check_model`):
+        self.label_range: Optional[tuple[int, int, bool]] = None
+        """(classes, model outputs, the data states its classes), set once the model is checked (:func:`largebatch.parts.check_model`):
         a label outside 0..classes-1 is given IGNORE and reported as a :class:`BadLabel`, which
-        stops the run."""
+        stops the run (as a label that is not an integer is, from the start)."""
 
     def __len__(self) -> int:
         return self.count
@@ -121,8 +138,11 @@ class UserImages(ImageDataset):
             if self.fixed and x.shape[-2:] != sides(self.image_size):
                 x = resize(x.unsqueeze(0), self.image_size)[0]
             images.append(x)
-            labels.append(_label(label, self.describe(i)))
-            problem = self.label_range and label_problem(self.describe(i), labels[-1], *self.label_range)
+            labels.append(_as_label(label))
+            # a label that is no class index (or none of the model's) stops every worker at the
+            # step's end, naming the sample, rather than this worker alone
+            problem = (_not_a_label(label, self.describe(i)) if labels[-1] is None else
+                       self.label_range and label_problem(self.describe(i), labels[-1], *self.label_range))
             if problem:
                 skipped.append([i, BadLabel(problem)])
                 labels[-1] = IGNORE
@@ -138,20 +158,42 @@ class UserImages(ImageDataset):
 def num_classes_of(dataset: Dataset) -> Optional[int]:
     """The class count a dataset states (``classes``, ``num_classes``, or its labels where they are
     held as one tensor or list: ``targets``, a TensorDataset's second tensor); None if it says nothing."""
-    inner = getattr(dataset, "dataset", None)  # a torch Subset
-    for d in (dataset, inner):
-        if d is None:
-            continue
+    for d in _itself_and_inner(dataset):
         if isinstance(getattr(d, "num_classes", None), int):
             return d.num_classes
         if isinstance(getattr(d, "classes", None), (list, tuple)) and d.classes:
             return len(d.classes)
-        targets = getattr(d, "targets", None)
-        if targets is None and isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 2:
-            targets = d.tensors[1]
-        if targets is not None and len(targets):
-            return int(torch.as_tensor(targets).max()) + 1
+        targets = _targets(d)
+        if targets is not None:
+            return int(targets.max()) + 1
     return None
+
+
+def largest_label(dataset: Dataset) -> Optional[tuple[int, int]]:
+    """(the largest label, the index of its first sample) where :func:`num_classes_of` counts the
+    classes from the labels, which are then in memory; the index is into the dataset passed in
+    (for a torch Subset, into the dataset it takes its samples from). None elsewhere."""
+    for d in _itself_and_inner(dataset):
+        if isinstance(getattr(d, "num_classes", None), int) or getattr(d, "classes", None):
+            return None
+        targets = _targets(d)
+        if targets is not None:
+            index = int(targets.argmax())
+            return int(targets[index]), index
+    return None
+
+
+def _itself_and_inner(dataset: Dataset) -> list:
+    inner = getattr(dataset, "dataset", None)  # a torch Subset
+    return [dataset] if inner is None else [dataset, inner]
+
+
+def _targets(d) -> Optional[torch.Tensor]:
+    """A dataset's labels where it holds them as one tensor or list (non-empty), else None."""
+    targets = getattr(d, "targets", None)
+    if targets is None and isinstance(d, torch.utils.data.TensorDataset) and len(d.tensors) >= 2:
+        targets = d.tensors[1]
+    return None if targets is None or not len(targets) else torch.as_tensor(targets)
 
 
 def split(dataset: Dataset, val_fraction: float) -> tuple[Dataset, Dataset]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -75,12 +76,17 @@ def check_same_everywhere(cfg: Config, comm: Communicator, fingerprints: Optiona
                          f"({seen[odd[0]][:2]} vs {seen[0][:2]}); start every worker with the same files and "
                          "arguments")
     for name in fingerprints or {}:
-        odd, what = differing([other[2][name] for other in seen])
+        odd, what, uneven = differing([other[2][name] for other in seen])
         if odd:
             raise UsageError(f"every worker must hold the same data, and the {name} differs on rank"
                              f"{'s' if len(odd) > 1 else ''} {', '.join(map(str, odd))} from rank 0's: "
                              f"{', '.join(what)} (rank 0 vs rank {odd[0]}); build the same dataset on every worker: "
                              "seed its randomness (torch.manual_seed before making it) and read the same files")
+        if uneven and comm.topology.is_main:
+            where = ", ".join(f"on rank {rank} at indices {indices}" for rank, indices in uneven.items())
+            print(f"largebatch: warning: the {name}'s images differ from rank 0's {where}, while its other sampled "
+                  "items agree: fine for a random transform in the dataset; if its data is drawn at random, seed it "
+                  "(torch.manual_seed before making it)", file=sys.stderr, flush=True)
 
 
 def image_sizes(cfg: Config, plan: RunPlan, info) -> list[Size]:
