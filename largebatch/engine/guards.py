@@ -158,7 +158,9 @@ class InterruptGuard:
     SIGUSR1, the time-limit warning a batch script passes on (launch/slurm.sbatch), is held rather
     than fatal: one that arrives during set-up is taken over by StopSignal, so the run stops after
     its first step with a checkpoint; one that arrives after the last step changes nothing, and the
-    finished run exits with status 0 instead of being killed by the signal."""
+    finished run exits with status 0 instead of being killed by the signal. Where SIGUSR1 had its
+    default action (end the process), it stays ignored after the guard: the process is finishing;
+    so does SIGTERM after bad input or an agreed stop."""
 
     HELD = (signal.SIGUSR1,)
 
@@ -179,10 +181,15 @@ class InterruptGuard:
             raise KeyboardInterrupt
         self.received = signum
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, value, tb) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            held = sig in self.HELD and handler == signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if held else handler)
         self._previous.clear()
+        if kind is not None and issubclass(kind, (UsageError, RunStopped)):
+            # Every worker met it and exits with its status (2 or 3): the SIGTERM srun sends the
+            # workers still exiting when the first is gone must not turn that status into 143.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def launcher_rank() -> int:
