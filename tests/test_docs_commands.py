@@ -55,6 +55,10 @@ SYNTAX_ONLY = {
     "pip install": "installs into the environment the tests run in; the extras it names must exist",
     "pytest": "runs the whole test suite, this test included: it must collect the suite without an error",
     "docker": "needs a Docker daemon and builds an image for minutes; the files it names must exist",
+    "sudo": "runs as root: installs packages, or starts and stops Slurm's daemons (tests/test_slurm.py runs "
+            "launch/slurm-single-node.sh on a real cluster); the files it names must exist",
+    "export": "sets a variable in the reader's shell for the commands after it",
+    "scontrol": "asks a running Slurm about a job (tests/test_slurm.py does, on a real cluster)",
 }
 """Commands (by their first words) that are only checked, with the reason."""
 
@@ -479,6 +483,8 @@ def test_the_rules():
     assert check_syntax(one('pip install -e ".[dev,nosuch]"')) == "extras ['nosuch'] are not in pyproject.toml"
     assert "does not exist" in check_syntax(one("docker build -f docker/Dockerfile.nope ."))
     assert check_syntax(one('pip install -e ".[dev,mpi]"')) is None
+    assert one("sudo launch/slurm-single-node.sh start /tmp/slurm").kind == "syntax"
+    assert "does not exist" in check_syntax(one("sudo launch/nosuch.sh start /tmp/slurm"))
 
 
 def test_the_docs_pages_are_read():

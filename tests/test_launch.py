@@ -250,3 +250,115 @@ def test_mpirun_inside_a_slurm_allocation_spreads_over_its_nodes():
     assert r.returncode == 0, r.stderr
     assert plan_of(r.stdout)["workers (world size)"] == "32"
     assert "32 ranks, 8 per node" in r.stderr
+
+
+# -- launch/slurm.sbatch --requeue, with stand-ins for srun and scontrol ---------------------------
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun's stand-in: optionally sends the batch shell Slurm's B:USR1 warning, then exits with
+# $FAKE_EXIT once the shell has passed the warning on (or at once without a warning).
+echo "$*" > "$FAKE_LOG/srun"
+trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; kill "$nap"; exit "$FAKE_EXIT"' USR1
+[[ "$FAKE_WARN" == 1 ]] || exit "$FAKE_EXIT"
+sleep 30 & nap=$!
+kill -USR1 "$PPID"
+wait "$nap"
+exit 99
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_LOG/scontrol"
+[[ "$FAKE_SCONTROL_FAILS" != 1 ]] || { echo "Requested operation is presently disabled" >&2; exit 1; }
+"""
+
+
+def sbatch_with_fakes(tmp_path, *args: str, warn: bool, srun_exit: int, restarts: int | None = None,
+                      scontrol_fails: bool = False):
+    """launch/slurm.sbatch inside a 2-task allocation (job 42) whose srun and scontrol are stand-ins;
+    where it calls ``scontrol requeue``, this ends it with SIGTERM as Slurm would. Returns the
+    CompletedProcess-like result and what the stand-ins were asked (srun's argv, the signals
+    srun got, scontrol's calls)."""
+    import signal
+    import time
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env({"PYTHON": sys.executable})
+    for k in [k for k in env if k.startswith("SLURM_")]:
+        env.pop(k)
+    env.update({"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "FAKE_LOG": str(log), "FAKE_WARN": str(int(warn)),
+                "FAKE_EXIT": str(srun_exit), "FAKE_SCONTROL_FAILS": str(int(scontrol_fails)),
+                "SLURM_JOB_ID": "42", "SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2"})
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = str(restarts)
+    p = subprocess.Popen(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), *args], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline:
+        if (log / "scontrol").exists() and not scontrol_fails:
+            p.send_signal(signal.SIGTERM)  # Slurm ends the batch shell of a job it requeues
+            break
+        time.sleep(0.05)
+    out, err = p.communicate(timeout=120)
+    asked = {name: (log / name).read_text().splitlines() if (log / name).exists() else []
+             for name in ("srun", "srun.signals", "scontrol")}
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err), asked
+
+
+def test_slurm_requeue_after_the_time_limit_warning(tmp_path):
+    r, asked = sbatch_with_fakes(tmp_path, "--requeue", "train.epochs=2", warn=True, srun_exit=0)
+    assert r.returncode == 0, r.stderr
+    assert asked["srun.signals"] == ["USR1"]  # the batch shell passed the warning on to srun
+    assert asked["srun"][0].startswith("--kill-on-bad-exit=1 ") and asked["srun"][0].endswith(" train.epochs=2")
+    assert asked["scontrol"] == ["requeue 42"]
+    assert ("launch/slurm.sbatch: the time limit is near: requeueing job 42 (requeue 1 of at most 10); it resumes "
+            "from the checkpoint") in r.stderr.splitlines()
+    assert "job 42 has been requeued 0 time(s), at most 10 (--max-requeues)" in r.stderr
+
+
+def test_slurm_requeue_after_tasks_ended_by_the_warning(tmp_path):
+    # Python still starting, or the run finishing, when the warning came: SIGUSR1 ended the tasks (128 + 10).
+    r, asked = sbatch_with_fakes(tmp_path, "--requeue", "--max-requeues=5", warn=True, srun_exit=138, restarts=4)
+    assert r.returncode == 0 and asked["scontrol"] == ["requeue 42"], r.stderr
+    assert "requeueing job 42 (requeue 5 of at most 5)" in r.stderr
+
+
+@pytest.mark.parametrize("args,warn,srun_exit,restarts,status", [
+    (["--requeue"], False, 0, None, 0),         # the run finished before any warning
+    (["--requeue"], True, 2, None, 2),          # bad input
+    (["--requeue"], True, 3, None, 3),          # an agreed stop
+    (["--requeue"], True, 1, None, 1),          # a task crashed
+    ([], True, 0, None, 0),                     # no --requeue: stopped with a checkpoint, submit again
+    (["--requeue", "--max-requeues", "3"], True, 0, 3, 3),  # the cap
+])
+def test_slurm_never_requeues_without_cause(tmp_path, args, warn, srun_exit, restarts, status):
+    r, asked = sbatch_with_fakes(tmp_path, *args, "train.epochs=2", warn=warn, srun_exit=srun_exit,
+                                 restarts=restarts)
+    assert r.returncode == status, r.stderr
+    assert asked["scontrol"] == [] and "requeueing" not in r.stderr
+    assert asked["srun.signals"] == (["USR1"] if warn else [])
+    if restarts is not None:
+        assert r.stderr.splitlines()[-1] == (
+            "launch/slurm.sbatch: stopped: the time limit came again after 3 requeue(s) (--max-requeues 3); "
+            "the checkpoint is kept: submit the job again to resume")
+
+
+def test_slurm_requeue_refused_by_slurm_says_so(tmp_path):
+    r, asked = sbatch_with_fakes(tmp_path, "--requeue", warn=True, srun_exit=0, scontrol_fails=True)
+    assert r.returncode == 3 and asked["scontrol"] == ["requeue 42"]
+    assert r.stderr.splitlines()[-1] == (
+        "launch/slurm.sbatch: stopped: scontrol requeue 42 failed: Requested operation is presently disabled; "
+        "submit with sbatch --requeue (or on a cluster with JobRequeue=1), or submit the job again to resume")
+
+
+def test_slurm_requeue_options_are_checked():
+    r = wrapper("slurm.sbatch", "--nodes", "1", "--ntasks-per-node", "2", "--requeue", "--max-requeues", "-1",
+                "--dry-run")
+    assert r.returncode == 2
+    assert r.stderr.strip() == "launch/slurm.sbatch: error: --max-requeues takes an integer >= 0, got '-1'"
+    r = wrapper("slurm.sbatch", "--nodes", "1", "--ntasks-per-node", "2", "--requeue", "--dry-run")
+    assert r.returncode == 0 and "would run: srun --kill-on-bad-exit=1" in r.stdout, r.stderr
+    assert "at most 10 (--max-requeues)" in r.stderr

@@ -13,6 +13,11 @@ slurm       srun: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, and thi
             ``SLURM_NODEID``) or ``SLURM_NTASKS_PER_NODE``
 ==========  ===================================================================================
 
+``srun --mpi=pmi2`` and ``srun --mpi=pmix`` give the tasks MPI's variables (``PMI_RANK``,
+``PMIX_RANK``) as well: Slurm's PMI server, not an MPI launcher, started them. They are told apart
+by the job name Slurm's PMI gives them (``PMI_JOBID=JOB.STEP``, ``PMIX_NAMESPACE=slurm.pmix.JOB.STEP``)
+and named 'slurm-pmi2' and 'slurm-pmix'; the Slurm variables give the topology.
+
 torchrun wins because it is often started by one of the others (one mpirun or srun task per
 node, each running torchrun), whose variables then describe the node, not the worker. The MPI
 launchers must agree with each other where several are set; Slurm's variables lose to an MPI
@@ -44,7 +49,8 @@ class Topology:
     """Number of workers on this node; divides the node's CPU cores."""
     launcher: str
     """Which launcher's variables were found: 'torchrun', 'openmpi', 'mvapich2', 'hydra' (MPICH,
-    Intel MPI), 'pmix', 'slurm', or 'single' (no launcher)."""
+    Intel MPI), 'pmix', 'slurm', 'slurm-pmi2' or 'slurm-pmix' (srun --mpi=pmi2/pmix: MPI's
+    variables from Slurm's PMI server), or 'single' (no launcher)."""
 
     @property
     def is_main(self) -> bool:
@@ -80,7 +86,9 @@ _MPI = (
     _Vars("hydra", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
     _Vars("pmix", "PMIX_RANK", None, None, None),
 )
-MPI_LAUNCHERS = tuple(v.launcher for v in _MPI)
+SRUN_MPI = ("slurm-pmi2", "slurm-pmix")
+"""srun --mpi=pmi2 and --mpi=pmix: Slurm's PMI server started the tasks, and MPI_Init reaches them all."""
+MPI_LAUNCHERS = tuple(v.launcher for v in _MPI) + SRUN_MPI
 
 
 MPIQuery = Callable[[], MPIWorld]
@@ -160,6 +168,28 @@ def parse_tasks_per_node(spec: str) -> list[int]:
     return counts
 
 
+def srun_mpi(env: Mapping[str, str]) -> Optional[str]:
+    """'slurm-pmi2' or 'slurm-pmix' where Slurm's PMI server started this task (``srun --mpi=...``),
+    told by the name it gives the job step; None otherwise (an MPI launcher, even one started inside
+    a Slurm step, names its jobs its own way)."""
+    step = f"{env.get('SLURM_JOB_ID')}.{env.get('SLURM_STEP_ID', env.get('SLURM_STEPID'))}"
+    if "PMI_RANK" in env and env.get("PMI_JOBID") == step:
+        return "slurm-pmi2"
+    if "PMIX_RANK" in env and env.get("PMIX_NAMESPACE", "").startswith("slurm.pmix.") \
+            and env.get("PMIX_NAMESPACE", "").endswith("." + step):
+        return "slurm-pmix"
+    return None
+
+
+def _from_srun_mpi(env: Mapping[str, str], launcher: str) -> Topology:
+    t = _from_slurm(env)
+    var = "PMI_RANK" if launcher == "slurm-pmi2" else "PMIX_RANK"
+    if _int(env, var) != t.rank:
+        raise UsageError(f"conflicting launcher variables: {var}={env[var]} but SLURM_PROCID={t.rank}; "
+                         "unset the variables of the launcher not in use")
+    return Topology(t.rank, t.world_size, t.local_rank, t.local_world_size, launcher)
+
+
 def _from_slurm(env: Mapping[str, str]) -> Topology:
     needed = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
     missing = [k for k in needed if k not in env]
@@ -200,6 +230,9 @@ def discover(environ: Mapping[str, str] | None = None, mpi: MPIQuery | None = No
     stray = [v for v in _MPI if v.rank not in env and any(k in env for k in (v.size, v.local_rank, v.local_size) if k)]
     if stray and not found:
         raise _partial(env, stray[0], f"check the {stray[0].launcher} launcher, or unset the partial variables")
+    via = srun_mpi(env) if found else None
+    if via and not any(v.launcher not in ("hydra", "pmix") for v in found):
+        return _from_srun_mpi(env, via)
     if found:
         return _from_mpi(env, found, mpi or world)
     if "SLURM_PROCID" in env or "SLURM_LOCALID" in env:

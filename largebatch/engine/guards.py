@@ -109,6 +109,9 @@ class StopSignal:
     def install(self) -> None:
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        held = getattr(self._previous[signal.SIGUSR1], "__self__", None)
+        if isinstance(held, InterruptGuard) and held.received is not None:
+            self._handle(held.received, None)  # the time-limit warning came during set-up: stop after this step
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:
@@ -147,24 +150,46 @@ def _say(line: str) -> None:
 
 
 class InterruptGuard:
-    """Until the training loop installs :class:`StopSignal`: Ctrl-C ends this process at once
-    (KeyboardInterrupt, status 130), as by default, while processes forked meanwhile (data loaders
-    started during set-up) ignore it, so they are still there when the loop stops after its step."""
+    """Outside the training loop's :class:`StopSignal` (set-up, and the end of the run): Ctrl-C ends
+    this process at once (KeyboardInterrupt, status 130), as by default, while processes forked
+    meanwhile (data loaders started during set-up) ignore it, so they are still there when the loop
+    stops after its step.
+
+    SIGUSR1, the time-limit warning a batch script passes on (launch/slurm.sbatch), is held rather
+    than fatal: one that arrives during set-up is taken over by StopSignal, so the run stops after
+    its first step with a checkpoint; one that arrives after the last step changes nothing, and the
+    finished run exits with status 0 instead of being killed by the signal. Where SIGUSR1 had its
+    default action (end the process), it stays ignored after the guard: the process is finishing;
+    so does SIGTERM after bad input or an agreed stop."""
+
+    HELD = (signal.SIGUSR1,)
 
     def __init__(self):
         self._pid = os.getpid()
-        self._previous = None
+        self._previous = {}
+        self.received: int | None = None
 
     def __enter__(self) -> "InterruptGuard":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        for sig in (signal.SIGINT, *self.HELD):
+            self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if os.getpid() == self._pid:
+        if os.getpid() != self._pid:
+            return
+        if signum == signal.SIGINT:
             raise KeyboardInterrupt
+        self.received = signum
 
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+    def __exit__(self, kind, value, tb) -> None:
+        for sig, handler in self._previous.items():
+            held = sig in self.HELD and handler == signal.SIG_DFL
+            signal.signal(sig, signal.SIG_IGN if held else handler)
+        self._previous.clear()
+        if kind is not None and issubclass(kind, (UsageError, RunStopped)):
+            # Every worker met it and exits with its status (2 or 3): the SIGTERM srun sends the
+            # workers still exiting when the first is gone must not turn that status into 143.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def launcher_rank() -> int:
