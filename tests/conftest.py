@@ -88,8 +88,9 @@ def start(module: str, *args: str, cwd: str | None = None, env: dict | None = No
                             stderr=subprocess.PIPE, text=True, start_new_session=new_session)
 
 
-LONGEST_FIRST = ("test_training.py", "test_docs_commands.py", "test_reliability.py", "test_engine_speed.py",
-                 "test_api.py", "test_bench.py", "test_observe.py", "test_first_hour.py", "test_simulate.py")
+LONGEST_FIRST = ("test_slurm.py", "test_training.py", "test_docs_commands.py", "test_reliability.py",
+                 "test_engine_speed.py", "test_api.py", "test_bench.py", "test_observe.py", "test_first_hour.py",
+                 "test_simulate.py", "test_user_parts.py", "test_fit_twice.py")
 """Files that take longest, run first: with two pytest workers (pyproject's addopts) taking whole
 files, the last files to start are short ones and neither worker waits long for the other."""
 
