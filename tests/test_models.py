@@ -108,3 +108,11 @@ def test_registry():
     assert set(BIG) <= set(available_models())
     with pytest.raises(ValueError, match="unknown model"):
         create_model("no-such-model", 10)
+
+
+def test_the_mlp_keeps_its_width_on_any_image_size():
+    for size in (8, (16, 40)):
+        model = create_model("mlp", 10, in_channels=1, norm="none", image_size=size, width=33)
+        first = model.net[1]
+        assert tuple(first.weight.shape) == (33, 8 * 8 if size == 8 else 16 * 40)
+        assert model(torch.zeros(2, 1, *((size, size) if size == 8 else size))).shape == (2, 10)

@@ -47,8 +47,8 @@ class MLP(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 3, width: int = 256, norm: str = "batch",
                  image_size: Size = 8, zero_init_residual: bool = False):
         super().__init__()
-        height, width = sides(image_size)
-        d = in_channels * height * width
+        rows, cols = sides(image_size)
+        d = in_channels * rows * cols
 
         def hidden(i, o):
             return [nn.Linear(i, o, bias=norm != "batch"), nn.BatchNorm1d(o) if norm == "batch" else nn.Identity(),
