@@ -297,12 +297,9 @@ def _outputs(parts: Parts, model: nn.Module) -> int:
     sample = parts.val_set.__getitems__([0]).images.to(device)
     was_training = model.training
     model.eval()
-    try:
+    try:  # an error raised in the model's own code keeps its traceback, from the user's frame
         with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             out = model(sample)
-    except Exception as exc:
-        raise UsageError(f"the model fails on one validation image of shape {tuple(sample.shape[1:])}: "
-                         f"{type(exc).__name__}: {_first_line(exc)}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

@@ -68,7 +68,7 @@ class Trainer:
         error: Optional[BaseException] = None
         try:
             self._build()
-        except UsageError as exc:
+        except Exception as exc:  # a UsageError, or an error in the user's own code (its traceback kept)
             error = exc
         try:
             # A worker that failed here (a missing file on its node, say) must not leave the others
