@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     _topology = discover()
+    stopped = stopped_status()
     cfg = config_from_args(args)
     if cfg is None:
         return 0
@@ -51,10 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     with InterruptGuard():  # loaders forked during set-up must outlive a Ctrl-C (see StopSignal)
         trainer = Trainer(cfg, _topology, ledger_lag=int(os.environ.get("LARGEBATCH_LEDGER_LAG", "0")))
         try:
-            trainer.fit()
+            summary = trainer.fit()
         finally:
             trainer.close()
-    return 0
+    return stopped if "stopped_at_step" in summary else 0
+
+
+def stopped_status(environ=os.environ) -> int:
+    """The exit status of a run stopped by a signal with a checkpoint before its end: 0, or
+    LARGEBATCH_STOPPED_STATUS where a batch script sets it to tell such a stop from a finished run
+    (launch/slurm.sbatch --requeue: 75)."""
+    value = environ.get("LARGEBATCH_STOPPED_STATUS", "0")
+    if not value.isdigit() or not 0 <= int(value) <= 125:
+        raise UsageError(f"LARGEBATCH_STOPPED_STATUS={value!r} is not an exit status; set an integer 0-125")
+    return int(value)
 
 
 def _main_ending_mpi_on_crash(argv: list[str] | None = None) -> int:
@@ -62,17 +73,23 @@ def _main_ending_mpi_on_crash(argv: list[str] | None = None) -> int:
     exits with status 1, and also ends the other ranks of an MPI job (see abort_if_running), which
     is why it is printed here and not by the interpreter. Usage errors and agreed stops need not:
     every rank meets those and exits by itself."""
+    from largebatch.engine.guards import finishing
+
     try:
-        return main(argv)
-    except (UsageError, RunStopped, KeyboardInterrupt, SystemExit):
+        status = main(argv)
+    except (UsageError, RunStopped, KeyboardInterrupt, SystemExit) as exc:
+        finishing(exc)
         raise
     except BaseException as exc:
+        finishing(exc)
         sys.excepthook(type(exc), exc, exc.__traceback__)  # under a process group, torch's: [rank<N>] prefixes
         sys.stderr.flush()
         from largebatch.distributed.mpi import abort_if_running
 
         abort_if_running(1)
         raise SystemExit(1) from None
+    finishing(None)
+    return status
 
 
 def cli() -> None:

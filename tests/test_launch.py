@@ -131,7 +131,7 @@ def manual_sections(text: str) -> dict:
 @pytest.mark.parametrize("script,statuses", [
     ("torchrun.sh", ["0", "1", "2", "other"]),
     ("mpirun.sh", ["0", "2", "3", "other"]),
-    ("slurm.sbatch", ["0", "2", "3", "other"]),
+    ("slurm.sbatch", ["0", "2", "3", "75", "other"]),
 ])
 def test_wrappers_document_themselves(script, statuses):
     r = wrapper(script, "--help")
@@ -258,6 +258,7 @@ FAKE_SRUN = """#!/usr/bin/env bash
 # srun's stand-in: optionally sends the batch shell Slurm's B:USR1 warning, then exits with
 # $FAKE_EXIT once the shell has passed the warning on (or at once without a warning).
 echo "$*" > "$FAKE_LOG/srun"
+echo "${LARGEBATCH_STOPPED_STATUS:-unset}" > "$FAKE_LOG/srun.stopped_status"
 trap 'echo USR1 >> "$FAKE_LOG/srun.signals"; kill "$nap"; exit "$FAKE_EXIT"' USR1
 [[ "$FAKE_WARN" == 1 ]] || exit "$FAKE_EXIT"
 sleep 30 & nap=$!
@@ -304,13 +305,15 @@ def sbatch_with_fakes(tmp_path, *args: str, warn: bool, srun_exit: int, restarts
         time.sleep(0.05)
     out, err = p.communicate(timeout=120)
     asked = {name: (log / name).read_text().splitlines() if (log / name).exists() else []
-             for name in ("srun", "srun.signals", "scontrol")}
+             for name in ("srun", "srun.signals", "srun.stopped_status", "scontrol")}
     return subprocess.CompletedProcess(p.args, p.returncode, out, err), asked
 
 
 def test_slurm_requeue_after_the_time_limit_warning(tmp_path):
-    r, asked = sbatch_with_fakes(tmp_path, "--requeue", "train.epochs=2", warn=True, srun_exit=0)
+    # the tasks stopped after the same step with a checkpoint: the status the script asked them for
+    r, asked = sbatch_with_fakes(tmp_path, "--requeue", "train.epochs=2", warn=True, srun_exit=75)
     assert r.returncode == 0, r.stderr
+    assert asked["srun.stopped_status"] == ["75"]
     assert asked["srun.signals"] == ["USR1"]  # the batch shell passed the warning on to srun
     assert asked["srun"][0].startswith("--kill-on-bad-exit=1 ") and asked["srun"][0].endswith(" train.epochs=2")
     assert asked["scontrol"] == ["requeue 42"]
@@ -320,7 +323,7 @@ def test_slurm_requeue_after_the_time_limit_warning(tmp_path):
 
 
 def test_slurm_requeue_after_tasks_ended_by_the_warning(tmp_path):
-    # Python still starting, or the run finishing, when the warning came: SIGUSR1 ended the tasks (128 + 10).
+    # Python still starting when the warning came: SIGUSR1 ended the tasks (128 + 10).
     r, asked = sbatch_with_fakes(tmp_path, "--requeue", "--max-requeues=5", warn=True, srun_exit=138, restarts=4)
     assert r.returncode == 0 and asked["scontrol"] == ["requeue 42"], r.stderr
     assert "requeueing job 42 (requeue 5 of at most 5)" in r.stderr
@@ -328,11 +331,13 @@ def test_slurm_requeue_after_tasks_ended_by_the_warning(tmp_path):
 
 @pytest.mark.parametrize("args,warn,srun_exit,restarts,status", [
     (["--requeue"], False, 0, None, 0),         # the run finished before any warning
+    (["--requeue"], True, 0, None, 0),          # ... or as the warning came
+    (["--requeue"], False, 75, None, 75),       # scancel: stopped with a checkpoint, no warning
     (["--requeue"], True, 2, None, 2),          # bad input
     (["--requeue"], True, 3, None, 3),          # an agreed stop
     (["--requeue"], True, 1, None, 1),          # a task crashed
     ([], True, 0, None, 0),                     # no --requeue: stopped with a checkpoint, submit again
-    (["--requeue", "--max-requeues", "3"], True, 0, 3, 3),  # the cap
+    (["--requeue", "--max-requeues", "3"], True, 75, 3, 3),  # the cap
 ])
 def test_slurm_never_requeues_without_cause(tmp_path, args, warn, srun_exit, restarts, status):
     r, asked = sbatch_with_fakes(tmp_path, *args, "train.epochs=2", warn=warn, srun_exit=srun_exit,
@@ -340,6 +345,7 @@ def test_slurm_never_requeues_without_cause(tmp_path, args, warn, srun_exit, res
     assert r.returncode == status, r.stderr
     assert asked["scontrol"] == [] and "requeueing" not in r.stderr
     assert asked["srun.signals"] == (["USR1"] if warn else [])
+    assert asked["srun.stopped_status"] == (["75"] if "--requeue" in args else ["unset"])
     if restarts is not None:
         assert r.stderr.splitlines()[-1] == (
             "launch/slurm.sbatch: stopped: the time limit came again after 3 requeue(s) (--max-requeues 3); "
@@ -347,7 +353,7 @@ def test_slurm_never_requeues_without_cause(tmp_path, args, warn, srun_exit, res
 
 
 def test_slurm_requeue_refused_by_slurm_says_so(tmp_path):
-    r, asked = sbatch_with_fakes(tmp_path, "--requeue", warn=True, srun_exit=0, scontrol_fails=True)
+    r, asked = sbatch_with_fakes(tmp_path, "--requeue", warn=True, srun_exit=75, scontrol_fails=True)
     assert r.returncode == 3 and asked["scontrol"] == ["requeue 42"]
     assert r.stderr.splitlines()[-1] == (
         "launch/slurm.sbatch: stopped: scontrol requeue 42 failed: Requested operation is presently disabled; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,7 +72,11 @@ class Cluster:
         return r.stdout.strip().split(";")[0]
 
     def job(self, job: str) -> dict:
-        r = self.run("scontrol", "show", "job", "-o", job)
+        for _ in range(5):  # slurmctld busy for a moment: ask again
+            r = self.run("scontrol", "show", "job", "-o", job)
+            if r.returncode == 0:
+                break
+            time.sleep(1)
         assert r.returncode == 0, r.stderr
         return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
@@ -107,8 +112,14 @@ def cluster():
         r = subprocess.run([script, "start", folder], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"the cluster did not start:\n{r.stdout}\n{r.stderr}"
         assert r.stdout.strip() == f"export SLURM_CONF={folder}/slurm.conf"
-        yield Cluster(folder, os.path.join(folder, "slurm.conf"))
+        made = Cluster(folder, os.path.join(folder, "slurm.conf"))
+        yield made
     finally:
+        if "made" in locals():  # no job's tasks may outlive the daemons (a test that failed mid-job)
+            made.run("scancel", "--user", "root")
+            deadline = time.monotonic() + 120
+            while made.run("squeue", "--noheader").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         subprocess.run([script, "stop", folder], capture_output=True, text=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -235,6 +246,9 @@ SRUN_STEP = {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "S
      Topology(3, 4, 1, 2, "hydra")),
     ({**SRUN_STEP, "PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
      Topology(3, 4, 1, 2, "hydra")),
+    # Hydra's proxies started by srun under MpiDefault=pmi2/pmix: its ranks may inherit the step's job name
+    ({**SRUN_STEP, "PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+      "PMI_JOBID": "77.0"}, Topology(3, 4, 1, 2, "hydra")),
 ])
 def test_what_started_the_tasks_is_named(env, expected):
     t = discover(env, mpi=lambda: pytest.fail("MPI must not be asked"))
@@ -259,7 +273,10 @@ with InterruptGuard():
     stop.uninstall()                               # the last step is done
     os.kill(os.getpid(), signal.SIGUSR1)          # the warning again, while the run finishes
     print("finished", flush=True)
-os.kill(os.getpid(), signal.SIGUSR1)              # and while the process exits
+print("restored", signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, flush=True)  # nothing left ignored...
+from largebatch.engine.guards import finishing
+finishing(None)                                    # ...until the command line exits
+os.kill(os.getpid(), signal.SIGUSR1)              # the warning while the process exits
 print("exited", flush=True)
 """
 
@@ -267,16 +284,43 @@ print("exited", flush=True)
 def test_sigusr1_outside_the_training_loop_does_not_kill_the_run():
     r = subprocess.run([sys.executable, "-c", SIGNAL_CHILD], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:3] == ["loop sees True", "finished", "exited"]
+    assert r.stdout.split("\n")[:4] == ["loop sees True", "finished", "restored True", "exited"]
     assert r.stderr.strip() == ("largebatch: SIGUSR1: stopping after this step with a checkpoint; "
                                 "run the same command to resume")
 
 
 def test_sigterm_after_bad_input_keeps_exit_status_2():
     # srun --kill-on-bad-exit sends SIGTERM to the workers still exiting once the first has gone.
-    child = ("import os, signal\nfrom largebatch.engine.guards import InterruptGuard\n"
+    child = ("import os, signal\nfrom largebatch.engine.guards import InterruptGuard, finishing\n"
              "from largebatch.errors import UsageError\n"
-             "try:\n    with InterruptGuard():\n        raise UsageError('bad')\nexcept UsageError:\n"
-             "    os.kill(os.getpid(), signal.SIGTERM)\n    raise SystemExit(2)\n")
+             "try:\n    with InterruptGuard():\n        raise UsageError('bad')\nexcept UsageError as exc:\n"
+             "    finishing(exc)\n    os.kill(os.getpid(), signal.SIGTERM)\n    raise SystemExit(2)\n")
     r = subprocess.run([sys.executable, "-c", child], env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
+
+
+def test_a_stop_on_the_warning_exits_with_the_status_the_batch_script_asks_for(tmp_path):
+    """Under slurm.sbatch --requeue (LARGEBATCH_STOPPED_STATUS=75) a run stopped by the warning with a
+    checkpoint exits 75, which the script requeues; a run that finished exits 0, which it never does."""
+    from conftest import run_module, start
+    from largebatch.engine.checkpoint import list_checkpoints
+
+    env = _env({"LARGEBATCH_STOPPED_STATUS": "75", "LARGEBATCH_FAULT": "sleep@4:0:3"})  # time to signal in the loop
+    d = str(tmp_path / "run")
+    p = start("largebatch.train", "train.epochs=2", "checkpoint.every_steps=2", f"run.dir={d}", cwd=REPO, env=env)
+    try:
+        while not list_checkpoints(d):
+            assert p.poll() is None, p.communicate()[1][-2000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        _, err = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 75 and "stopping on a signal after step" in err, err[-2000:]
+    r = run_module("largebatch.train", "train.epochs=2", "checkpoint.every_steps=2", f"run.dir={d}",
+                   env=_env({"LARGEBATCH_STOPPED_STATUS": "75"}))
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-2000:]  # finished: 0, never requeued
+    bad = run_module("largebatch.train", f"run.dir={tmp_path / 'bad'}", env=_env({"LARGEBATCH_STOPPED_STATUS": "x"}))
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "largebatch: error: LARGEBATCH_STOPPED_STATUS='x' is not an exit status; set an integer 0-125")

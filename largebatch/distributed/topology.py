@@ -171,7 +171,10 @@ def parse_tasks_per_node(spec: str) -> list[int]:
 def srun_mpi(env: Mapping[str, str]) -> Optional[str]:
     """'slurm-pmi2' or 'slurm-pmix' where Slurm's PMI server started this task (``srun --mpi=...``),
     told by the name it gives the job step; None otherwise (an MPI launcher, even one started inside
-    a Slurm step, names its jobs its own way)."""
+    a Slurm step, names its jobs its own way). Hydra's own variables (``MPI_LOCALRANKID``) win: its
+    ranks may inherit the job name of the srun step that started Hydra's proxies."""
+    if "MPI_LOCALRANKID" in env:
+        return None
     step = f"{env.get('SLURM_JOB_ID')}.{env.get('SLURM_STEP_ID', env.get('SLURM_STEPID'))}"
     if "PMI_RANK" in env and env.get("PMI_JOBID") == step:
         return "slurm-pmi2"

@@ -157,10 +157,9 @@ class InterruptGuard:
 
     SIGUSR1, the time-limit warning a batch script passes on (launch/slurm.sbatch), is held rather
     than fatal: one that arrives during set-up is taken over by StopSignal, so the run stops after
-    its first step with a checkpoint; one that arrives after the last step changes nothing, and the
-    finished run exits with status 0 instead of being killed by the signal. Where SIGUSR1 had its
-    default action (end the process), it stays ignored after the guard: the process is finishing;
-    so does SIGTERM after bad input or an agreed stop."""
+    its first step with a checkpoint; one that arrives after the last step changes nothing. On exit
+    the guard puts the previous handlers back (the command line then ignores SIGUSR1 while it
+    exits: :func:`finishing`)."""
 
     HELD = (signal.SIGUSR1,)
 
@@ -183,13 +182,20 @@ class InterruptGuard:
 
     def __exit__(self, kind, value, tb) -> None:
         for sig, handler in self._previous.items():
-            held = sig in self.HELD and handler == signal.SIG_DFL
-            signal.signal(sig, signal.SIG_IGN if held else handler)
+            signal.signal(sig, handler)
         self._previous.clear()
-        if kind is not None and issubclass(kind, (UsageError, RunStopped)):
-            # Every worker met it and exits with its status (2 or 3): the SIGTERM srun sends the
-            # workers still exiting when the first is gone must not turn that status into 143.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def finishing(error: Optional[BaseException]) -> None:
+    """For a command-line process about to exit (``error``: what it exits with, None for a run that
+    ended): a late time-limit warning (SIGUSR1) must not turn its status into 138, and after bad
+    input or an agreed stop the SIGTERM srun sends the workers still exiting once the first has gone
+    (--kill-on-bad-exit) must not turn status 2 or 3 into 143: every worker met the error and exits
+    by itself. Not for a library's caller, whose process goes on."""
+    if signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if isinstance(error, (UsageError, RunStopped)):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def launcher_rank() -> int:
