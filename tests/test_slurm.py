@@ -324,3 +324,25 @@ def test_a_stop_on_the_warning_exits_with_the_status_the_batch_script_asks_for(t
     bad = run_module("largebatch.train", f"run.dir={tmp_path / 'bad'}", env=_env({"LARGEBATCH_STOPPED_STATUS": "x"}))
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
         "largebatch: error: LARGEBATCH_STOPPED_STATUS='x' is not an exit status; set an integer 0-125")
+
+
+STOPPED_CHILD = """
+import signal, sys
+from largebatch.engine.guards import StopSignal
+for stopped in (False, True):
+    stop = StopSignal(announce=False)
+    stop.install()
+    stop.uninstall(stopped)
+    print(stopped, signal.getsignal(signal.SIGTERM) == signal.SIG_IGN, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+"""
+
+
+@pytest.mark.parametrize("status,ignored", [(None, "False"), ("75", "True")])
+def test_workers_finishing_an_agreed_stop_for_the_batch_script_ignore_srun_sigterm(status, ignored):
+    # The first task to exit 75 makes srun --kill-on-bad-exit send SIGTERM to the others, which are
+    # finishing the same stop: under the wrapper's --requeue (and only there) they let it pass.
+    env = _env({} if status is None else {"LARGEBATCH_STOPPED_STATUS": status})
+    r = subprocess.run([sys.executable, "-c", STOPPED_CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False", "True", ignored]

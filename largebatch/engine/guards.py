@@ -122,10 +122,16 @@ class StopSignal:
             _say(stop_message(signum))
         self.received = signum
 
-    def uninstall(self) -> None:
+    def uninstall(self, stopped: bool = False) -> None:
+        """Put the previous handlers back. ``stopped``: the workers agreed to stop before the end; where
+        a batch script asked for a status for that (LARGEBATCH_STOPPED_STATUS, launch/slurm.sbatch
+        --requeue), SIGTERM is then ignored: the first worker to exit with that status makes srun
+        (--kill-on-bad-exit) send it to the others, which are finishing the same stop."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if stopped and os.environ.get("LARGEBATCH_STOPPED_STATUS", "0") not in ("", "0"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def stop_message(signum: int) -> str:

@@ -169,7 +169,7 @@ class Trainer:
         report.open(pos, resumed=self.restored is not None)
         stop, clock = StopSignal(), Stopwatch(pos.elapsed)
         stop.install()
-        result, lr, phase = None, self.plan.schedule(pos.step), None
+        result, lr, phase, stopped = None, self.plan.schedule(pos.step), None, False
         try:
             while pos.epoch < self.plan.epochs:  # at least one epoch: checkpointer.finished() was false
                 phase, batches = self._start_epoch(pos, phase, losses, clock)
@@ -185,13 +185,14 @@ class Trainer:
                     if save:
                         self._save(pos, record, losses, clock)
                     if step.stopping:
+                        stopped = True
                         return report.stopped_on_signal(pos.step)
                 result, reached = self._end_epoch(pos, phase, record, losses, clock, lr)
                 if reached and self.cfg.train.stop_at_target:
                     report.reached_target(pos.epoch)
                     break
         finally:
-            stop.uninstall()
+            stop.uninstall(stopped)
         return self._finish(result, record, pos, clock)
 
     def run_step(self, batches, bp: BatchPlan, step: int, stop: StopSignal) -> StepResult:
