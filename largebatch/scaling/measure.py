@@ -13,8 +13,7 @@ from typing import Optional
 
 from largebatch.errors import UsageError
 
-__all__ = ["measure_compute", "count_parameters", "model_shapes", "checkpoint_gradient_bytes",
-           "checkpoint_has_batchnorm"]
+__all__ = ["measure_compute", "count_parameters", "model_shapes", "checkpoint_facts"]
 
 NOT_GRADIENTS = ("running_mean", "running_var", "num_batches_tracked")
 """Suffixes of the floating-point buffers in a state dict that are statistics, not parameters."""
@@ -89,20 +88,13 @@ def _final_state(run_dir: str) -> Optional[dict]:
         return None
 
 
-def checkpoint_gradient_bytes(run_dir: str) -> Optional[float]:
-    """Bytes of fp32 gradient of the model in ``run_dir``'s ``checkpoints/final.pt`` (its floating-point
-    tensors but the BatchNorm statistics, x 4); None where the file is missing or unreadable."""
+def checkpoint_facts(run_dir: str) -> tuple[Optional[float], Optional[bool]]:
+    """What ``run_dir``'s ``checkpoints/final.pt`` says of its model, read once: (bytes of fp32
+    gradient: its floating-point tensors but the BatchNorm statistics, x 4; whether it has BatchNorm
+    layers: running statistics in its state); (None, None) where the file is missing or unreadable."""
     state = _final_state(run_dir)
     if state is None:
-        return None
-    return float(sum(t.numel() * 4 for k, t in state.items()
-                     if t.is_floating_point() and not k.endswith(NOT_GRADIENTS)))
-
-
-def checkpoint_has_batchnorm(run_dir: str) -> Optional[bool]:
-    """Whether the model in ``run_dir``'s ``checkpoints/final.pt`` has BatchNorm layers (running
-    statistics in its state); None where the file is missing or unreadable."""
-    state = _final_state(run_dir)
-    if state is None:
-        return None
-    return any(k.endswith(("running_mean", "running_var")) for k in state)
+        return None, None
+    gradient = float(sum(t.numel() * 4 for k, t in state.items()
+                         if t.is_floating_point() and not k.endswith(NOT_GRADIENTS)))
+    return gradient, any(k.endswith(("running_mean", "running_var")) for k in state)

@@ -13,7 +13,7 @@ import yaml
 from largebatch.batching import micro_batch_of
 from largebatch.errors import UsageError
 from largebatch.report import read_metrics
-from largebatch.scaling.measure import checkpoint_gradient_bytes, checkpoint_has_batchnorm
+from largebatch.scaling.measure import checkpoint_facts
 from largebatch.scaling.steps import Segment
 
 __all__ = ["Measured", "read_run", "fill_gaps", "train_probe"]
@@ -132,10 +132,11 @@ def read_run(run_dir: str, target_accuracy: Optional[float] = None) -> Measured:
     spe = first["step"]
     per_worker = batches[0] // world
     micro = micro_batch_of(per_worker, train.get("max_micro_batch"))
+    gradient_bytes, has_batchnorm = checkpoint_facts(run_dir)
     return Measured(run_dir=run_dir, segments=segments, target=what, global_batch=batches[0], world_size=world,
                     micro_batch=micro, per_worker_batch=per_worker, num_train=max(spe, 1) * batches[0],
                     images_per_second=summary.get("samples_per_sec") or first.get("samples_per_sec"),
-                    gradient_bytes=checkpoint_gradient_bytes(run_dir), has_batchnorm=checkpoint_has_batchnorm(run_dir),
+                    gradient_bytes=gradient_bytes, has_batchnorm=has_batchnorm,
                     cost_per_node_hour=run.get("cost_per_node_hour"))
 
 
