@@ -116,9 +116,10 @@ class UserImages(ImageDataset):
         self.fixed = image_size is not None
         """Resize every image to image_size on arrival (the dataset's images may differ in size)."""
         self.label_range: Optional[tuple[int, int, bool]] = None
-        """(classes, model outputs, the data states its classes), set once the model is checked (:func:`largebatch.parts.check_model`):
-        a label outside 0..classes-1 is given IGNORE and reported as a :class:`BadLabel`, which
-        stops the run (as a label that is not an integer is, from the start)."""
+        """(classes, model outputs, the data states its classes), set once the model is checked
+        (:func:`largebatch.parts.check_model`): a label outside 0..classes-1 is given IGNORE and
+        reported as a :class:`BadLabel`, which stops the run (as a label that is not an integer
+        is, from the start)."""
 
     def __len__(self) -> int:
         return self.count
