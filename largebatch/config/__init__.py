@@ -8,6 +8,7 @@ from largebatch.config.schema import (
     Config,
     DataConfig,
     LogConfig,
+    AdaptiveConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
@@ -17,6 +18,6 @@ from largebatch.config.schema import (
 
 __all__ = [
     "Config", "RunConfig", "DataConfig", "ModelConfig", "TrainConfig", "OptimConfig", "ScheduleConfig",
-    "CommConfig", "CheckpointConfig", "LogConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
+    "CommConfig", "CheckpointConfig", "LogConfig", "AdaptiveConfig", "load_config", "from_flat", "to_dict", "valid_keys", "describe_keys", "write_yaml_atomic",
     "SAFE_TO_CHANGE", "config_differences", "config_hash", "flat_config",
 ]

@@ -533,6 +533,67 @@ class LogConfig:
 
 
 @dataclass
+class AdaptiveConfig:
+    enabled: bool = False
+    """Let the engine choose the global batch while training, at step boundaries (mid-epoch too),
+    for the most goodput: images per second x their statistical efficiency (B_crit + min_batch) /
+    (B_crit + batch), with B_crit = crit_factor x the gradient noise scale measured as it trains
+    (McCandlish et al. 2018; Pollux, Qiao et al. 2021). The candidates are min_batch doubled up to
+    max_batch; every micro-batch holds train.max_micro_batch images (required), so a larger batch
+    runs as more accumulation steps. train.global_batch and train.phases do not apply; the epoch
+    lines carry the noise scale, and metrics.jsonl each decision with its candidates."""
+    min_batch: Optional[int] = None
+    """The smallest global batch, in images, and the one the run starts at; null: train.global_batch.
+    Must be a multiple of workers x train.max_micro_batch."""
+    max_batch: Optional[int] = None
+    """The largest global batch, in images; null: 32 x min_batch, or less where the training set
+    holds fewer images. Candidates above it are not tried."""
+    every_steps: int = 20
+    """Optimizer steps between two decisions (one allreduce of three numbers, read on the host);
+    the first decision comes after this many steps at min_batch."""
+    lr: str = "scaling"
+    """How the learning rate follows the batch: 'scaling' (optim.scaling applied to the current
+    batch: linear for sgd/lars, sqrt for lamb) or 'adascale' (the lr at min_batch times AdaScale's
+    gain (B/min_batch) x efficiency, Johnson et al. 2020). Warmup and decay are functions of the
+    epochs trained (images / training set), whatever the batch, and multiply the current batch's peak."""
+    time_model: str = "measured"
+    """Seconds per step of each candidate: 'measured' (before the first step, a few timed
+    micro-batches and gradient allreduces on this run's workers, agreed by all of them and kept in
+    checkpoints, so a resumed run decides the same), or 'preset:NAME' (the simulator's cluster and
+    workload NAME of python -m largebatch.simulate --validate, at preset_workers workers: decisions
+    for that cluster, the same on any machine)."""
+    preset_workers: Optional[int] = None
+    """time_model=preset:NAME: the workers of the modelled cluster; null: the preset's own."""
+    crit_factor: float = 1.0
+    """B_crit = crit_factor x the measured noise scale B_simple; python -m largebatch.advise with two
+    probe runs prints the factor they measure."""
+    min_gain: float = 0.02
+    """A decision moves to another batch only if its goodput is above the current batch's by more
+    than this fraction, so that estimates near a tie do not switch back and forth."""
+
+    def __post_init__(self):
+        _require(isinstance(self.enabled, bool), "adaptive.enabled", self.enabled, "use true or false")
+        for key in ("min_batch", "max_batch"):
+            value = getattr(self, key)
+            _require(value is None or (_is_int(value) and value >= 1), f"adaptive.{key}", value,
+                     "use null or an integer >= 1")
+        if self.min_batch is not None and self.max_batch is not None:
+            _require(self.max_batch >= self.min_batch, "adaptive.max_batch", self.max_batch,
+                     f"use a batch >= adaptive.min_batch={self.min_batch}")
+        _require(_is_int(self.every_steps) and self.every_steps >= 1, "adaptive.every_steps", self.every_steps,
+                 "use an integer >= 1")
+        _choice("adaptive.lr", self.lr, ("scaling", "adascale"))
+        _require(self.time_model == "measured" or (isinstance(self.time_model, str)
+                                                   and self.time_model.startswith("preset:")),
+                 "adaptive.time_model", self.time_model, "use measured or preset:NAME (e.g. preset:goyal2017)")
+        _require(self.preset_workers is None or (_is_int(self.preset_workers) and self.preset_workers >= 1),
+                 "adaptive.preset_workers", self.preset_workers, "use null or an integer >= 1")
+        _require(_is_size(self.crit_factor), "adaptive.crit_factor", self.crit_factor, "use a number > 0")
+        _require(isinstance(self.min_gain, (int, float)) and 0 <= self.min_gain < 1, "adaptive.min_gain",
+                 self.min_gain, "use a fraction in [0, 1)")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -543,3 +604,4 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)

@@ -211,3 +211,60 @@ def build_phased_schedule(optim_cfg, sched_cfg, phases: list[tuple[int, int, int
                           warmup_start_lr=start, decay=sched_cfg.decay,
                           milestones=tuple(sorted(step_at(m) for m in sched_cfg.milestones)), gamma=sched_cfg.gamma,
                           power=sched_cfg.power, end_lr=sched_cfg.end_lr)
+
+
+@dataclass(frozen=True)
+class ProgressSchedule:
+    """The learning rate of a run whose global batch changes while it trains (adaptive.enabled).
+
+    A pure function of the epochs trained ``t`` (images trained / images in the training set, a
+    fraction inside an epoch) and of the peak of the batch in use (``peak``: the scaled lr of that
+    batch, or the AdaScale lr). Warmup rises linearly in ``t`` from ``warmup_start_lr`` to the current
+    peak over ``warmup_epochs``; the decay's shape is a function of ``t`` against ``epochs`` and
+    multiplies the current peak. A batch change moves the lr to the new peak at the same point of
+    the shape, so warmup and decay follow the data seen, not the step count.
+    """
+
+    epochs: float
+    """Epochs in the whole run (train.epochs)."""
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    decay: str = "constant"
+    milestones: tuple = field(default_factory=tuple)
+    """'step': epochs at which the rate is multiplied by ``gamma``."""
+    gamma: float = 0.1
+    power: float = 2.0
+    end_lr: float = 0.0
+
+    def __post_init__(self):
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"warmup_epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
+        _check_steps_and_decay(1, 0, self.decay)
+
+    def __call__(self, t: float, peak: float) -> float:
+        """Learning rate after ``t`` epochs of data, at the current batch's ``peak``."""
+        if t < self.warmup_epochs:
+            return self.warmup_start_lr + (peak - self.warmup_start_lr) * t / self.warmup_epochs
+        if self.decay == "constant":
+            return peak
+        if self.decay == "step":
+            return peak * self.gamma ** bisect.bisect_right(self.milestones, t)
+        span = self.epochs - self.warmup_epochs
+        progress = min(1.0, (t - self.warmup_epochs) / span) if span > 0 else 1.0
+        if self.decay == "poly":
+            return self.end_lr + (peak - self.end_lr) * (1.0 - progress) ** self.power
+        if self.decay == "onecycle":
+            return self.end_lr + (peak - self.end_lr) * (1.0 - progress)
+        return self.end_lr + (peak - self.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_progress_schedule(optim_cfg, sched_cfg, epochs: int, first_peak: float) -> ProgressSchedule:
+    """The adaptive batch's schedule from the config; ``first_peak`` is the lr at the starting batch
+    (a warmup from the unscaled base_lr, as :func:`build_schedule`, or held at the peak where that is lower)."""
+    start = min(optim_cfg.base_lr, first_peak) if sched_cfg.warmup_start_lr is None else sched_cfg.warmup_start_lr
+    return ProgressSchedule(epochs=float(epochs), warmup_epochs=min(float(sched_cfg.warmup_epochs), float(epochs)),
+                            warmup_start_lr=start, decay=sched_cfg.decay,
+                            milestones=tuple(sorted(float(m) for m in sched_cfg.milestones)), gamma=sched_cfg.gamma,
+                            power=sched_cfg.power, end_lr=sched_cfg.end_lr)
