@@ -2,14 +2,15 @@
 refusals, and real runs: 1 against 2 workers, exact resume across a batch change."""
 
 import json
-import math
 import os
+import signal
+import time
 
 import pytest
 import torch
 
 from checks import max_abs_diff
-from conftest import launch_workers, load_weights, run_module
+from conftest import REPO, _env, launch_workers, load_weights, run_module, start
 from largebatch.batching import plan
 from largebatch.config import load_config
 from largebatch.data.sampler import MicroBatchSampler, epoch_permutation
@@ -307,3 +308,37 @@ def test_adaptive_with_full_sharding_is_refused_in_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "adaptive.enabled=true measures a worker's gradient before it is averaged" in r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+
+
+def test_sigterm_and_resume_on_one_worker_match_the_uninterrupted_run(tmp_path):
+    whole, d = str(tmp_path / "whole"), str(tmp_path / "run")
+    assert run_module("largebatch.train", *ADAPTIVE, f"run.dir={whole}").returncode == 0
+    slow = {"LARGEBATCH_FAULT": ",".join(f"sleep@{s}:0:0.2" for s in range(60))}  # so that the signal lands mid-run
+    p = start("largebatch.train", *ADAPTIVE, f"run.dir={d}", cwd=REPO, env=_env(slow))
+    deadline = time.time() + 120
+    while not ckpt.list_checkpoints(d) and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and "stopping on a signal" in err, err[-2000:]
+    r = run_module("largebatch.train", *ADAPTIVE, f"run.dir={d}")
+    assert r.returncode == 0 and "resuming from" in r.stderr, r.stderr[-2000:]
+    weights, reference = load_weights(d), load_weights(whole)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert _decisions(d) == _decisions(whole)
+
+
+def test_a_resumed_run_keeps_the_step_time_it_measured(tmp_path):
+    d = str(tmp_path / "run")
+    args = [a for a in ADAPTIVE if not a.startswith(("adaptive.time_model", "adaptive.preset_workers"))]
+    first = run_module("largebatch.train", *args, f"run.dir={d}", env={"LARGEBATCH_FAULT": "exit@12:0"})
+    assert first.returncode == 137
+    measured = [ln for ln in first.stderr.splitlines() if ln.strip().startswith("step time")]
+    assert len(measured) == 1 and "measured before the first step" in measured[0], first.stderr[-2000:]
+    saved = torch.load(ckpt.list_checkpoints(d)[0], weights_only=False)["adaptive"]["step_time"]
+    assert saved["source"] == "measured" and saved["per_micro_batch_s"] > 0
+    second = run_module("largebatch.train", *args, f"run.dir={d}")
+    assert second.returncode == 0 and "resuming from" in second.stderr, second.stderr[-2000:]
+    assert [ln for ln in second.stderr.splitlines() if ln.strip().startswith("step time")] == measured
+    newest = torch.load(ckpt.list_checkpoints(d)[0], weights_only=False)["adaptive"]["step_time"]
+    assert newest == saved
