@@ -1,9 +1,12 @@
 """The adaptive global batch: the pure decision, its schedule, mid-epoch sampling, the plan's
 refusals, and real runs: 1 against 2 workers, exact resume across a batch change."""
 
+import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -215,9 +218,9 @@ def test_the_controller_keeps_its_state_and_decides_from_rank_0s_sums():
 # real runs
 
 # The MLP without BatchNorm keeps 1 and 2 workers within rounding (tests/test_training.py).
-ADAPTIVE = ["model.name=mlp", "model.norm=none", "adaptive.enabled=true", "train.max_micro_batch=16", "train.global_batch=32", "adaptive.every_steps=10",
-            "adaptive.time_model=preset:goyal2017", "adaptive.preset_workers=32", "train.epochs=3",
-            "checkpoint.every_steps=7"]
+ADAPTIVE = ["model.name=mlp", "model.norm=none", "adaptive.enabled=true", "train.max_micro_batch=8", "train.global_batch=32", "adaptive.every_steps=10",
+            "adaptive.time_model=preset:goyal2017", "adaptive.preset_workers=32", "train.epochs=4",
+            "checkpoint.every_steps=3"]
 
 
 def _decisions(run_dir):
@@ -237,7 +240,7 @@ def adaptive_2w(tmp_path_factory):
 def test_the_batch_changes_mid_epoch_and_the_run_says_why(adaptive_2w):
     d, err = adaptive_2w
     decisions = _decisions(d)
-    assert decisions[0][:3] == (10, 1, 320)  # step 10 of epoch 1: 320 of its images trained
+    assert decisions[0][:3] == (10, 1, 320)  # after step 10 of epoch 1: 320 of its images trained
     changes = [x for x in decisions if x[3] != x[4]]
     assert changes and changes[0][0] == 10 and changes[0][4] > 32, decisions
     assert f"step 10: global batch 32 -> {changes[0][4]}" in err
@@ -250,43 +253,93 @@ def test_the_batch_changes_mid_epoch_and_the_run_says_why(adaptive_2w):
     assert epochs[0]["step"] == 10 + (1438 - 320) // b
 
 
-def test_one_and_two_workers_take_the_same_decisions_and_end_with_the_same_weights(adaptive_2w, tmp_path):
+def test_one_two_and_four_workers_take_the_same_decisions_and_end_with_the_same_weights(adaptive_2w, tmp_path):
+    """The estimate comes from the same 8 images on any world: 4 micro-batches on one worker, 2 on
+    each of 2 (the first one), 1 on each of 4 (the gradient before the allreduce)."""
     d2, _ = adaptive_2w
-    d1 = str(tmp_path / "run")
+    d1, d4 = str(tmp_path / "one"), str(tmp_path / "four")
     r = run_module("largebatch.train", *ADAPTIVE, f"run.dir={d1}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _decisions(d1) == _decisions(d2)
+    results = launch_workers(4, "largebatch.train", *ADAPTIVE, f"run.dir={d4}")
+    assert [x.returncode for x in results] == [0] * 4, results[0].stderr[-3000:]
+    assert _decisions(d1) == _decisions(d2) == _decisions(d4)
     assert max_abs_diff(load_weights(d1), load_weights(d2)) <= 1e-4
+    assert max_abs_diff(load_weights(d1), load_weights(d4)) <= 1e-4
 
 
-def test_stopped_and_resumed_across_a_batch_change_is_bit_identical(adaptive_2w, tmp_path):
+def test_a_worker_sigkilled_under_torchrun_restarts_and_ends_bit_identical(adaptive_2w, tmp_path):
     d2, _ = adaptive_2w
     d = str(tmp_path / "run")
-    # Both workers die at the start of step 12: the newest checkpoint is step 7, before the change at 10.
-    first = launch_workers(2, "largebatch.train", *ADAPTIVE, f"run.dir={d}",
-                           env={"LARGEBATCH_FAULT": "exit@12:0,exit@12:1"})
-    assert [r.returncode for r in first] == [137, 137]
-    assert os.path.basename(ckpt.list_checkpoints(d)[0]) == "step-000000007.pt"
-    second = launch_workers(2, "largebatch.train", *ADAPTIVE, f"run.dir={d}")
-    assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:]
-    assert "resuming from" in second[0].stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "-m", "largebatch.train", *ADAPTIVE, "comm.timeout_s=30", f"run.dir={d}"]
+    slow = {"LARGEBATCH_FAULT": ",".join(f"sleep@{s}:1:0.15" for s in range(40))}  # so that the kill lands mid-run
+    agent = subprocess.Popen(cmd, env=_env(slow), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ckpt.list_checkpoints(d) and time.time() < deadline:
+            time.sleep(0.05)
+        assert ckpt.list_checkpoints(d), "no checkpoint appeared"
+        workers = [int(p.split("/")[2]) for p in glob.glob("/proc/[0-9]*/stat") if _parent(p) == agent.pid]
+        assert len(workers) == 2
+        os.kill(max(workers), signal.SIGKILL)
+        out, err = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0 and "resuming from" in err, err[-3000:]
     weights, reference = load_weights(d), load_weights(d2)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
     assert _decisions(d) == _decisions(d2)
 
 
-def test_a_checkpoint_after_the_change_resumes_at_the_new_batch(adaptive_2w, tmp_path):
-    d2, _ = adaptive_2w
+def _parent(stat_path):
+    try:
+        return int(open(stat_path).read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _layout(run_dir):
+    """(the first change's step, the steps that end an epoch, the last step) of a finished run."""
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    change = next(r["step"] for r in rows if r["event"] == "batch" and r["changed"])
+    ends = [r["step"] for r in rows if r["event"] == "epoch"]
+    return change, ends, ends[-1]
+
+
+def _stop_and_resume(tmp_path, fault_step):
+    """Both workers die at the start of step ``fault_step`` (``fault_step`` steps done, the
+    checkpoint of that step, if any, written); returns the run folder, the newest
+    checkpoint's state, and the resumed run's stderr."""
     d = str(tmp_path / "run")
-    # the change at step 10 ends epoch 1 at step 10 + (1438 - 320) // B; step 21 is inside epoch 3
     first = launch_workers(2, "largebatch.train", *ADAPTIVE, f"run.dir={d}",
-                           env={"LARGEBATCH_FAULT": "exit@23:0,exit@23:1"})
+                           env={"LARGEBATCH_FAULT": f"exit@{fault_step}:0,exit@{fault_step}:1"})
     assert [r.returncode for r in first] == [137, 137]
     state = torch.load(ckpt.list_checkpoints(d)[0], weights_only=False)
-    assert state["position"]["step"] == 21 and state["adaptive"]["global_batch"] > 32
-    assert state["position"]["epoch"] == 2 and state["position"]["images_in_epoch"] > 0
     second = launch_workers(2, "largebatch.train", *ADAPTIVE, f"run.dir={d}")
     assert [r.returncode for r in second] == [0, 0], second[0].stderr[-3000:]
+    assert "resuming from" in second[0].stderr
+    return d, state, second[0].stderr
+
+
+def test_stopped_and_resumed_across_a_batch_change_is_bit_identical(adaptive_2w, tmp_path):
+    d2, _ = adaptive_2w
+    change, ends, _ = _layout(d2)
+    d, state, _ = _stop_and_resume(tmp_path, change)  # dies after the decision; its newest checkpoint is before it
+    assert state["position"]["step"] < change and state["adaptive"]["global_batch"] == 32
+    weights, reference = load_weights(d), load_weights(d2)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert _decisions(d) == _decisions(d2)
+
+
+def test_a_checkpoint_after_the_change_in_mid_epoch_resumes_at_the_new_batch(adaptive_2w, tmp_path):
+    d2, _ = adaptive_2w
+    change, ends, last = _layout(d2)
+    inside = [s for s in range(3, last, 3) if s > change and s not in ends]
+    assert inside, (change, ends)  # a checkpoint (every 3 steps) strictly inside an epoch after the change
+    d, state, _ = _stop_and_resume(tmp_path, inside[0])  # dies at the start of the step after it
+    assert state["position"]["step"] == inside[0] and state["adaptive"]["global_batch"] > 32
+    assert state["position"]["images_in_epoch"] > 0
     weights, reference = load_weights(d), load_weights(d2)
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
     assert _decisions(d) == _decisions(d2)

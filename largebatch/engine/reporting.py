@@ -144,10 +144,14 @@ class Reporter:
         if self.plan.phased:
             self.print(phase_line(phase, len(self.plan.phases)))
 
-    def start_epoch(self, pos: Position, phase: Phase) -> None:
-        self.progress.start_epoch(pos.epoch, self.plan.epochs, phase.steps_per_epoch, initial=pos.step_in_epoch,
-                                  step=pos.step, total_steps=self.plan.total_steps,
-                                  global_batch=phase.batch.global_batch)
+    def start_epoch(self, pos: Position, phase: Phase, adaptive_batch: Optional[int] = None) -> None:
+        """``adaptive_batch``: the adaptive batch in use, whose steps the epoch is counted in."""
+        steps, batch = phase.steps_per_epoch, phase.batch.global_batch
+        if adaptive_batch is not None:
+            batch = adaptive_batch
+            steps = pos.step_in_epoch + (self.plan.num_train - pos.images_in_epoch) // batch
+        self.progress.start_epoch(pos.epoch, self.plan.epochs, steps, initial=pos.step_in_epoch,
+                                  step=pos.step, total_steps=self.plan.total_steps, global_batch=batch)
 
     def first_step(self, step: int, started: float, built_s: float, compile_s: Optional[float],
                    resumed: bool) -> None:
@@ -169,24 +173,29 @@ class Reporter:
         """Whether a step line follows step ``step`` (``step`` steps done)."""
         return bool(self.every) and step % self.every == 0
 
-    def after_step(self, pos: Position, lr: float, losses: Losses) -> None:
-        """A step line where one is due, else the progress bar's tick."""
+    def after_step(self, pos: Position, lr: float, losses: Losses, adaptive_batch: Optional[int] = None) -> None:
+        """A step line where one is due, else the progress bar's tick (``adaptive_batch``: the
+        batch of the step, for the adaptive batch's runs)."""
         if self.line_due(pos.step):
-            self._step_line(pos, lr, losses)
+            self._step_line(pos, lr, losses, adaptive_batch)
             losses.restart_window()
         else:
             self.progress.step(lr=f"{lr:.4g}")
 
-    def _step_line(self, pos: Position, lr: float, losses: Losses) -> None:
+    def _step_line(self, pos: Position, lr: float, losses: Losses, adaptive_batch: Optional[int] = None) -> None:
         """Mean loss over the steps since the last line (all workers), lr, images/s and the share of
         this worker's time spent waiting for data."""
         finite_steps = losses.window_steps * self.topology.world_size
         loss = self.comm.all_reduce_sum(losses.window.clone()).item() / finite_steps if finite_steps else float("nan")
         seconds = max(time.perf_counter() - losses.start, 1e-9)
         sps = losses.images / seconds
-        self.metrics.write("step", epoch=pos.epoch + 1, step=pos.step, loss=loss, lr=lr, samples_per_sec=sps,
+        extra = {} if adaptive_batch is None else {"global_batch": adaptive_batch}
+        self.metrics.write("step", epoch=pos.epoch + 1, step=pos.step, loss=loss, lr=lr, **extra, samples_per_sec=sps,
                            data_wait=losses.data_wait / seconds)
         remaining = (self.plan.total_steps - pos.step) * seconds / max(losses.timed, 1)
+        if adaptive_batch is not None:  # the steps left depend on the batches to come: count images
+            n = self.plan.num_train
+            remaining = max(self.plan.epochs * n - pos.epoch * n - pos.images_in_epoch, 0) / max(sps, 1e-9)
         self.progress.step(loss=f"{loss:.4f}", lr=f"{lr:.4g}", img_s=f"{sps:,.0f}", eta=f"{remaining:.0f}s")
 
     def end_epoch(self) -> None:

@@ -200,18 +200,16 @@ class Trainer:
         try:
             while pos.epoch < self.plan.epochs:  # at least one epoch: checkpointer.finished() was false
                 phase, batches = self._start_epoch(pos, phase, losses, clock)
-                while True:
-                    batches = self._decide(pos, phase, batches)
+                while self._room_for(pos, phase):
                     bp = self._batch_plan(pos, phase)
-                    if not self._room_for(bp, pos, phase):
-                        break
                     step = self.run_step(batches, bp, pos.step, stop, self._lr(pos))
                     lr = step.lr
                     self._count_step(step, bp, pos, losses)
-                    epoch_end = not self._room_for(bp, pos, phase)
+                    batches = self._decide(pos, phase, batches)
+                    epoch_end = not self._room_for(pos, phase)
                     save = step.stopping or checkpointer.due(pos.step, epoch_end)
                     self.guard.settle(pos, losses, wait=save or epoch_end or report.line_due(pos.step))
-                    report.after_step(pos, lr, losses)
+                    report.after_step(pos, lr, losses, None if self.adaptive is None else bp.global_batch)
                     if save:
                         self._save(pos, record, losses, clock)
                     if step.stopping:
@@ -249,7 +247,7 @@ class Trainer:
             self.sampler.set_epoch(pos.epoch, start_image=pos.images_in_epoch)
         batches = iter(self.loader)
         losses.restart_timing()
-        self.reporter.start_epoch(pos, phase)
+        self.reporter.start_epoch(pos, phase, None if self.adaptive is None else self.adaptive.batch)
         clock.start_epoch()
         return phase, batches
 
@@ -263,15 +261,16 @@ class Trainer:
             return self.plan.schedule(pos.step)
         return self.adaptive.lr(pos.epoch, pos.images_in_epoch)
 
-    def _room_for(self, bp: BatchPlan, pos: Position, phase: Phase) -> bool:
-        """Whether the epoch holds another step of ``bp``: its phase's steps per epoch, or, for the
-        adaptive batch, a global batch of the images left in the permutation."""
+    def _room_for(self, pos: Position, phase: Phase) -> bool:
+        """Whether the epoch holds another step: its phase's steps per epoch, or, for the adaptive
+        batch, a global batch of the images left in the permutation."""
         if self.adaptive is None:
             return pos.step_in_epoch < phase.steps_per_epoch
-        return pos.images_in_epoch + bp.global_batch <= self.info.num_train
+        return pos.images_in_epoch + self.adaptive.batch <= self.info.num_train
 
     def _decide(self, pos: Position, phase: Phase, batches):
-        """adaptive.enabled, at a decision's step boundary: decide, report, and on a change go on
+        """adaptive.enabled, right after a step that ends at a decision's boundary (before its
+        checkpoint, so a resumed run starts from the decision): decide, report, and on a change go on
         from the same image of the epoch with the new batch. Returns the batches to take from."""
         if self.adaptive is None or not self.adaptive.due(pos.step):
             return batches
