@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -15,11 +16,12 @@ from largebatch.config import load_config, to_dict
 from largebatch.errors import UsageError
 from largebatch.scaling import advise
 from largebatch.batching import check_trainable_batch, plan, plan_warning
-from largebatch.scaling.choices import ASSUMPTIONS, Choice
+from largebatch import goodput
+from largebatch.scaling.choices import ASSUMPTIONS, TWO_RUN_ASSUMPTIONS, Choice
 from largebatch.scaling.model import Cluster, Workload
 from largebatch.scaling.predict import predict_step
-from largebatch.scaling.runs import read_run
-from largebatch.scaling.steps import Segment, StepsModel, fit_curve, knee, steps_model
+from largebatch.scaling.runs import read_run, read_second_run
+from largebatch.scaling.steps import Segment, StepsModel, crit_factor, fit_curve, knee, steps_model, two_run_model
 
 
 # -- the model ---------------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def test_a_probe_run_trains_with_the_noise_scale_and_is_read(tmp_path, capsys):
     # six seeds) and is measured on 128 images against tr(Σ)/128 ~ 1, so the noise scale is defined.
     run = str(tmp_path / "probe")
     assert advise.main(["--probe", f"run.dir={run}", "train.global_batch=512", "train.epochs=2", "model.width=8",
-                        *CLUSTER, "--workers", "1,4", "--batches", "64,256"]) == 0
+                        "--second-batch", "0", *CLUSTER, "--workers", "1,4", "--batches", "64,256"]) == 0
     cfg = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     assert cfg["train"]["noise_scale"] is True and cfg["train"]["max_micro_batch"] == 128
     measured = read_run(run)
@@ -271,3 +273,176 @@ def test_a_probe_run_trains_with_the_noise_scale_and_is_read(tmp_path, capsys):
     assert "fastest:" in out
     # the probe's 4 micro-batches of 128 are said as they ran; the simulation takes 512 images at once
     assert re.search(r"which ran micro-batches of 128 x 4: [0-9.]+ ms per 512 images, taken as one micro-batch", out)
+
+
+# -- two runs ------------------------------------------------------------------------------------------------
+
+def test_two_runs_recover_s_min_and_the_critical_batch_of_an_exact_curve():
+    truth = StepsModel(s_min=80, b_crit=120, measured_batch=32, measured_steps=0)
+    for b1, b2 in ((32, 256), (256, 32), (8, 4096), (100, 130)):
+        model = two_run_model(b1, truth.steps(b1), b2, truth.steps(b2))
+        assert model.s_min == pytest.approx(80, rel=1e-12) and model.b_crit == pytest.approx(120, rel=1e-12)
+        assert model.measured_batch == min(b1, b2) and model.method == "two runs"
+        assert model.steps(b1) == pytest.approx(truth.steps(b1)) and model.steps(b2) == pytest.approx(truth.steps(b2))
+    # the arithmetic of the MNIST sweep in docs/noise_scale.md: 394 steps at 32, 121 at 256
+    mnist = two_run_model(32, 394, 256, 121)
+    assert mnist.s_min == pytest.approx(82) and mnist.b_crit == pytest.approx(32 * 256 * 273 / (121 * 256 - 394 * 32))
+    noise = steps_model([Segment(steps=394, batch=32, noise_scale=30)])
+    assert crit_factor(mnist, noise) == pytest.approx(mnist.b_crit / 30)
+
+
+@pytest.mark.parametrize("b1, s1, b2, s2, message", [
+    (32, 394, 256, 394, "took 394 steps, not fewer than the 394 at batch 32: no critical batch fits"),
+    (32, 394, 256, 500, "took 500 steps, not fewer than the 394 at batch 32"),
+    (32, 400, 256, 50, "took 12,800 images, no more than the 12,800 at batch 32"),
+    (32, 400, 256, 40, "took 10,240 images, no more than the 12,800 at batch 32"),
+    (64, 100, 64, 90, "the two runs have the same global batch 64"),
+    (32, 0, 256, 10, "two runs need batches and steps > 0"),
+    (32, 100, 256, math.inf, "two runs need batches and steps > 0"),
+])
+def test_two_runs_that_do_not_fit_the_model_are_refused_in_one_line(b1, s1, b2, s2, message):
+    with pytest.raises(ValueError) as err:
+        two_run_model(b1, s1, b2, s2)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    # on the edge both ways: a hair inside each condition fits
+    assert two_run_model(32, 400, 256, 400 - 1e-6).b_crit > 0
+    assert two_run_model(32, 400, 256, 50 + 1e-6).s_min > 0
+
+
+def test_advise_and_the_adaptive_batch_share_one_efficiency():
+    for model in (steps_model([Segment(250, 32, 40), Segment(250, 32, 160)]), two_run_model(32, 394, 256, 121),
+                  fit_curve([32, 64, 128], [400, 230, 150])):
+        b0 = model.measured_batch
+        for batch in (8, 32, 100, 4096):
+            assert model.efficiency(batch) == goodput.efficiency(batch, model.b_crit, b0)
+            # the steps are the measured batch's images carried over with that efficiency ...
+            assert model.steps(batch) == pytest.approx(model.steps(b0) * b0 / (batch * goodput.efficiency(
+                batch, model.b_crit, b0)), rel=1e-12)
+            # ... which is McCandlish et al.'s curve
+            assert model.steps(batch) == pytest.approx(model.s_min * (1 + model.b_crit / batch), rel=1e-12)
+
+
+def _run_with_losses(folder, losses, accs, batch):
+    _run(folder, [(a, {}) for a in accs], batch=batch, weights=False)
+    path = os.path.join(folder, "metrics.jsonl")
+    lines = [json.loads(x) for x in open(path)]
+    for line, loss in zip([x for x in lines if x["event"] == "epoch"], losses):
+        line["train_loss"] = loss
+    with open(path, "w") as fh:
+        fh.write("".join(json.dumps(x) + "\n" for x in lines))
+    return folder
+
+
+def test_a_second_run_is_read_to_the_first_runs_target(tmp_path):
+    first = read_run(_run(str(tmp_path / "first"), EPOCHS, loss=0.25), 0.96)  # 312.5 steps to 0.96
+    second = read_second_run(_run(str(tmp_path / "second"), [(0.93, {}), (0.97, {})], batch=512), first)
+    assert second.global_batch == 512 and second.steps == pytest.approx(125 + 125 * 3 / 4)
+    assert "val_acc 0.96" in second.target
+    # no accuracy target: the train_loss the first run ended at, crossed 40% into the third epoch
+    whole = read_run(str(tmp_path / "first"))
+    assert whole.final_loss == 0.25 and whole.target_accuracy is None
+    by_loss = read_second_run(_run_with_losses(str(tmp_path / "loss"), [0.5, 0.35, 0.1, 0.05], [0.5] * 4, 512),
+                              whole)
+    assert by_loss.steps == pytest.approx(250 + 125 * 0.4) and "train_loss 0.25" in by_loss.target
+    with pytest.raises(UsageError, match=r"never reached the train_loss 0.25 .* \(best 0.3\); train it longer"):
+        read_second_run(_run_with_losses(str(tmp_path / "short"), [0.5, 0.3], [0.5] * 2, 512), whole)
+    with pytest.raises(UsageError, match=r"never reached val_acc 0.96 \(best 0.9500\)"):
+        read_second_run(_run(str(tmp_path / "low"), [(0.9, {}), (0.95, {})], batch=512), first)
+    phased = _run(str(tmp_path / "phased"), [(0.93, {}), (0.97, {})], batch=512)
+    lines = [json.loads(x) for x in open(os.path.join(phased, "metrics.jsonl"))]
+    lines[1]["global_batch"] = 1024
+    with open(os.path.join(phased, "metrics.jsonl"), "w") as fh:
+        fh.write("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(UsageError, match="changes its global batch from 512 to 1024 at epoch 2, before its target"):
+        read_second_run(phased, first)
+
+
+def test_advise_with_a_second_run_prints_the_two_run_model_and_its_crit_factor(tmp_path, capsys):
+    first = _run(str(tmp_path / "first"), EPOCHS)  # batch 64: 312.5 steps to 0.96, noise scale 200 .. 800
+    second = _run(str(tmp_path / "second"), [(0.93, {}), (0.97, {})], batch=512)  # 218.75 steps to 0.96
+    out_json = str(tmp_path / "advice.json")
+    args = [*CLUSTER, "--compute-ms", "50", "--micro-batch", "32", "--gradient-mb", "40", "--workers", "1,4",
+            "--batches", "64,256,1024", "--target-accuracy", "0.96"]
+    assert advise.main([first, "--second-run", second, *args, "--json", out_json]) == 0
+    text = capsys.readouterr().out
+    measured = read_run(first, 0.96)
+    steps1, steps2 = sum(s.steps for s in measured.segments), read_second_run(second, measured).steps
+    assert (steps1, steps2) == (pytest.approx(312.5), pytest.approx(218.75))
+    want = two_run_model(64, steps1, 512, steps2)
+    factor = want.b_crit / steps_model(measured.segments).b_crit
+    assert f"second run {second}: global batch 512; target: val_acc 0.96" in text
+    assert "method: two runs: S_min and B_crit solved from the steps of both to the same target" in text
+    assert f"S_min = {want.s_min:.0f} steps, B_crit = {want.b_crit:.0f} images" in text
+    assert f"for the adaptive global batch: adaptive.crit_factor={factor:.3g}" in text
+    assert all(a in text for a in TWO_RUN_ASSUMPTIONS) and ASSUMPTIONS[0] not in text
+    doc = json.load(open(out_json))
+    assert doc["method"] == "two runs" and doc["crit_factor"] == pytest.approx(factor)
+    assert doc["model"]["b_crit"] == pytest.approx(want.b_crit) and doc["second_run"]["steps"] == steps2
+    for c in doc["choices"]:
+        assert c["steps"] == pytest.approx(want.steps(c["global_batch"]))
+    # one run: the noise scale, and said so
+    assert advise.main([first, *args]) == 0
+    assert "method: one run's noise scale, B_crit = B_simple" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("second_epochs, extra, message", [
+    ([(0.93, {}), (0.95, {})], [], "never reached val_acc 0.96 (best 0.9500)"),
+    ([(0.90, {}), (0.92, {}), (0.97, {})], [], "took 350 steps, not fewer than the 312.5 at batch 64"),
+    ([(0.97, {})], ["--second-batch", "512"], "--second-batch 512 is not allowed"),
+    ([(0.97, {})], ["--probe"], "--second-run reads a run folder, --probe trains both runs"),
+])
+def test_a_second_run_that_misses_is_one_line(tmp_path, second_epochs, extra, message):
+    first = _run(str(tmp_path / "first"), EPOCHS)
+    second = _run(str(tmp_path / "second"), second_epochs, batch=512)
+    with pytest.raises(UsageError) as err:
+        advise.main([first, "--second-run", second, *CLUSTER, "--target-accuracy", "0.96", *extra])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_second_run_that_never_reaches_the_target_exits_2(tmp_path):
+    first = _run(str(tmp_path / "first"), EPOCHS)
+    second = _run(str(tmp_path / "second"), [(0.93, {}), (0.95, {})], batch=512)
+    r = run_module("largebatch.advise", first, "--second-run", second, "--target-accuracy", "0.96", *CLUSTER)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"largebatch: error: '{second}' never reached val_acc 0.96 (best 0.9500); "
+                                             "give a lower --target-accuracy, or train the run longer"]
+
+
+def test_probe_trains_the_second_probe_at_eight_times_the_batch_to_the_same_target(tmp_path, monkeypatch, capsys):
+    # fit() stands in for training: it records the overrides and writes the run folder they describe
+    import largebatch.api
+
+    trained = []
+
+    def fake_fit(config, overrides):
+        cfg = load_config(config, overrides)
+        trained.append(list(overrides))
+        if cfg.train.noise_scale:
+            _run(cfg.run.dir, EPOCHS, batch=cfg.train.global_batch)
+        else:
+            _run(cfg.run.dir, [(0.93, {}), (0.97, {})], batch=cfg.train.global_batch, weights=False)
+
+    monkeypatch.setattr(largebatch.api, "fit", fake_fit)
+    run = str(tmp_path / "probe")
+    assert advise.main(["--probe", f"run.dir={run}", "train.global_batch=64", "train.epochs=4", *CLUSTER,
+                        "--target-accuracy", "0.96", "--workers", "1", "--batches", "64,256"]) == 0
+    first, second = trained
+    assert "train.noise_scale=true" in first
+    assert second[-6:] == [f"run.dir={run}-batch512", "train.global_batch=512", "train.epochs=32",
+                           "train.target_accuracy=0.96", "train.stop_at_target=true", "train.target_metric=top1"]
+    out = capsys.readouterr().out
+    assert f"second run {run}-batch512: global batch 512" in out and "adaptive.crit_factor=" in out
+    # --second-batch 0: one probe, the noise scale alone
+    trained.clear()
+    assert advise.main(["--probe", f"run.dir={tmp_path / 'one'}", "train.global_batch=64", "--second-batch", "0",
+                        *CLUSTER, "--workers", "1", "--batches", "64"]) == 0
+    assert len(trained) == 1 and "method: one run's noise scale" in capsys.readouterr().out
+
+
+def test_the_second_probe_batch_is_eight_times_the_first_where_the_training_set_holds_it():
+    assert advise.second_batch(64, 8000, None) == 512
+    assert advise.second_batch(512, 1438, None) == 1024  # the digits: 4096 and 2048 are more than the images
+    assert advise.second_batch(512, 1438, 700) == 700
+    with pytest.raises(UsageError, match="the 1000 training images hold no second probe of at least twice the first's "
+                                         "global batch 512: give a smaller first batch, or --second-batch 0"):
+        advise.second_batch(512, 1000, None)

@@ -19,7 +19,7 @@ from largebatch.scaling.model import Cluster, Workload
 from largebatch.scaling.predict import predict_step
 from largebatch.scaling.steps import StepsModel
 
-__all__ = ["ASSUMPTIONS", "BATCH_SPAN", "Choice", "choices", "recommendable", "fastest", "cheapest",
+__all__ = ["ASSUMPTIONS", "TWO_RUN_ASSUMPTIONS", "assumptions", "BATCH_SPAN", "Choice", "choices", "recommendable", "fastest", "cheapest",
            "default_batches"]
 
 ASSUMPTIONS = (
@@ -37,7 +37,22 @@ ASSUMPTIONS = (
     "node is paid for whole even when fewer workers than it holds are used",
     "BatchNorm statistics change with the per-worker batch; the noise scale is measured with the run's",
 )
-"""What the advice rests on, printed with it."""
+"""What the advice from one run's noise scale rests on, printed with it."""
+
+TWO_RUN_ASSUMPTIONS = (
+    "B_crit from two runs: S_min and B_crit are solved from the steps two runs at different global batches took "
+    "to the same target, so both lie on the curve; the first run's noise scale only sets crit_factor",
+    ASSUMPTIONS[1],
+    "S(B) = S_min(1 + B_crit/B) through both measured runs: steps trade for images as S/S_min - 1 = "
+    "(E/E_min - 1)^-1, and batches outside the two runs' are extrapolated along it",
+    *ASSUMPTIONS[3:],
+)
+"""What the advice from two runs rests on, printed with it."""
+
+
+def assumptions(method: str) -> tuple:
+    """The assumptions of a :class:`StepsModel` found by ``method`` ('noise scale' or 'two runs')."""
+    return TWO_RUN_ASSUMPTIONS if method == "two runs" else ASSUMPTIONS
 
 BATCH_SPAN = 64
 """Default global batches: powers of two from a quarter of the measured batch to this many times it

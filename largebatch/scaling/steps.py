@@ -10,6 +10,18 @@ measured run: an epoch that took ``ΔS`` steps at batch ``B0`` with noise scale 
 ``S_min·(1 + B_crit/B)``, with ``S_min = Σ ΔS/(1 + B_k/B0)`` and ``B_crit`` the ``S_min``-weighted
 mean of the ``B_k``.
 
+**Two runs** (:func:`two_run_model`): the steps ``S1``, ``S2`` two runs at batches ``B1 < B2`` took to
+the same target fix both constants without the noise scale: the images ``E = S·B = S_min·B + E_min``
+are a line in ``B``, so ``S_min = (S2·B2 − S1·B1)/(B2 − B1)`` and
+``B_crit = B1·B2·(S1 − S2)/(S2·B2 − S1·B1)``. They fit the model only where the larger batch took
+fewer steps (``S2 < S1``, else ``B_crit <= 0``) and more images (``S2·B2 > S1·B1``, else
+``S_min <= 0``). :func:`crit_factor` is that ``B_crit`` over the first run's noise scale, the
+factor ``adaptive.crit_factor`` takes.
+
+The efficiency a model implies, images at its measured batch one image at ``B`` is worth, is
+:func:`largebatch.goodput.efficiency`, the formula the adaptive global batch uses;
+:meth:`StepsModel.steps` is the measured steps carried to ``B`` with it.
+
 :func:`knee` and :func:`fit_curve` read the critical batch off steps measured at several batches.
 """
 
@@ -19,7 +31,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-__all__ = ["Segment", "StepsModel", "steps_model", "knee", "fit_curve"]
+from largebatch.goodput import efficiency
+
+__all__ = ["Segment", "StepsModel", "steps_model", "two_run_model", "crit_factor", "knee", "fit_curve"]
 
 
 @dataclass(frozen=True)
@@ -46,14 +60,25 @@ class StepsModel:
     """The run's global batch (its first, with phases)."""
     measured_steps: float
     """The steps the run took to its target."""
+    method: str = "noise scale"
+    """How ``b_crit`` was found: 'noise scale' (one run's B_simple), 'two runs' (:func:`two_run_model`)
+    or 'fit' (:func:`fit_curve`)."""
 
     @property
     def e_min(self) -> float:
         """Images an infinitely small batch would need."""
         return self.s_min * self.b_crit
 
+    def efficiency(self, batch: float) -> float:
+        """Images at the measured batch one image at ``batch`` is worth:
+        :func:`largebatch.goodput.efficiency` with this model's ``b_crit``."""
+        return efficiency(batch, self.b_crit, self.measured_batch)
+
     def steps(self, batch: float) -> float:
-        return self.s_min * (1.0 + self.b_crit / batch)
+        """Steps to the target at ``batch``: the images at the measured batch over the efficiency,
+        ``S(B0)·B0 / (B·efficiency(B))``, which is ``S_min·(1 + B_crit/B)``."""
+        b0 = self.measured_batch
+        return self.s_min * (1.0 + self.b_crit / b0) * b0 / (batch * self.efficiency(batch))
 
     def images(self, batch: float) -> float:
         return self.steps(batch) * batch
@@ -73,6 +98,39 @@ def steps_model(segments: Sequence[Segment]) -> StepsModel:
     b_crit = sum(a * s.noise_scale for a, s in zip(ideal, segments)) / s_min
     return StepsModel(s_min=s_min, b_crit=b_crit, measured_batch=segments[0].batch,
                       measured_steps=sum(s.steps for s in segments))
+
+
+def two_run_model(batch1: int, steps1: float, batch2: int, steps2: float) -> StepsModel:
+    """``S_min`` and ``B_crit`` from two runs to the same target, ``steps1`` at ``batch1`` and
+    ``steps2`` at ``batch2`` (in either order): both runs lie on the curve. ValueError (one line)
+    where the two do not fit the model (see the module's text)."""
+    for name, value in (("batch", batch1), ("batch", batch2), ("steps", steps1), ("steps", steps2)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"two runs need batches and steps > 0, got {value!r} {name}")
+    if batch1 == batch2:
+        raise ValueError(f"the two runs have the same global batch {batch1}: the second needs a larger one "
+                         "(e.g. 8 times the first)")
+    (b1, s1), (b2, s2) = sorted([(batch1, steps1), (batch2, steps2)])
+    if s2 >= s1:
+        raise ValueError(f"the run at batch {b2} took {s2:.4g} steps, not fewer than the {s1:.4g} at batch {b1}: "
+                         "no critical batch fits (the larger batch did not help); the runs' learning rates may not "
+                         "be tuned, or the target is too easy")
+    if s2 * b2 <= s1 * b1:
+        raise ValueError(f"the run at batch {b2} took {s2 * b2:,.0f} images, no more than the {s1 * b1:,.0f} at "
+                         f"batch {b1}: the steps fell at least as fast as the batch grew, so no finite critical "
+                         "batch fits; use a second batch further above the first")
+    s_min = (s2 * b2 - s1 * b1) / (b2 - b1)
+    b_crit = b1 * b2 * (s1 - s2) / (s2 * b2 - s1 * b1)
+    return StepsModel(s_min=s_min, b_crit=b_crit, measured_batch=b1, measured_steps=s1, method="two runs")
+
+
+def crit_factor(two_runs: StepsModel, noise: StepsModel) -> float:
+    """``B_crit`` of :func:`two_run_model` over the ``S_min``-weighted noise scale of
+    :func:`steps_model` on the first run: the factor ``adaptive.crit_factor`` multiplies the measured
+    noise scale by."""
+    if not noise.b_crit > 0:
+        raise ValueError(f"the measured noise scale is {noise.b_crit!r}: no factor to it")
+    return two_runs.b_crit / noise.b_crit
 
 
 def knee(batches: Sequence[int], steps: Sequence[float], ratio: float = 0.75) -> Optional[float]:
@@ -115,5 +173,5 @@ def fit_curve(batches: Sequence[int], steps: Sequence[float]) -> StepsModel:
     if s_min <= 0:
         raise ValueError("the measured steps do not level off: no S_min > 0 fits them")
     return StepsModel(s_min=s_min, b_crit=max(slope, 0.0) / s_min, measured_batch=pts[0][0],
-                      measured_steps=pts[0][1])
+                      measured_steps=pts[0][1], method="fit")
 
