@@ -229,8 +229,9 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
     else:
         p = phases[0]
         schedule = build_schedule(cfg.optim, cfg.schedule, p.batch.global_batch, p.steps_per_epoch, cfg.train.epochs)
+    # the adaptive batch's warmup rises to each larger batch's peak, whatever the smallest batch's does
     warning = warmup_warning(cfg.schedule.warmup_epochs, cfg.train.epochs, schedule.warmup_steps, schedule.total_steps,
-                             warmup_rises(schedule))
+                             warmup_rises(schedule) or adaptive is not None)
     if warning:
         warnings.append(warning)
     o = cfg.optim
