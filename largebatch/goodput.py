@@ -26,7 +26,7 @@ the same agreed estimates takes the same decision.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 __all__ = ["efficiency", "adascale_gain", "ladder", "StepTime", "Candidate", "Decision", "decide"]
@@ -95,8 +95,7 @@ class StepTime:
         return self.fixed_s + self.per_micro_batch_s * self.accum_steps(batch)
 
     def state_dict(self) -> dict:
-        return dict(fixed_s=self.fixed_s, per_micro_batch_s=self.per_micro_batch_s, micro_batch=self.micro_batch,
-                    workers=self.workers, source=self.source)
+        return asdict(self)
 
 
 @dataclass(frozen=True)

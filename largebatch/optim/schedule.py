@@ -65,6 +65,15 @@ def _check_steps_and_decay(total_steps: int, warmup_steps: int, decay: str) -> N
         raise ValueError(f"unknown decay {decay!r}")
 
 
+def _decayed(peak: float, progress: float, decay: str, power: float, end_lr: float) -> float:
+    """The lr ``progress`` (0..1) of the way through a 'poly', 'onecycle' or 'cosine' decay from ``peak``."""
+    if decay == "poly":
+        return end_lr + (peak - end_lr) * (1.0 - progress) ** power
+    if decay == "onecycle":
+        return end_lr + (peak - end_lr) * (1.0 - progress)
+    return end_lr + (peak - end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class LRSchedule:
     peak_lr: float
@@ -96,11 +105,7 @@ class LRSchedule:
             return self.peak_lr * self.gamma ** bisect.bisect_right(self.milestones, step)
         span = self.total_steps - self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / span) if span > 0 else 1.0
-        if self.decay == "poly":
-            return self.end_lr + (self.peak_lr - self.end_lr) * (1.0 - progress) ** self.power
-        if self.decay == "onecycle":
-            return self.end_lr + (self.peak_lr - self.end_lr) * (1.0 - progress)
-        return self.end_lr + (self.peak_lr - self.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _decayed(self.peak_lr, progress, self.decay, self.power, self.end_lr)
 
 
 def build_schedule(optim_cfg, sched_cfg, global_batch: int, steps_per_epoch: int, epochs: int) -> LRSchedule:
@@ -182,11 +187,7 @@ class PhasedSchedule:
             return peak * self.gamma ** bisect.bisect_right(self.milestones, step)
         t_warm, t_end = self.epochs_at(self.warmup_steps), self.epochs_at(self.total_steps)
         progress = min(1.0, (t - t_warm) / (t_end - t_warm)) if t_end > t_warm else 1.0
-        if self.decay == "poly":
-            return self.end_lr + (peak - self.end_lr) * (1.0 - progress) ** self.power
-        if self.decay == "onecycle":
-            return self.end_lr + (peak - self.end_lr) * (1.0 - progress)
-        return self.end_lr + (peak - self.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _decayed(peak, progress, self.decay, self.power, self.end_lr)
 
 
 def build_phased_schedule(optim_cfg, sched_cfg, phases: list[tuple[int, int, int]]) -> PhasedSchedule:
@@ -253,11 +254,7 @@ class ProgressSchedule:
             return peak * self.gamma ** bisect.bisect_right(self.milestones, t)
         span = self.epochs - self.warmup_epochs
         progress = min(1.0, (t - self.warmup_epochs) / span) if span > 0 else 1.0
-        if self.decay == "poly":
-            return self.end_lr + (peak - self.end_lr) * (1.0 - progress) ** self.power
-        if self.decay == "onecycle":
-            return self.end_lr + (peak - self.end_lr) * (1.0 - progress)
-        return self.end_lr + (peak - self.end_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return _decayed(peak, progress, self.decay, self.power, self.end_lr)
 
 
 def build_progress_schedule(optim_cfg, sched_cfg, epochs: int, first_peak: float) -> ProgressSchedule:
