@@ -1,0 +1,140 @@
+"""benchmarks/adaptive_batch.py's pieces, not the benchmark: its step-time model of a simulator
+preset against the simulator, the sweep table it reads, its adaptive loop's sampling and
+decisions on a few random images, and the goals it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+from largebatch.engine.noise import NoiseEstimate
+from largebatch.scaling.predict import predict_step
+from largebatch.scaling.presets import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("adaptive_batch", os.path.join(ROOT, "benchmarks", "adaptive_batch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name,workers,micro", [("goyal2017", 32, 16), ("goyal2017", 64, 32), ("horovod2018", 8, 16)])
+def test_preset_step_time_is_the_simulators_step_at_whole_accumulation_steps(bench, name, workers, micro):
+    preset = PRESETS[name]
+    st = bench.preset_step_time(name, workers, micro)
+    assert st.source == f"preset:{name}" and st.workers == workers and st.micro_batch == micro
+    assert st.fixed_s > 0
+    for accum in (1, 2, 5):
+        work = replace(preset.workload, micro_batch=micro, accumulation_steps=accum,
+                       compute_time=preset.workload.compute_time * micro / preset.workload.micro_batch)
+        expected = predict_step(preset.cluster, work, workers).step_time
+        assert math.isclose(st(accum * workers * micro), expected, rel_tol=1e-9), (accum, st, expected)
+
+
+def test_the_sweep_tables_best_lrs_are_read_and_unreached_rows_skipped(bench, tmp_path):
+    table = tmp_path / "t.md"
+    table.write_text("| global batch | peak lr | measured steps | predicted steps | predicted / measured | images |\n"
+                     "| ---: | ---: | ---: | ---: | ---: | ---: |\n| 32 | 8 | 394 | 394 | 1.00 | 12,611 |\n"
+                     "| 64 | 16 | 207 | 299 | 1.45 | 13,226 |\n| 128 | — | not reached in 40 | 252 | — | — |\n"
+                     "| 2048 | 1.6e+01 | 100 | 208 | 2.07 | 205,312 |\n\nprobe at batch 32: S_min 205\n")
+    assert bench.read_sweep_lrs(str(table)) == {32: 8.0, 64: 16.0, 2048: 16.0}
+    (tmp_path / "empty.md").write_text("no table\n")
+    with pytest.raises(SystemExit, match="no batch rows"):
+        bench.read_sweep_lrs(str(tmp_path / "empty.md"))
+
+
+def tiny_args(bench, tmp_path, **extra):
+    argv = ["--root", "unused", "--batches", "32", "64", "128", "--seeds", "0", "--epochs", "2", "--max-epochs", "2",
+            "--every-steps", "2", "--target", "1.0", "--out", str(tmp_path)]
+    args = bench.parse_args(argv)
+    for k, v in extra.items():
+        setattr(args, k, v)
+    return args
+
+
+def tiny_data(n=200):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 14, 14, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, y, x[:50], y[:50]
+
+
+class StubNoise:
+    """A noise scale that is always 50 images, recording what the loop feeds it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def update(self, small, large, b, B):
+        self.seen.append((b, B, (float(small), float(large))))
+
+    def values(self):
+        return NoiseEstimate(50.0, 1.0, 50.0)
+
+
+def test_the_adaptive_loop_changes_the_batch_mid_epoch_without_skipping_or_repeating_an_image(bench, tmp_path):
+    args = tiny_args(bench, tmp_path)
+    fast = bench.StepTime(fixed_s=1.0, per_micro_batch_s=0.01, micro_batch=16, workers=1)  # large batches win
+    arm = bench.AdaptiveArm(args, "scaling", 8.0, fast, args.epochs)
+    arm.noise = StubNoise()
+    r = bench.train_arm(args, tiny_data(), arm, 0, fast)
+    trace = r["trace"]
+    assert [t[2] for t in trace[:3]] == [32, 32, 128]  # the first decision, after 2 steps, takes the largest
+    assert [(d["step"], d["batch"]) for d in r["decisions"]][:2] == [(2, 128), (4, 128)]
+    # the noise scale saw every step: the first micro-batch of 16 against the step's batch
+    assert [(b, B) for b, B, _ in arm.noise.seen] == [(16, t[2]) for t in trace]
+    assert all(small > 0 and large > 0 for _, _, (small, large) in arm.noise.seen)
+    # the batch each step used; offsets within each epoch add up without a gap, an epoch ends when
+    # fewer images than the batch are left (200 images)
+    offset, epochs = 0, 0
+    for step, images, batch, lr in trace:
+        if offset + batch > 200:
+            offset, epochs = 0, epochs + 1
+        offset += batch
+    assert epochs + 1 == r["epochs_run"] == 2
+    assert r["images_run"] == sum(t[2] for t in trace)
+    assert math.isclose(r["sim_s_run"], sum(fast(t[2]) for t in trace))
+    # the lr follows the batch: linear in it from 8 at 32 (warmup over 2 epochs rises from 8)
+    assert all(lr <= 8.0 * batch / 32 + 1e-9 for _, _, batch, lr in trace)
+    assert r["final_acc"] is not None and not r["reached"]
+
+
+def test_a_fixed_arm_takes_floor_n_over_b_steps_an_epoch_and_reaches_a_reachable_target(bench, tmp_path):
+    args = tiny_args(bench, tmp_path, target=0.05)
+    arm = bench.FixedArm(args, 64, 16.0, 200)
+    r = bench.train_arm(args, tiny_data(), arm, 0, lambda b: 0.5)
+    assert r["steps_run"] == 2 * (200 // 64) and r["images_run"] == 6 * 64
+    assert r["reached"] and 0 < r["steps"] <= r["steps_run"] and math.isclose(r["images"], 64 * r["steps"])
+    assert math.isclose(r["sim_s"], 0.5 * r["steps"])
+
+
+def row(arm, kind, seed, sim_s, images, acc):
+    """A run as train_arm returns it; one short of the target (sim_s None) has no steps, images, sim_s."""
+    reached = dict(steps=images / 64, images=images, sim_s=sim_s) if sim_s is not None else {}
+    return dict(arm=arm, kind=kind, seed=seed, reached=bool(reached), final_acc=acc, epochs_run=8, **reached)
+
+
+def test_the_goals_compare_with_the_fastest_fixed_batch_that_always_reached_the_target(bench):
+    results = [row("fixed 32", "fixed", s, 10.0, 12000, 0.970) for s in (0, 1)]
+    results += [row("fixed 64", "fixed", s, t, 13000, 0.968) for s, t in ((0, 6.0), (1, 7.0))]
+    results += [row("fixed 128", "fixed", 0, 5.0, 20000, 0.96), row("fixed 128", "fixed", 1, None, None, 0.9)]
+    results += [row("adaptive scaling", "adaptive", s, 6.4, 14000, 0.966) for s in (0, 1)]
+    results += [row("adaptive adascale", "adaptive", s, 6.6, 15000, 0.960) for s in (0, 1)]
+    lines = bench.cluster_goals(results)
+    assert lines[0].startswith("best fixed batch on the cluster: fixed 64 (6.50 s, 13,000 images")
+    assert lines[1] == ("adaptive scaling: time 6.40 s = 0.98x the best fixed (goal <= 1.00): met; images 14,000 = "
+                        "1.08x (goal <= 1.10): met; final accuracy 96.60% = -0.20 points (goal >= -0.30): met")
+    assert "time 6.60 s = 1.02x" in lines[2] and "1.15x (goal <= 1.10): missed" in lines[2]
+    assert lines[2].endswith("-0.80 points (goal >= -0.30): missed")
+    table = bench.cluster_table(results, {r["arm"]: "x" for r in results}, bench.parse_args(["--root", "x"]))
+    assert "| fixed 128 | x | 1/2 (not reached in 8 epochs) | 312 | 20,000 | 5.00 | 93.00 ± 4.24 |" in table
+    assert "| fixed 64 | x | 2/2 | 203 ± 0 | 13,000 ± 0 | 6.50 ± 0.71 | 96.80 ± 0.00 |" in table
