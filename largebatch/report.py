@@ -7,9 +7,12 @@ Reads each run's ``metrics.jsonl`` and ``config.yaml`` and writes to ``--out`` (
 
 - ``accuracy.png``   validation accuracy against epochs and against wall time
 - ``loss.png``       training loss against epochs and against wall time
-- ``lr.png``         the learning-rate schedule, step by step (rebuilt from the config)
+- ``lr.png``         the learning-rate schedule, step by step (rebuilt from the config; for a run
+  with adaptive.enabled=true, the lr its metrics record)
 - ``throughput.png`` training images per second, epoch by epoch
 - ``noise_scale.png`` the gradient noise scale B_simple, epoch by epoch (runs with train.noise_scale=true)
+- ``adaptive_batch.png`` the global batch, the learning rate and the noise scales B_simple and B_crit
+  step by step, from the batch decisions of runs with adaptive.enabled=true
 - ``summary.md``     final and best accuracy, time to target, images/s, cost, world size, global batch
 
 Each run is labelled by its folder name and the settings that differ between the runs given and
@@ -44,6 +47,8 @@ class Run:
     steps: list[dict] = field(default_factory=list)
     summary: dict | None = None
     label: str = ""
+    batches: list[dict] = field(default_factory=list)
+    """The adaptive batch's decisions ("batch" events), in the order written."""
 
 
 def read_metrics(path: str) -> list[dict]:
@@ -69,7 +74,8 @@ def load_run(path: str) -> Run:
         cfg = yaml.safe_load(fh) or {}
     summaries = [x for x in lines if x.get("event") == "summary"]
     return Run(path=path, config=cfg, epochs=[x for x in lines if x.get("event") == "epoch"],
-               steps=[x for x in lines if x.get("event") == "step"], summary=summaries[-1] if summaries else None)
+               steps=[x for x in lines if x.get("event") == "step"], summary=summaries[-1] if summaries else None,
+               batches=[x for x in lines if x.get("event") == "batch"])
 
 
 def _flatten(cfg: dict) -> dict:
@@ -93,18 +99,26 @@ def label_keys_left_out() -> frozenset:
 
 
 def _used(flat: dict) -> dict:
-    """A run's flat config without the model keys its model ignores."""
+    """A run's flat config without the keys it does not use: the model keys its model ignores; the
+    adaptive.* settings but adaptive.enabled of a run without it; train.phases of a run with it, and
+    train.global_batch too where adaptive.min_batch sets the starting batch."""
     from largebatch.config.compare import ignored_model_keys
 
     ignored = set(ignored_model_keys(str(flat.get("model.name", "")))[0])
+    if flat.get("adaptive.enabled"):
+        ignored.add("train.phases")
+        if flat.get("adaptive.min_batch") is not None:
+            ignored.add("train.global_batch")
+    else:
+        ignored.update(k for k in flat if k.startswith("adaptive.") and k != "adaptive.enabled")
     return {k: v for k, v in flat.items() if k not in ignored}
 
 
 def _short(key: str, keys) -> str:
-    """'optim.base_lr' -> 'base_lr'; '<section>.name' -> '<section>' ('optim'); a name two sections
-    share keeps its section ('model.options')."""
+    """'optim.base_lr' -> 'base_lr'; '<section>.name' -> '<section>' ('optim'), as is
+    '<section>.enabled' ('adaptive'); a name two sections share keeps its section ('model.options')."""
     section, name = key.split(".", 1)
-    if name == "name":
+    if name in ("name", "enabled"):
         return section
     return key if sum(k.split(".", 1)[1] == name for k in keys) > 1 else name
 
@@ -151,10 +165,13 @@ def label_runs(runs: list[Run]) -> None:
 
 def lr_curve(run: Run) -> tuple[list[int], list[float]]:
     """The schedule, step by step, rebuilt from the config and the steps per epoch in the metrics
-    (per phase, for train.phases)."""
+    (per phase, for train.phases); for a run with adaptive.enabled, whose lr follows the batch it
+    chose, the lr its metrics record (:func:`recorded_lr`)."""
     from largebatch.config import from_flat
     from largebatch.optim.schedule import build_phased_schedule, build_schedule
 
+    if (run.config.get("adaptive") or {}).get("enabled"):
+        return recorded_lr(run)
     if not run.epochs:
         return [], []
     cfg = from_flat(_flatten(run.config))
@@ -182,6 +199,50 @@ def _phase_steps(run: Run, cfg) -> list[tuple[int, int, int]]:
             spe = max(1, images // batch)
         out.append((spec["epochs"], spe, batch))
         epoch += spec["epochs"]
+    return out
+
+
+def last_step(run: Run) -> int:
+    """The optimizer steps the run's metrics account for (its summary's, or its last record's)."""
+    steps = [x["step"] for x in (*run.epochs, *run.steps, *run.batches) if x.get("step") is not None]
+    if run.summary and run.summary.get("steps") is not None:
+        steps.append(run.summary["steps"])
+    return max(steps, default=0)
+
+
+def batch_curve(run: Run) -> tuple[list[int], list[int]]:
+    """The global batch over optimizer steps, as a step plot drawn with ``where="post"`` reads it:
+    the starting batch (the first decision's ``previous``) from step 0, each decision's batch from
+    the step it was taken at, and the last one again at the run's last step. Empty without decisions."""
+    if not run.batches:
+        return [], []
+    xs, ys = [0], [run.batches[0]["previous"]]
+    for b in run.batches:
+        xs.append(b["step"])
+        ys.append(b["global_batch"])
+    end = last_step(run)
+    if end > xs[-1]:
+        xs.append(end)
+        ys.append(ys[-1])
+    return xs, ys
+
+
+def recorded_lr(run: Run) -> tuple[list[int], list[float]]:
+    """The lr the run's step, epoch and batch lines record, in step order. A batch line's lr is the
+    one its decision sets, so at a step a batch line follows the step or epoch line ending there."""
+    records = [(x["step"], x.get("event") == "batch", n, x["lr"])
+               for n, x in enumerate((*run.steps, *run.epochs, *run.batches)) if x.get("lr") is not None]
+    records.sort(key=lambda r: r[:3])
+    return [r[0] for r in records], [r[3] for r in records]
+
+
+def noise_curves(run: Run) -> dict[str, tuple[list[int], list[float]]]:
+    """B_simple (``noise_scale``) and B_crit (``b_crit``) over optimizer steps, as the run's batch
+    decisions measured them (a decision before the first estimate records null: left out)."""
+    out = {}
+    for key in ("noise_scale", "b_crit"):
+        pts = [(b["step"], b[key]) for b in run.batches if b.get(key) is not None]
+        out[key] = ([p[0] for p in pts], [p[1] for p in pts])
     return out
 
 
@@ -240,9 +301,10 @@ def _plain_log_ticks(ax) -> None:
     ax.yaxis.set_minor_formatter(PlainLogFormatter(base=10.0, labelOnlyBase=False))
 
 
-def _legend_outside(fig, ax) -> None:
-    """One legend for the figure, to the right of ``ax`` (the rightmost axes), outside the plots."""
-    handles, labels = ax.get_legend_handles_labels()
+def _legend_outside(fig, ax, entries_from=None) -> None:
+    """One legend for the figure, to the right of ``ax`` (the rightmost axes), outside the plots,
+    listing the lines of ``entries_from`` (default: ``ax``)."""
+    handles, labels = (entries_from or ax).get_legend_handles_labels()
     if handles:
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
                   frameon=False)
@@ -258,6 +320,9 @@ def figures(runs: list[Run]) -> dict:
     noisy = [r for r in runs if any(e.get("noise_scale") is not None for e in r.epochs)]
     if noisy:
         out["noise_scale.png"] = _noise_figure(plt, noisy, legend_in)
+    adaptive = [r for r in runs if r.batches]
+    if adaptive:
+        out["adaptive_batch.png"] = _adaptive_figure(plt, adaptive, legend_in)
     for fig in out.values():
         fig.tight_layout()
     return out
@@ -322,6 +387,48 @@ def _noise_figure(plt, noisy: list[Run], legend_in: float):
     _legend_outside(fig, axes[1])
     fig.suptitle("gradient noise scale")
     return fig
+
+
+def _adaptive_figure(plt, runs: list[Run], legend_in: float):
+    """The global batch (log2 axis, ticked at the batches used), the lr and the noise scales, step
+    by step; a run keeps its colour in the three plots."""
+    fig, axes = plt.subplots(1, 3, figsize=(15 + legend_in, 4.2))
+    batches = set()
+    for r in runs:
+        xs, ys = batch_curve(r)
+        batches.update(ys)
+        (line,) = axes[0].step(xs, ys, where="post", label=r.label)
+        colour = line.get_color()
+        axes[1].plot(*recorded_lr(r), color=colour, label=r.label)
+        curves = noise_curves(r)
+        axes[2].plot(*curves["noise_scale"], color=colour, marker=".", label=r.label)
+        axes[2].plot(*curves["b_crit"], color=colour, marker="x", markersize=4, linestyle="--",
+                     label="_B_crit")  # a label starting with '_' stays out of the legend
+    _batch_axis(axes[0], sorted(batches))
+    axes[1].set_ylabel("learning rate")
+    axes[1].set_title("learning rate")
+    axes[2].set_ylabel("noise scale (images)")
+    axes[2].set_title("B_simple (•, solid) and B_crit (×, dashed)")
+    if any(line.get_ydata().size for line in axes[2].get_lines()):
+        axes[2].set_yscale("log")
+        _plain_log_ticks(axes[2])
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    _legend_outside(fig, axes[2], entries_from=axes[0])
+    fig.suptitle("adaptive global batch")
+    return fig
+
+
+def _batch_axis(ax, batches: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_locator(FixedLocator(batches))
+    ax.yaxis.set_major_formatter(lambda x, pos: _plain_number(x))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylabel("global batch (images)")
+    ax.set_title("global batch")
 
 
 def plot_runs(runs: list[Run], out: str) -> list[str]:

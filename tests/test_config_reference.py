@@ -41,7 +41,7 @@ def test_every_key_is_described_once_with_its_docstring_and_default():
     assert "- `optim.scaling` = `null` (per optimizer: sgd/lars/larc linear, lamb sqrt): How" in joined
     assert "- `schedule.milestones` = `[30, 60, 80]`:" in joined and "- `run.cost_per_node_hour` = `null`:" in joined
     assert re.findall(r"^### `(\w+)`$", text, flags=re.M) == ["run", "data", "model", "train", "optim", "schedule",
-                                                             "comm", "checkpoint", "log"]
+                                                             "comm", "checkpoint", "log", "adaptive"]
 
 
 def test_the_command_rewrites_a_stale_page_and_check_reports_it(tmp_path):

@@ -122,7 +122,7 @@ class Batches(Skips):
         """What decides the batches of the next iteration: the sampler's epoch, start step and phase
         (validation: fixed)."""
         s = self.loader.batch_sampler
-        return (s.epoch, s.start_step, s.plan, s.image_size) if isinstance(s, MicroBatchSampler) else None
+        return (s.epoch, s.first_image(), s.plan, s.image_size) if isinstance(s, MicroBatchSampler) else None
 
     def start(self) -> None:
         """Start the loader processes and the prefetch of the epoch the sampler is set to; returns at

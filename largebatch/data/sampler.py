@@ -61,25 +61,39 @@ class MicroBatchSampler:
 
     Usable as a DataLoader ``batch_sampler``. Micro-batch ``k`` of step ``s`` is item
     ``s * accum_steps + k``; ``start_step`` resumes in the middle of an epoch. ``set_phase``
-    changes the batch plan and image size between epochs (train.phases).
+    changes the batch plan and image size between epochs (train.phases), or in the middle of one
+    (the adaptive batch): ``start_image`` then says where in the epoch's permutation the next global
+    batch starts, and the epoch ends where fewer than a global batch of images are left.
     """
 
     def __init__(self, num_samples: int, plan: BatchPlan, rank: int, seed: int, epoch: int = 0,
                  start_step: int = 0, image_size: Optional[int] = None):
         self.num_samples, self.rank, self.seed = num_samples, rank, seed
         self.set_phase(plan, image_size)
-        self.epoch, self.start_step = epoch, start_step
+        self.epoch, self.start_step, self.start_image = epoch, start_step, None
 
     def set_phase(self, plan: BatchPlan, image_size: Optional[int] = None) -> None:
         if self.num_samples < plan.global_batch:
             raise ValueError(f"{self.num_samples} samples < one global batch of {plan.global_batch}")
         self.plan, self.image_size = plan, image_size
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+    def set_epoch(self, epoch: int, start_step: int = 0, start_image: Optional[int] = None) -> None:
+        """The epoch to sample, from its step ``start_step`` (of the current batch plan), or from its
+        image ``start_image`` of the permutation where given (a batch that changed mid-epoch)."""
+        if start_image is not None and not 0 <= start_image <= self.num_samples:
+            raise ValueError(f"start_image={start_image} is outside the epoch's {self.num_samples} images")
+        self.epoch, self.start_step, self.start_image = epoch, start_step, start_image
+
+    def first_image(self) -> int:
+        """Where in the permutation the next global batch starts."""
+        return self.start_step * self.plan.global_batch if self.start_image is None else self.start_image
+
+    def steps_left(self) -> int:
+        """Global batches left in the epoch from :meth:`first_image` at the current batch plan."""
+        return (self.num_samples - self.first_image()) // self.plan.global_batch
 
     def __len__(self) -> int:
-        return (steps_per_epoch(self.num_samples, self.plan.global_batch) - self.start_step) * self.plan.accum_steps
+        return self.steps_left() * self.plan.accum_steps
 
     def permutation(self) -> torch.Tensor:
         """The current epoch's permutation of the training set (int64, on the CPU)."""
@@ -87,15 +101,14 @@ class MicroBatchSampler:
 
     def slices(self) -> list[tuple[int, int]]:
         """``(start, stop)`` into :meth:`permutation` of each of this worker's micro-batches, for
-        the current epoch, start step and plan, in the order ``__iter__`` yields them: micro-batch
-        ``k`` of step ``s`` is ``s * global_batch + rank * per_worker_batch + k * micro_batch``
-        onwards, ``micro_batch`` long."""
-        p = self.plan
-        steps = steps_per_epoch(self.num_samples, p.global_batch)
+        the current epoch, start and plan, in the order ``__iter__`` yields them: micro-batch ``k``
+        of the ``s``-th step from the start is ``first + s * global_batch + rank * per_worker_batch
+        + k * micro_batch`` onwards, ``micro_batch`` long (``first``: :meth:`first_image`)."""
+        p, first = self.plan, self.first_image()
         return [(lo, lo + p.micro_batch)
-                for s in range(self.start_step, steps)
-                for lo in range(s * p.global_batch + self.rank * p.per_worker_batch,
-                                s * p.global_batch + (self.rank + 1) * p.per_worker_batch, p.micro_batch)]
+                for s in range(self.steps_left())
+                for lo in range(first + s * p.global_batch + self.rank * p.per_worker_batch,
+                                first + s * p.global_batch + (self.rank + 1) * p.per_worker_batch, p.micro_batch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, size, perm, slices = self.epoch, self.image_size, self.permutation(), self.slices()

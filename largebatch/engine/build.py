@@ -19,6 +19,7 @@ from largebatch.data import (cacheable_bytes, device_eval_loader, device_train_l
 from largebatch.data.fingerprint import differing
 from largebatch.distributed import Communicator, Topology, cpu_threads, select_backend, select_device
 from largebatch.distributed.wrap import no_sync
+from largebatch.engine.adaptive import refuse_unsupported
 from largebatch.engine.bucket_tuning import BucketChoice, gradient_mb, tune_bucket_size
 from largebatch.engine.noise import choose_source
 from largebatch.engine.run_plan import RunPlan
@@ -63,7 +64,7 @@ def make_communicator(cfg: Config, topology: Topology, device: torch.device, bac
     return Communicator(topology, backend, device, None if c.bucket_mb == "auto" else c.bucket_mb,
                         timeout_s=c.timeout_s, master_addr=c.master_addr, compression=c.compression,
                         powersgd_rank=c.powersgd_rank, powersgd_start_step=c.powersgd_start_step, shard=c.shard,
-                        param_dtype=param_dtype, noise_scale=cfg.train.noise_scale)
+                        param_dtype=param_dtype, noise_scale=cfg.train.noise_scale or cfg.adaptive.enabled)
 
 
 def check_same_everywhere(cfg: Config, comm: Communicator, fingerprints: Optional[dict] = None) -> None:
@@ -111,6 +112,9 @@ def check_target_metric(cfg: Config, info, data_name: str) -> None:
 
 def noise_source(cfg: Config, plan: RunPlan, workers: int) -> Optional[str]:
     """train.noise_scale: where the two batch sizes come from, or a one-line refusal; None when off."""
+    if cfg.adaptive.enabled:
+        refuse_unsupported(cfg)
+        return "adaptive"
     if not cfg.train.noise_scale:
         return None
     if cfg.comm.shard == "full":

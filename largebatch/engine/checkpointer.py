@@ -53,7 +53,7 @@ class Checkpointer:
 
     def __init__(self, cfg: Config, topology: Topology, comm: Communicator, device: torch.device, model, optimizer,
                  scaler, noise, plan: RunPlan, bucket_choice: Optional[BucketChoice], restored: Optional[dict],
-                 before_save: Callable[[Record], None]):
+                 before_save: Callable[[Record], None], adaptive=None):
         self.cfg, self.topology, self.comm, self.device = cfg, topology, comm, device
         self.model, self.optimizer, self.scaler, self.noise = model, optimizer, scaler, noise
         self.plan, self.bucket_choice, self.restored, self.before_save = plan, bucket_choice, restored, before_save
@@ -61,6 +61,8 @@ class Checkpointer:
         self.at_epoch_end = cfg.checkpoint.at_epoch_end
         """A checkpoint after each epoch's validation."""
         self.folder = checkpoint_dir(cfg.run.dir)
+        self.adaptive = adaptive
+        """adaptive.enabled: the AdaptiveBatch whose state (batch, B_crit, step-time model) is kept."""
 
     def due(self, step: int, epoch_end: bool) -> bool:
         """Whether a checkpoint is due after step ``step`` (``step`` steps done): every
@@ -91,8 +93,8 @@ class Checkpointer:
         self._load_model_and_optimizer(state)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        if self.noise is not None and state.get("noise"):
-            self.noise.load_state_dict(state["noise"])
+        if self.noise is not None and state.get("noise") and (self.adaptive is None or topo.is_main):
+            self.noise.load_state_dict(state["noise"])  # the adaptive batch's: rank 0's alone
         same_world = state["world_size"] == topo.world_size
         set_rng_state(state["rng"][topo.rank if same_world else 0], self.device)
         if same_world:
@@ -122,7 +124,7 @@ class Checkpointer:
         checkpoint's train.epochs gave it (a finished run given more epochs climbs back from its
         decayed lr to near the peak); None where it is the same."""
         saved, epochs = self.restored["config"]["train"]["epochs"], self.cfg.train.epochs
-        if saved == epochs:
+        if saved == epochs or self.adaptive is not None:
             return None
         try:
             before = make_run_plan(from_flat({**flat_config(to_dict(self.cfg)), "train.epochs": saved}),
@@ -174,7 +176,9 @@ class Checkpointer:
                      position=pos.state_dict(), record=record.state_dict(), rng=rngs,
                      loss_parts=[p[0] for p in parts], window_parts=[p[1] for p in parts],
                      window_steps=losses.window_steps, noise=noise, world_size=self.topology.world_size,
-                     global_batch=self.plan.phase_of(pos.epoch).batch.global_batch,
+                     global_batch=(self.plan.phase_of(pos.epoch).batch.global_batch if self.adaptive is None
+                                   else self.adaptive.batch),
+                     adaptive=None if self.adaptive is None else self.adaptive.state_dict(),
                      bucket_mb=None if self.bucket_choice is None else self.bucket_choice.bucket_mb,
                      config=to_dict(cfg), config_hash=config_hash(to_dict(cfg)), version=__version__)
         model = unwrap(self.model)

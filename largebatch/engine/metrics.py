@@ -46,7 +46,10 @@ def _lines_until(path: str, step: int) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 break  # a line cut short by a crash ends what is kept
-            if row.get("event") in ("epoch", "step", "bucket_tuning", "startup") and row.get("step", 0) <= step:
+            event, at = row.get("event"), row.get("step", 0)
+            # the adaptive batch decides at a step boundary after that step's checkpoint: a resumed
+            # run takes the decision at its first step again
+            if (event in ("epoch", "step", "bucket_tuning", "startup") and at <= step) or (event == "batch" and at < step):
                 kept.append(line if line.endswith("\n") else line + "\n")
     return kept
 
@@ -59,7 +62,8 @@ class MetricsLog:
     def __init__(self, path: Optional[str], tensorboard_dir: Optional[str] = None,
                  keep_until_step: Optional[int] = None):
         """``keep_until_step``: a resumed run keeps the epoch, step, bucket_tuning and startup lines up to that
-        step (those after it will be written again) and appends; otherwise the file starts empty."""
+        step and the batch decisions before it (those after will be written again) and appends;
+        otherwise the file starts empty."""
         self._fh = self._tb = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -193,11 +193,14 @@ class Reporter:
         self.progress.end_epoch()
 
     def epoch_line(self, pos: Position, phase: Phase, train_loss: float, result: EvalResult, record: Record,
-                   lr: float, sps: float) -> None:
-        """The epoch's line and metrics (``pos`` at the epoch's last step)."""
+                   lr: float, sps: float, adaptive_batch: Optional[int] = None) -> None:
+        """The epoch's line and metrics (``pos`` at the epoch's last step; ``adaptive_batch``: the
+        adaptive batch in use at its end)."""
         extra = {} if result.top5 is None else {"val_acc_top5": result.top5}
         if self.plan.phased:
             extra.update(global_batch=phase.batch.global_batch, image_size=phase.image_size or self.info.image_size)
+        if adaptive_batch is not None:
+            extra.update(global_batch=adaptive_batch)
         if self.info.reads_files:
             extra["skipped_files"] = record.skipped_files
         if self.noise_values is not None:
@@ -212,7 +215,18 @@ class Reporter:
                    + (f"  top5 {result.top5:.4f}" if result.top5 is not None else "")
                    + ("" if self.noise_values is None else "  noise scale "
                       + ("— (noise swamps the gradient)" if noise_scale is None else f"{noise_scale:,.0f}"))
+                   + ("" if adaptive_batch is None else f"  batch {adaptive_batch}")
                    + f"  lr {lr:.4g}  {sps:,.0f} img/s  {pos.elapsed:.1f}s")
+
+    def batch_decision(self, pos: Position, decision, noise_scale: Optional[float], lr: float) -> None:
+        """The adaptive batch's decision at a step boundary: metrics.jsonl always, a line where it changed."""
+        self.metrics.write("batch", step=pos.step, epoch=pos.epoch + 1, images_in_epoch=pos.images_in_epoch,
+                           global_batch=decision.global_batch, previous=decision.previous, changed=decision.changed,
+                           lr=lr, noise_scale=noise_scale, b_crit=decision.b_crit, reason=decision.reason,
+                           candidates=[c.fields() for c in decision.candidates])
+        if decision.changed:
+            self.print(f"step {pos.step}: global batch {decision.previous} -> {decision.global_batch}, "
+                                f"lr {lr:.4g} ({decision.reason})")
 
     def reached_target(self, epoch: int) -> None:
         self.print(f"target {self.cfg.train.target_metric} {self.cfg.train.target_accuracy} reached at epoch "
@@ -227,14 +241,17 @@ class Reporter:
 
     # -- the end ---------------------------------------------------------------------------------
     def summary(self, result: EvalResult, record: Record, pos: Position, elapsed: float,
-                scaler_used: bool) -> dict:
-        """The run's summary, written as metrics.jsonl's last line."""
+                scaler_used: bool, adaptive: Optional[dict] = None) -> dict:
+        """The run's summary, written as metrics.jsonl's last line (``adaptive``: the adaptive
+        batch's state at the end)."""
         cfg, topo = self.cfg, self.topology
-        bp = self.plan.locate(max(pos.step - 1, 0))[0].batch  # the phase the run ended in
+        batch = self.plan.locate(max(pos.step - 1, 0))[0].batch.global_batch  # the phase the run ended in
+        images = self.plan.images_before(pos.step)
+        if adaptive is not None:
+            batch, images = adaptive["global_batch"], pos.images
         summary = dict(val_acc=result.accuracy, best_val_acc=record.best_acc, time_to_target_s=record.time_to_target,
-                       epoch_to_target=record.epoch_to_target,
-                       samples_per_sec=self.plan.images_before(pos.step) / max(pos.train_time, 1e-9),
-                       elapsed_s=elapsed, world_size=topo.world_size, global_batch=bp.global_batch, steps=pos.step,
+                       epoch_to_target=record.epoch_to_target, samples_per_sec=images / max(pos.train_time, 1e-9),
+                       elapsed_s=elapsed, world_size=topo.world_size, global_batch=batch, steps=pos.step,
                        skipped_steps=pos.skipped_steps, target_accuracy=cfg.train.target_accuracy,
                        target_metric=cfg.train.target_metric, nodes=topo.num_nodes)
         if self.comm.distributed and self.comm.shard != "full":
@@ -247,6 +264,8 @@ class Reporter:
             summary["startup_s"] = self.startup_s
         if self.noise_values is not None:
             summary.update(self.noise_values.fields())
+        if adaptive is not None:
+            summary.update(images=pos.images, batch_decisions=adaptive["decisions"], batch_changes=adaptive["changes"])
         if result.top5 is not None:
             summary.update(val_acc_top5=result.top5, best_val_acc_top5=record.best_top5)
         if self.info.reads_files:

@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from largebatch.batching import BatchPlan, check_trainable_batch, plan, plan_warning
 from largebatch.data.sampler import steps_per_epoch
+from largebatch.engine.adaptive import AdaptivePlan, adaptive_plan
 from largebatch.engine.guards import launcher_rank
 from largebatch.errors import UsageError
 from largebatch.models.sizes import Size, as_size, text as size_text
@@ -67,6 +68,9 @@ class RunPlan:
     """Where the base lr came from and how it was scaled, for the plan's lr line."""
     warnings: tuple = ()
     """One line each about a plan that trains but badly (tiny micro-batches, a warmup as long as the run)."""
+    adaptive: Optional[AdaptivePlan] = None
+    """adaptive.enabled: the batches the run may choose from and their lr; the one phase is then the
+    smallest batch's (its steps per epoch and total steps are upper bounds)."""
 
     @property
     def batch(self) -> BatchPlan:
@@ -103,6 +107,12 @@ class RunPlan:
 
     def lines(self) -> list[str]:
         b, s = self.batch, self.schedule
+        if self.adaptive is not None:
+            return [f"workers (world size)   {b.world_size}", *self.adaptive.lines(),
+                    f"warmup                 {self.adaptive.schedule.warmup_epochs:g} epochs, then {s.decay} decay "
+                    "(functions of the epochs trained, times the current batch's peak)",
+                    f"steps per epoch        at most {self.steps_per_epoch}  ({self.num_train} training images)",
+                    f"total steps            at most {self.total_steps}  ({self.epochs} epochs at the smallest batch)"]
         if not self.phased:
             return [
                 f"workers (world size)   {b.world_size}",
@@ -189,11 +199,16 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
     """The run's plan for ``world_size`` workers and ``num_train`` training images. Its warnings are
     printed to stderr (``largebatch: warning: ...``) where ``announce`` is true; None: only in the
     process the launcher made rank 0 (or that no launcher started), so each appears once."""
+    adaptive = adaptive_plan(cfg, world_size, num_train) if cfg.adaptive.enabled else None
     phases_cfg = cfg.train.phases or [dict(epochs=cfg.train.epochs)]
+    if adaptive is not None:
+        phases_cfg = [dict(epochs=cfg.train.epochs, global_batch=adaptive.min_batch)]
     phases, step, epoch, warnings = [], 0, 0, []
     for i, spec in enumerate(phases_cfg):
         global_batch = spec.get("global_batch") or cfg.train.global_batch
         where = f"train.phases[{i}].global_batch" if spec.get("global_batch") else "train.global_batch"
+        if adaptive is not None:
+            where = "adaptive.min_batch"
         batch = plan(global_batch, world_size, cfg.train.max_micro_batch)
         if num_train < batch.global_batch:
             raise UsageError(f"the training set has {num_train} images, fewer than one global batch "
@@ -222,7 +237,8 @@ def make_run_plan(cfg, world_size: int, num_train: int, *, announce: Optional[bo
     lr_source = f"{o.base_lr:.6g} per {o.base_batch} images: {o.base_lr_source()}, {o.scaling} scaling"
     result = RunPlan(phases=tuple(phases), schedule=schedule, num_train=num_train, epochs=cfg.train.epochs,
                      phased=bool(cfg.train.phases), eval_size=phases[-1].image_size,
-                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings))
+                     max_micro_batch=cfg.train.max_micro_batch, lr_source=lr_source, warnings=tuple(warnings),
+                     adaptive=adaptive)
     result.announce(announce)
     return result
 
@@ -233,6 +249,8 @@ def check_trainable(plan: RunPlan, has_batchnorm: bool) -> None:
     training mode. Call it after building the model, with ``has_batchnorm(model)``."""
     for p in plan.phases:
         check_trainable_batch(p.batch, has_batchnorm, plan.max_micro_batch, p.batch_key)
+    for b in plan.adaptive.batches if plan.adaptive is not None else ():
+        check_trainable_batch(b, has_batchnorm, plan.max_micro_batch, "adaptive.min_batch")
 
 
 def has_batchnorm(model) -> bool:

@@ -14,10 +14,16 @@ import torch
 @dataclass
 class Position:
     """Where the loop is: the next optimizer step to run, as a global count and inside its epoch,
-    and the counts of steps the run skipped (identical on every worker)."""
+    the images trained in the epoch and in the run, and the counts of steps the run skipped
+    (identical on every worker). Checkpoints written before the image counts existed load with
+    them at 0: only the adaptive batch reads them to place the sampler."""
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
+    images_in_epoch: int = 0
+    """Images of the epoch's permutation trained so far (where the next global batch starts)."""
+    images: int = 0
+    """Training images over the whole run."""
     train_time: float = 0.0
     """Seconds spent training (validation and checkpoints left out), over the whole run."""
     elapsed: float = 0.0
@@ -36,7 +42,7 @@ class Position:
         return cls() if state is None else cls(**state["position"])
 
     def next_epoch(self) -> None:
-        self.epoch, self.step_in_epoch, self.skipped_in_epoch = self.epoch + 1, 0, 0
+        self.epoch, self.step_in_epoch, self.skipped_in_epoch, self.images_in_epoch = self.epoch + 1, 0, 0, 0
 
 
 @dataclass

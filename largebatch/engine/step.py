@@ -81,6 +81,9 @@ class Stepper:
         # train.noise_scale: a largebatch.engine.noise.NoiseScale, and where its two batch sizes come
         # from ('workers' or 'micro-batches'); None: nothing is measured and the step does no more.
         self.noise, self.noise_source = noise, noise_source
+        # 'adaptive': rank 0 alone measures |G_b|² of the first micro-batch of the global batch, the
+        # same images on any number of workers (largebatch.engine.adaptive); the others measure nothing.
+        self.measures = noise is not None and (noise_source != "adaptive" or comm.topology.rank == 0)
 
     def __call__(self, batches: Iterator, accum_steps: int, per_worker_batch: int,
                  step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -92,7 +95,7 @@ class Stepper:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         wait = 0.0
         small = None  # train.noise_scale: |G_b|² of the smaller batch, on the device
-        if self.noise is not None and self.noise_source == "workers":
+        if self.noise is not None and getattr(self.comm, "noise_meter", None) is not None:
             self.comm.noise_meter.reset()
         for k in range(accum_steps):
             t0 = time.perf_counter()
@@ -114,20 +117,30 @@ class Stepper:
                     self._backward(scaled, step)
                 else:
                     scaled.backward()
-                    if k == 0 and self.noise is not None and self.noise_source == "micro-batches":
+                    if k == 0 and self.measures and self.noise_source in ("micro-batches", "adaptive"):
                         # the first micro-batch's gradient is G_b / accum_steps (loss / per_worker_batch)
                         small = first_micro_batch_sq_norm([p.grad for p in self.params], accum_steps,
                                                           self._loss_scale())
             total += loss.detach().double()
-        sizes = None
-        if self.noise is not None:
-            if self.noise_source == "workers":
-                small = self.comm.local_sq_norm()
-                if self.scaler is not None:  # the hook saw the scaled gradient
-                    small = small / self._loss_scale().float().square()
-            sizes = batch_sizes(self.noise_source, per_worker_batch * self.comm.topology.world_size,
-                                per_worker_batch, per_worker_batch // accum_steps)
-        return total, self._update(small, sizes), wait
+        return total, self._update(*self._noise_pair(small, accum_steps, per_worker_batch)), wait
+
+    def _noise_pair(self, small: Optional[torch.Tensor], accum_steps: int,
+                    per_worker_batch: int) -> tuple[Optional[torch.Tensor], Optional[tuple[int, int]]]:
+        """(|G_b|², (b, B)) for the noise scale this step, or (None, None) where it measures nothing."""
+        if not self.measures:
+            return None, None
+        world = self.comm.topology.world_size
+        by_hook = self.noise_source == "workers" or (self.noise_source == "adaptive" and accum_steps == 1)
+        if by_hook:
+            if world == 1:  # one worker, one micro-batch: a single batch size, nothing to compare
+                return None, None
+            small = self.comm.local_sq_norm()
+            if self.scaler is not None:  # the hook saw the scaled gradient
+                small = small / self._loss_scale().float().square()
+        source = "workers" if by_hook else self.noise_source
+        if source == "adaptive":  # the first micro-batch against the whole global batch
+            return small, (per_worker_batch // accum_steps, per_worker_batch * world)
+        return small, batch_sizes(source, per_worker_batch * world, per_worker_batch, per_worker_batch // accum_steps)
 
     def _loss_scale(self) -> Optional[torch.Tensor]:
         """fp16's loss scale as a device tensor, or None."""

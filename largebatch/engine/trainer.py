@@ -17,6 +17,7 @@ validation (:mod:`~largebatch.engine.evaluation`), the stop agreement and the no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -27,7 +28,8 @@ import torch
 from largebatch.batching import BatchPlan
 from largebatch.config import Config
 from largebatch.distributed import Topology
-from largebatch.distributed.wrap import build_optimizer, grad_scaler, unwrap, wrap_model
+from largebatch.distributed.wrap import build_optimizer, grad_scaler, no_sync, unwrap, wrap_model
+from largebatch.engine.adaptive import AdaptiveBatch, describe_step_time, measure_step_time, restored_step_time
 from largebatch.engine.build import (check_same_everywhere, check_target_metric, choose_bucket_size, choose_data_path,
                                      compile_rehearsal, image_sizes, make_communicator, make_loaders, missing_dirs,
                                      noise_source, precision, set_up_device, start_reading)
@@ -39,11 +41,13 @@ from largebatch.engine.metrics import tensorboard_writer_class
 from largebatch.engine.noise import NoiseScale
 from largebatch.engine.reporting import Reporter
 from largebatch.engine.run_plan import Phase, RunPlan, check_trainable, has_batchnorm, make_run_plan
-from largebatch.engine.speed import check_compiler, compile_model, wants_channels_last
+from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
 from largebatch.engine.state import Losses, Position, Record, Stopwatch
 from largebatch.engine.step import APPLIED, Ledger, Stepper, StepResult
 from largebatch.errors import UsageError
+from largebatch.models.sizes import sides
 from largebatch.parts import PartsSource, check_model, fingerprints, from_config
+from largebatch.scaling.predict import preset_step_time
 
 
 class Trainer:
@@ -136,9 +140,13 @@ class Trainer:
         self.loader, self.sampler, self.val_loader = make_loaders(cfg, topo, self.plan, self.data_path,
                                                                        self.train_set, self.val_set, self.device)
         noise = NoiseScale(self.device) if self.noise_source else None
+        self.adaptive = None if self.plan.adaptive is None else AdaptiveBatch(
+            self.plan.adaptive, noise, comm.all_reduce_sum, self._step_time(),
+            None if self.restored is None else self.restored.get("adaptive"))
         self.unreadable = UnreadableImages(comm, self.loader, self.val_loader, self.info.reads_files)
         self.checkpointer = Checkpointer(cfg, topo, comm, self.device, self.model, self.optimizer, self.scaler, noise,
-                                         self.plan, self.bucket_choice, self.restored, self.unreadable.gather)
+                                         self.plan, self.bucket_choice, self.restored, self.unreadable.gather,
+                                         self.adaptive)
         if not self.data_path.on_device and cfg.data.num_workers > 0:
             start_reading(self.loader, self.sampler, self.plan, self.checkpointer.start_position())
         self.stepper = Stepper(self.model, self.bare_model, self.optimizer, comm, self.device, self.autocast,
@@ -155,6 +163,23 @@ class Trainer:
                                                      self.autocast, self.memory_format)
         self.built_s = time.perf_counter() - self.started
 
+    def _step_time(self):
+        """adaptive.enabled: the step-time model (a preset's, a resumed run's, or measured now)."""
+        a, plan = self.cfg.adaptive, self.plan.adaptive
+        if a.time_model.startswith("preset:"):
+            return preset_step_time(a.time_model[len("preset:"):], a.preset_workers, plan.micro_batch)
+        restored = restored_step_time(self.restored)
+        if restored is not None:
+            return restored
+        shape = (plan.micro_batch, self.info.channels, *sides(self.plan.phases[0].image_size or self.info.image_size))
+        sync_off = contextlib.nullcontext if self.comm.shard == "full" else lambda: no_sync(self.model)
+
+        def one_pass() -> float:
+            return rehearse(self.model, self.bare_model, sync_off, shape, self.info.num_classes, self.device,
+                            self.autocast, self.memory_format)[0]
+        numel = sum(p.numel() for p in self.bare_model.parameters() if p.requires_grad)
+        return measure_step_time(self.comm, one_pass, numel, plan.micro_batch, self.topology.world_size)
+
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train from where the run stands to its end: its phases, their epochs, their steps."""
@@ -163,6 +188,8 @@ class Trainer:
             return report.finished_run(self.restored, self.validator.validate)
         report.header(f"{self.model_name} on {self.data_name}", self.model, self.data_path.line, self.precise_bn,
                       self.channels_last, self.compile_s, given_weights=self.given_weights)
+        if self.adaptive is not None:
+            report.print(f"  step time              {describe_step_time(self.adaptive.step_time)}")
         pos, record, losses = checkpointer.restore()
         if self.restored is not None:
             report.print(checkpointer.resumed_line(pos))
@@ -173,12 +200,15 @@ class Trainer:
         try:
             while pos.epoch < self.plan.epochs:  # at least one epoch: checkpointer.finished() was false
                 phase, batches = self._start_epoch(pos, phase, losses, clock)
-                while pos.step_in_epoch < phase.steps_per_epoch:
+                while True:
+                    batches = self._decide(pos, phase, batches)
                     bp = self._batch_plan(pos, phase)
-                    step = self.run_step(batches, bp, pos.step, stop)
+                    if not self._room_for(bp, pos, phase):
+                        break
+                    step = self.run_step(batches, bp, pos.step, stop, self._lr(pos))
                     lr = step.lr
                     self._count_step(step, bp, pos, losses)
-                    epoch_end = pos.step_in_epoch == phase.steps_per_epoch
+                    epoch_end = not self._room_for(bp, pos, phase)
                     save = step.stopping or checkpointer.due(pos.step, epoch_end)
                     self.guard.settle(pos, losses, wait=save or epoch_end or report.line_due(pos.step))
                     report.after_step(pos, lr, losses)
@@ -195,11 +225,11 @@ class Trainer:
             stop.uninstall(stopped)
         return self._finish(result, record, pos, clock)
 
-    def run_step(self, batches, bp: BatchPlan, step: int, stop: StopSignal) -> StepResult:
-        """One optimizer step as ``fit`` runs it: the schedule's lr for ``step``, the micro-batches of
-        ``bp`` from ``batches``, the update, and the agreement on stopping; nothing in it waits for
-        the device."""
-        lr = self.plan.schedule(step)
+    def run_step(self, batches, bp: BatchPlan, step: int, stop: StopSignal, lr: Optional[float] = None) -> StepResult:
+        """One optimizer step as ``fit`` runs it: ``lr`` (None: the schedule's for ``step``), the
+        micro-batches of ``bp`` from ``batches``, the update, and the agreement on stopping; nothing
+        in it waits for the device."""
+        lr = self.plan.schedule(step) if lr is None else lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, outcome, wait = self.stepper(batches, bp.accum_steps, bp.per_worker_batch, step)
@@ -212,7 +242,11 @@ class Trainer:
             self.sampler.set_phase(phase.batch, phase.image_size)
             self.reporter.phase_started(phase)
         self.model.train()
-        self.sampler.set_epoch(pos.epoch, pos.step_in_epoch)
+        if self.adaptive is None:
+            self.sampler.set_epoch(pos.epoch, pos.step_in_epoch)
+        else:
+            self.sampler.set_phase(self.adaptive.batch_plan, phase.image_size)
+            self.sampler.set_epoch(pos.epoch, start_image=pos.images_in_epoch)
         batches = iter(self.loader)
         losses.restart_timing()
         self.reporter.start_epoch(pos, phase)
@@ -220,8 +254,34 @@ class Trainer:
         return phase, batches
 
     def _batch_plan(self, pos: Position, phase: Phase) -> BatchPlan:
-        """The batch plan of the step at ``pos``: its phase's."""
-        return phase.batch
+        """The batch plan of the step at ``pos``: its phase's, or the adaptive batch's."""
+        return phase.batch if self.adaptive is None else self.adaptive.batch_plan
+
+    def _lr(self, pos: Position) -> float:
+        """The lr of the step at ``pos``."""
+        if self.adaptive is None:
+            return self.plan.schedule(pos.step)
+        return self.adaptive.lr(pos.epoch, pos.images_in_epoch)
+
+    def _room_for(self, bp: BatchPlan, pos: Position, phase: Phase) -> bool:
+        """Whether the epoch holds another step of ``bp``: its phase's steps per epoch, or, for the
+        adaptive batch, a global batch of the images left in the permutation."""
+        if self.adaptive is None:
+            return pos.step_in_epoch < phase.steps_per_epoch
+        return pos.images_in_epoch + bp.global_batch <= self.info.num_train
+
+    def _decide(self, pos: Position, phase: Phase, batches):
+        """adaptive.enabled, at a decision's step boundary: decide, report, and on a change go on
+        from the same image of the epoch with the new batch. Returns the batches to take from."""
+        if self.adaptive is None or not self.adaptive.due(pos.step):
+            return batches
+        decision, noise_scale = self.adaptive.decide(pos.step)
+        self.reporter.batch_decision(pos, decision, noise_scale, self._lr(pos))
+        if not decision.changed:
+            return batches
+        self.sampler.set_phase(self.adaptive.batch_plan, phase.image_size)
+        self.sampler.set_epoch(pos.epoch, start_image=pos.images_in_epoch)
+        return iter(self.loader)
 
     def _count_step(self, step: StepResult, bp: BatchPlan, pos: Position, losses: Losses) -> None:
         """Fold a step that ran into the run's state; its outcome reaches the host later (the guard)."""
@@ -229,6 +289,8 @@ class Trainer:
         losses.add(step.loss, step.outcome == APPLIED, bp.global_batch, step.data_wait)
         pos.step += 1
         pos.step_in_epoch += 1
+        pos.images_in_epoch += bp.global_batch
+        pos.images += bp.global_batch
         self.reporter.first_step(pos.step, self.started, self.built_s, self.compile_s, self.restored is not None)
 
     def _save(self, pos: Position, record: Record, losses: Losses, clock: Stopwatch) -> None:
@@ -247,7 +309,7 @@ class Trainer:
         self.guard.settle(pos, losses, wait=True)
         clock.pause(pos)
         self.reporter.end_epoch()
-        counted = max(phase.steps_per_epoch - pos.skipped_in_epoch, 1) * self.topology.world_size
+        counted = max(pos.step_in_epoch - pos.skipped_in_epoch, 1) * self.topology.world_size
         train_loss = self.comm.all_reduce_sum(losses.epoch).item() / counted
         result = self.validator.after_epoch(pos.epoch, phase)
         self.unreadable.gather(record)
@@ -256,7 +318,8 @@ class Trainer:
         if self.stepper.noise is not None:  # every worker: one allreduce of three numbers
             self.reporter.noise_values = self.stepper.noise.epoch_values(self.comm.all_reduce_sum)
         sps = losses.epoch_images / max(clock.epoch_time, 1e-9)
-        self.reporter.epoch_line(pos, phase, train_loss, result, record, lr, sps)
+        self.reporter.epoch_line(pos, phase, train_loss, result, record, lr, sps,
+                                 None if self.adaptive is None else self.adaptive.batch)
         pos.next_epoch()
         losses.restart_epoch()
         if self.checkpointer.at_epoch_end:
@@ -266,7 +329,8 @@ class Trainer:
     def _finish(self, result: EvalResult, record: Record, pos: Position, clock: Stopwatch) -> dict:
         """The summary, the final weights and the closing line; every worker leaves together."""
         self.agreement.settle()
-        summary = self.reporter.summary(result, record, pos, clock.elapsed(), self.scaler is not None)
+        summary = self.reporter.summary(result, record, pos, clock.elapsed(), self.scaler is not None,
+                                        None if self.adaptive is None else self.adaptive.state_dict())
         self.checkpointer.save_final(pos)
         self.reporter.closing_line(summary)
         self.comm.barrier()

@@ -31,15 +31,17 @@ which is ``step_time(b) / step_time(p)``.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 from typing import Sequence
 
+from largebatch.errors import UsageError
 from largebatch.footprint import Footprint, even_footprints, footprints
 from largebatch.scaling.costs import allreduce_time, gather_time
 from largebatch.scaling.model import Cluster, ModelSize, StepPrediction, Workload
 from largebatch.scaling.presets import PRESETS, Preset, Variation
 
-__all__ = ["comm_timeline", "shard_timeline", "predict_step", "sweep", "predict_preset", "vary", "TOLERANCE_POINTS",
+__all__ = ["PresetStepTime", "preset_step_time", "comm_timeline", "shard_timeline", "predict_step", "sweep", "predict_preset", "vary", "TOLERANCE_POINTS",
            "validation_rows", "model_footprints"]
 
 TOLERANCE_POINTS = 5.0
@@ -198,3 +200,48 @@ def model_footprints(size: ModelSize, workers: int, optimizer: str,
         return footprints(size.shapes, workers, optimizer, 0.9, accumulation_steps)
     return even_footprints(size.parameters, workers, optimizer, 0.9, accumulation_steps)
 
+
+
+
+@dataclass(frozen=True)
+class PresetStepTime:
+    """Seconds per step of a global batch on the cluster of a preset (the adaptive batch's
+    ``adaptive.time_model=preset:NAME``): each of ``workers`` workers takes ``global batch /
+    workers`` images, as one micro-batch where that is at most ``micro_batch``, else as micro-batches
+    of ``micro_batch`` (the last one's backward pass overlapping the allreduce); compute time scales
+    linearly with the images from the preset's own micro-batch."""
+
+    name: str
+    workers: int
+    micro_batch: int
+
+    @property
+    def source(self) -> str:
+        return f"preset {self.name} at {self.workers} workers"
+
+    def __call__(self, batch: int) -> float:
+        preset = PRESETS[self.name]
+        w = preset.workload
+        per_worker = max(1, math.ceil(batch / self.workers))
+        micro = min(per_worker, self.micro_batch)
+        accum = math.ceil(per_worker / micro)
+        work = replace(w, compute_time=w.compute_time * micro / w.micro_batch, micro_batch=micro,
+                       accumulation_steps=accum)
+        return predict_step(preset.cluster, work, self.workers).step_time
+
+    def state_dict(self) -> dict:
+        return dict(name=self.name, workers=self.workers, micro_batch=self.micro_batch, source=self.source)
+
+
+def preset_step_time(name: str, workers: int | None, micro_batch: int) -> PresetStepTime:
+    """The step-time model of preset ``name`` at ``workers`` workers (None: the preset's own), or a
+    one-line UsageError for an unknown preset or a worker count that does not fill whole nodes."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise UsageError(f"adaptive.time_model=preset:{name} names no preset; use one of "
+                         + ", ".join(f"preset:{p}" for p in PRESETS) + " (python -m largebatch.simulate --validate)")
+    n = workers or preset.workers
+    if not preset.cluster.fits(n):
+        raise UsageError(f"adaptive.preset_workers={n} does not fill whole nodes of preset {name} "
+                         f"({preset.cluster.workers_per_node} per node); use a multiple of it or fewer than one node")
+    return PresetStepTime(name, n, micro_batch)
