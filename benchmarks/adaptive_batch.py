@@ -25,8 +25,10 @@ engine's sampling) trains, from the same initial weights per seed, these arms:
   time; the lr is the smallest batch's best lr scaled linearly to the batch (capped at ``--max-lr``
   as the sweep caps it), or times AdaScale's gain.
 
-Each step's time is that of the simulator's preset cluster (``--preset``, ``--preset-workers``,
-:func:`preset_step_time`), added up per run. Reported per arm, mean ± standard deviation over the
+Each step's time is the one the engine's ``adaptive.time_model=preset:NAME`` decides with
+(:func:`largebatch.scaling.predict.preset_step_time`: the simulator's cluster and workload of
+``--preset`` at ``--preset-workers`` workers, each worker's share of the batch as micro-batches of at
+most ``--micro-batch`` images), added up step by step for every arm. Reported per arm, mean ± standard deviation over the
 seeds: steps, images and simulated seconds to ``--target``, and the validation accuracy after the
 common budget of ``--epochs`` epochs (a run that has not reached the target by then goes on, up to
 ``--max-epochs``).
@@ -67,35 +69,13 @@ import noise_scale as sweep  # noqa: E402  (the sweep's data, model, optimizer, 
 from largebatch.config.schema import OptimConfig, ScheduleConfig  # noqa: E402
 from largebatch.data.sampler import epoch_permutation  # noqa: E402
 from largebatch.engine.noise import NoiseScale, first_micro_batch_sq_norm, squared_norm  # noqa: E402
-from largebatch.goodput import StepTime, adascale_gain, decide, ladder  # noqa: E402
+from largebatch.goodput import adascale_gain, decide, ladder  # noqa: E402
 from largebatch.models import create_model  # noqa: E402
 from largebatch.optim import build_optimizer  # noqa: E402
 from largebatch.optim.schedule import build_progress_schedule, build_schedule  # noqa: E402
-from largebatch.scaling.predict import predict_step  # noqa: E402
-from largebatch.scaling.presets import PRESETS  # noqa: E402
+from largebatch.scaling.predict import preset_step_time  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-# ---------------------------------------------------------------- the step-time model of a preset
-
-def preset_step_time(name: str, workers: Optional[int], micro_batch: int) -> StepTime:
-    """The seconds per step of the simulator's preset ``name`` (its cluster and workload) at
-    ``workers`` workers (None: the preset's own) whose micro-batches hold ``micro_batch`` images:
-    ``per_micro_batch_s`` is the preset's forward+backward time scaled linearly to ``micro_batch``
-    images, ``fixed_s`` the predicted step time at one accumulation step minus that compute (the
-    exposed allreduce and the update), so that ``StepTime(B)`` equals
-    :func:`largebatch.scaling.predict.predict_step` at ``B / (workers x micro_batch)`` accumulation
-    steps wherever that is a whole number."""
-    if name not in PRESETS:
-        raise SystemExit(f"adaptive_batch: unknown preset {name!r}; use one of {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    workers = workers or preset.workers
-    work = replace(preset.workload, micro_batch=micro_batch, accumulation_steps=1,
-                   compute_time=preset.workload.compute_time * micro_batch / preset.workload.micro_batch)
-    pred = predict_step(preset.cluster, work, workers)
-    return StepTime(fixed_s=max(0.0, pred.step_time - work.compute_time), per_micro_batch_s=work.compute_time,
-                    micro_batch=micro_batch, workers=workers, source=f"preset:{name}")
 
 
 # ---------------------------------------------------------------- the sweep's best learning rates
@@ -168,7 +148,8 @@ class AdaptiveArm:
     micro-batch's ``|G_b|²`` and ``B`` = the step's ``|G_B|²`` (none where ``B`` is the micro-batch).
     Every ``every_steps`` steps ``B_crit = crit_factor x noise scale`` and :func:`decide` picks the
     batch with ``step_time``; the epoch goes on from the same image offset. The lr is the
-    :class:`ProgressSchedule` of the epochs trained (images / training set) at the current peak:
+    :class:`ProgressSchedule` of the epochs trained (epochs done + the epoch's offset / training set)
+    at the current peak:
     ``rule`` 'scaling' the lr at ``min_batch`` scaled linearly to the batch and capped at ``max_lr``,
     'adascale' the lr at ``min_batch`` times ``adascale_gain(B, B_crit at the last decision, min_batch)``."""
 
@@ -278,7 +259,7 @@ def train_arm(args, data, arm, seed: int, step_time: Callable[[int], float]) -> 
             if epoch == args.epochs:
                 rec.final_acc = sweep.accuracy(model, xv, yv)
             continue
-        lr = arm.lr(rec.step, rec.images / n)
+        lr = arm.lr(rec.step, epoch + offset / n)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -401,7 +382,7 @@ def engine_overrides(args, arm: str, lr: float, seed: int, run_dir: str) -> list
         phases = [f"{{epochs: {b - a}, global_batch: {first * args.smith_factor ** k}}}"
                   for k, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
         return out + ["optim.scaling=none", f"train.phases=[{', '.join(phases)}]"]
-    return out + ["optim.scaling=linear", f"train.max_micro_batch={args.micro_batch // args.engine_workers}",
+    return out + ["optim.scaling=linear", f"train.max_micro_batch={args.micro_batch}",
                   "adaptive.enabled=true", f"adaptive.min_batch={first}", f"adaptive.max_batch={args.max_batch}",
                   f"adaptive.every_steps={args.every_steps}", f"adaptive.lr={what}", "adaptive.time_model=measured",
                   f"adaptive.crit_factor={args.crit_factor:g}", f"adaptive.min_gain={args.min_gain:g}"]
@@ -546,7 +527,7 @@ def bars(ax, rows: list[tuple[str, list[float]]], label: str) -> None:
 
 # ---------------------------------------------------------------- main
 
-def make_arms(args, lrs: dict[int, float], n: int, step_time: StepTime) -> list:
+def make_arms(args, lrs: dict[int, float], n: int, step_time: Callable[[int], float]) -> list:
     first = lrs[args.min_batch]
     arms = [FixedArm(args, b, lrs[b], n) for b in args.batches]
     arms.append(SmithArm(args, args.min_batch, first))
@@ -563,9 +544,9 @@ def lr_labels(args, lrs: dict[int, float]) -> dict[str, str]:
     return out
 
 
-def step_time_line(st: StepTime, batches: list[int]) -> str:
-    return (f"step time ({st.source}, {st.workers} workers, micro-batches of {st.micro_batch}): "
-            f"{1e3 * st.fixed_s:.2f} ms + {1e3 * st.per_micro_batch_s:.2f} ms per micro-batch per worker; "
+def step_time_line(st, batches: list[int]) -> str:
+    """The seconds per step the cluster model gives each batch of the ladder."""
+    return (f"step time of {st.source}, micro-batches of at most {st.micro_batch} images: "
             + ", ".join(f"T({b}) {1e3 * st(b):.1f} ms" for b in batches))
 
 
@@ -579,7 +560,7 @@ def decisions_line(r: dict) -> str:
         "".join(f" -> {m}" for m in moves) + tail
 
 
-def run_cluster(args, data, lrs: dict[int, float], step_time: StepTime) -> list[dict]:
+def run_cluster(args, data, lrs: dict[int, float], step_time: Callable[[int], float]) -> list[dict]:
     """Part (b): every arm for every seed (runs already in --out/runs.jsonl with the same settings are
     reused with --reuse)."""
     path = os.path.join(args.out, "runs.jsonl")
@@ -708,7 +689,7 @@ def main(argv=None) -> None:
     print(f"\n{time.perf_counter() - t0:.0f}s in all")
 
 
-def report(args, results: list[dict], engine: list[dict], lrs: dict[int, float], step_time: StepTime) -> str:
+def report(args, results: list[dict], engine: list[dict], lrs: dict[int, float], step_time) -> str:
     parts = []
     if results:
         parts += [f"(b) {args.preset} at {step_time.workers} workers, seeds {' '.join(map(str, args.seeds))}: "
