@@ -1,7 +1,8 @@
 """Does the adaptive global batch reach a target accuracy sooner than every fixed batch?
 
-    python benchmarks/adaptive_batch.py --root ../shared/datasets/mnist10k --seeds 0 1 2 --docs docs
-    python benchmarks/adaptive_batch.py --root ../shared/datasets/mnist10k --engine --seeds 0   # 2 CPU workers
+    python benchmarks/adaptive_batch.py --root ../shared/datasets/mnist10k --seeds 0 1 2       # part (b)
+    python benchmarks/adaptive_batch.py --root ../shared/datasets/mnist10k --seeds 0 1 2 --reuse \
+        --engine --engine-batches 32 64 128 --engine-seeds 0 --docs docs                       # + part (a)
 
 The evidence for ``adaptive.enabled`` (issue #23), on the data, model and optimizer of
 ``benchmarks/noise_scale.py``'s sweep (MNIST digits at 14x14, the ``cnn`` of width 16 without
@@ -412,20 +413,29 @@ def run_engine(args, arm: str, lr: float, seed: int) -> dict:
              [args.min_batch * args.smith_factor ** sum(e >= m for m in args.smith_milestones)
               for e in range(args.engine_epochs)] if kind == "smith" else None)
     return dict(arm=arm, seed=seed, wall_s=wall, summary=summary, events=other, epoch_batches=known,
+                first_batch=args.min_batch,
                 epochs=[x for x in lines if x.get("event") == "epoch"])
 
 
-def engine_images(row: dict) -> Optional[float]:
-    """Images trained up to the epoch of the target: an epoch line's ``images`` where the engine
-    writes it, else the steps of each epoch times the batch the arm's epochs are known to have."""
+def engine_images(row: dict, first_batch: int) -> Optional[float]:
+    """Images trained up to the end of the epoch of the target (or of the run): the steps of each
+    epoch times the batch the arm's epochs have, or, for an adaptive run, each step's batch from its
+    batch decisions (a decision after step k sets the batch from step k + 1 on)."""
     epochs = row["epochs"][:row["summary"].get("epoch_to_target") or len(row["epochs"])]
-    if epochs and all("images" in e for e in epochs):
-        return float(epochs[-1]["images"])
-    batches = row.get("epoch_batches")
-    if not batches:
+    if not epochs:
         return None
-    steps = [e["step"] for e in epochs]
-    return float(sum((b - a) * batches[k] for k, (a, b) in enumerate(zip([0] + steps, steps))))
+    last = epochs[-1]["step"]
+    if row.get("epoch_batches"):
+        steps = [e["step"] for e in epochs]
+        return float(sum((b - a) * row["epoch_batches"][k] for k, (a, b) in enumerate(zip([0] + steps, steps))))
+    changes = sorted((e["step"], e["global_batch"]) for e in row["events"] if e.get("event") == "batch")
+    total, batch, at = 0, first_batch, 0
+    for step, new in changes + [(last, None)]:
+        total += (min(step, last) - at) * batch
+        at, batch = min(step, last), new
+        if at >= last:
+            break
+    return float(total)
 
 
 def engine_table(results: list[dict]) -> str:
@@ -434,7 +444,7 @@ def engine_table(results: list[dict]) -> str:
     for name, rows in by_arm(results).items():
         s = [r["summary"] for r in rows]
         hit = [x for x in s if x.get("time_to_target_s") is not None]
-        images = [engine_images(r) for r in rows]
+        images = [engine_images(r, r["first_batch"]) for r in rows]
         lines.append(f"| {name} | {len(hit)}/{len(rows)} | {mean_sd([x['epoch_to_target'] for x in hit], '{:.1f}')} | "
                      f"{mean_sd(images)} | {mean_sd([x['time_to_target_s'] for x in hit], '{:.1f}')} | "
                      f"{mean_sd([r['wall_s'] for r in rows], '{:.1f}')} | "
@@ -442,8 +452,9 @@ def engine_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def engine_goals(results: list[dict]) -> list[str]:
-    """On 2 CPU workers the adaptive run must reach the target in at most 1.1x the best fixed batch's time."""
+def engine_goals(results: list[dict], workers: int = 2) -> list[str]:
+    """On ``workers`` CPU workers the adaptive run must reach the target in at most 1.1x the best fixed
+    batch's time (time_to_target_s, means over the seeds)."""
     arms = {name: [r["summary"] for r in rows] for name, rows in by_arm(results).items()}
     full = {name: s for name, s in arms.items() if name.startswith("fixed")
             and all(x.get("time_to_target_s") is not None for x in s)}
@@ -451,7 +462,7 @@ def engine_goals(results: list[dict]) -> list[str]:
         return ["no fixed batch reached the target in every seed: nothing to compare with"]
     best = min(full, key=lambda name: statistics.mean(x["time_to_target_s"] for x in full[name]))
     t = statistics.mean(x["time_to_target_s"] for x in full[best])
-    out = [f"best fixed batch on {2} CPU workers: {best} ({t:.1f} s to the target)"]
+    out = [f"best fixed batch on {workers} CPU workers: {best} ({t:.1f} s to the target)"]
     for name, s in arms.items():
         if not name.startswith("adaptive"):
             continue
@@ -467,9 +478,9 @@ def engine_goals(results: list[dict]) -> list[str]:
 # ---------------------------------------------------------------- the plot
 
 def plot(results: list[dict], engine: list[dict], path: str) -> bool:
-    """Left: the adaptive runs' global batch and B_crit over the steps (seed of the first result);
-    middle: their lr; right: the simulated seconds to the target of every arm (mean, sd bars), and
-    the engine's time_to_target_s on 2 CPU workers where part (a) ran."""
+    """Top: the adaptive runs' global batch and B_crit over the steps (seed of the first result), and
+    their lr; bottom: the simulated seconds to the target of every arm (mean, sd bars), and the
+    engine's time_to_target_s on 2 CPU workers where part (a) ran."""
     try:
         import matplotlib
 
@@ -477,8 +488,8 @@ def plot(results: list[dict], engine: list[dict], path: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = 4 if engine else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4))
+    fig, grid = plt.subplots(2, 2, figsize=(12, 8.6))
+    axes = grid.flatten()
     seed = results[0]["seed"]
     colors = {"adaptive scaling": "tab:blue", "adaptive adascale": "tab:orange"}
     for r in (r for r in results if r["kind"] == "adaptive" and r["seed"] == seed):
@@ -504,6 +515,8 @@ def plot(results: list[dict], engine: list[dict], path: str) -> bool:
         bars(axes[3], [(name, [r["summary"].get("time_to_target_s") for r in rows
                                if r["summary"].get("time_to_target_s") is not None])
                        for name, rows in by_arm(engine).items()], "seconds to the target, 2 CPU workers (engine)")
+    else:
+        axes[3].set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -592,20 +605,24 @@ SETTINGS = ("root", "image_size", "width", "target", "base_lr", "base_batch", "m
 
 
 def run_engine_part(args, lrs: dict[int, float]) -> list[dict]:
-    """Part (a): the engine on ``--engine-workers`` CPU workers, every arm for every ``--engine-seeds``."""
+    """Part (a): the engine on ``--engine-workers`` CPU workers, every arm for every ``--engine-seeds``
+    (with --reuse, the runs already in --out/engine.json are not run again)."""
     arms = [f"fixed {b}" for b in args.engine_batches] + ["smith"] + [f"adaptive {r}" for r in args.rules]
-    out = []
+    path, done, out = os.path.join(args.out, "engine.json"), {}, []
+    if args.reuse and os.path.isfile(path):
+        with open(path) as fh:
+            done = {(r["arm"], r["seed"]): r for r in json.load(fh)}
     for seed in args.engine_seeds:
         for arm in arms:
             if args.arms and arm not in args.arms and not (arm == "smith" and f"smith x{args.smith_factor}" in args.arms):
                 continue
             lr = lrs[int(arm.split()[1])] if arm.startswith("fixed") else lrs[args.min_batch]
-            r = run_engine(args, arm, lr, seed)
+            r = done.get((arm, seed)) or run_engine(args, arm, lr, seed)
             s = r["summary"]
             print(f"engine seed {seed} {arm:<18} time_to_target_s {s.get('time_to_target_s')} "
                   f"(epoch {s.get('epoch_to_target')}), wall {r['wall_s']:.0f}s", flush=True)
             out.append(r)
-            with open(os.path.join(args.out, "engine.json"), "w") as fh:
+            with open(path, "w") as fh:
                 json.dump(out, fh, indent=1)
     return out
 
@@ -700,7 +717,7 @@ def report(args, results: list[dict], engine: list[dict], lrs: dict[int, float],
     if engine:
         parts += [f"(a) the engine on {args.engine_workers} CPU workers (gloo, one thread each), seeds "
                   f"{' '.join(map(str, args.engine_seeds))}: stopped at the first epoch end at the target",
-                  engine_table(engine), "\n".join(engine_goals(engine))]
+                  engine_table(engine), "\n".join(engine_goals(engine, args.engine_workers))]
     return "\n\n".join(parts)
 
 

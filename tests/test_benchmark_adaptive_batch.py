@@ -124,3 +124,24 @@ def test_the_goals_compare_with_the_fastest_fixed_batch_that_always_reached_the_
     table = bench.cluster_table(results, {r["arm"]: "x" for r in results}, bench.parse_args(["--root", "x"]))
     assert "| fixed 128 | x | 1/2 (not reached in 8 epochs) | 312 | 20,000 | 5.00 | 93.00 ± 4.24 |" in table
     assert "| fixed 64 | x | 2/2 | 203 ± 0 | 13,000 ± 0 | 6.50 ± 0.71 | 96.80 ± 0.00 |" in table
+
+
+def engine_row(arm, seed, time_to_target, epoch_to_target, epochs, events=(), epoch_batches=None):
+    """An engine run as run_engine returns it: epoch lines at the given cumulative steps."""
+    summary = dict(time_to_target_s=time_to_target, epoch_to_target=epoch_to_target, val_acc=0.96)
+    return dict(arm=arm, seed=seed, wall_s=30.0, summary=summary, events=list(events), epoch_batches=epoch_batches,
+                first_batch=32, epochs=[dict(event="epoch", epoch=k + 1, step=s) for k, s in enumerate(epochs)])
+
+
+def test_engine_images_follow_the_epochs_batches_or_the_adaptive_runs_decisions(bench):
+    fixed = engine_row("fixed 64", 0, 10.0, 2, [125, 250, 375], epoch_batches=[64] * 3)
+    assert bench.engine_images(fixed, 32) == 250 * 64
+    smith = engine_row("smith", 0, 9.0, 2, [250, 312], epoch_batches=[32, 128])
+    assert bench.engine_images(smith, 32) == 250 * 32 + 62 * 128
+    decisions = [dict(event="batch", step=20, global_batch=64), dict(event="batch", step=40, global_batch=64),
+                 dict(event="batch", step=60, global_batch=128), dict(event="batch", step=200, global_batch=256)]
+    adaptive = engine_row("adaptive scaling", 0, 8.0, 1, [100, 150], events=decisions)
+    assert bench.engine_images(adaptive, 32) == 20 * 32 + 40 * 64 + 40 * 128
+    lines = bench.engine_goals([fixed, smith, adaptive, engine_row("fixed 32", 0, 7.5, 2, [250, 500], epoch_batches=[32] * 2)])
+    assert lines == ["best fixed batch on 2 CPU workers: fixed 32 (7.5 s to the target)",
+                     "adaptive scaling: 8.0 s = 1.07x the best fixed (goal <= 1.10): met"]
