@@ -30,6 +30,7 @@ the current peak.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from largebatch.batching import BatchPlan, plan
+from largebatch.engine.checkpoint import rng_state, set_rng_state
 from largebatch.errors import UsageError
 from largebatch.goodput import Decision, StepTime, adascale_gain, decide, ladder
 from largebatch.optim.schedule import ProgressSchedule, build_progress_schedule, scaled_lr
@@ -45,8 +47,8 @@ from largebatch.scaling.predict import preset_step_time
 
 DEFAULT_SPAN = 32
 """adaptive.max_batch left out: at most this many times adaptive.min_batch."""
-TIMED_PASSES = 3
-"""time_model=measured: timed micro-batches and allreduces (after one untimed of each)."""
+MIN_TIMED_PASSES, MAX_TIMED_PASSES, MIN_TIMED_S = 5, 50, 0.5
+"""time_model=measured: timed steps at each of two accumulations, at least 5 of each and 0.5 s in all."""
 
 
 @dataclass(frozen=True)
@@ -227,26 +229,59 @@ def restored_step_time(state: Optional[dict]) -> Optional[StepTime]:
     return StepTime(**saved) if saved.get("source") == "measured" else None
 
 
-def measure_step_time(comm, time_micro_batch: Callable[[], float], gradient_numel: int, micro_batch: int,
+def measure_step_time(comm, time_step: Callable[[int], float], accum_steps: int, micro_batch: int,
                       workers: int) -> StepTime:
-    """time_model=measured, every worker: the median of TIMED_PASSES micro-batch passes
-    (``time_micro_batch`` returns the seconds of one) and as many allreduces of a gradient-sized
-    tensor (several workers), after one untimed of each; the workers agree on the slowest's."""
-    passes = [time_micro_batch() for _ in range(TIMED_PASSES + 1)][1:]
-    sync = []
-    if workers > 1:
-        buffer = torch.zeros(gradient_numel, device=comm.device)
-        for _ in range(TIMED_PASSES + 1):
-            t0 = time.perf_counter()
-            comm.all_reduce_sum(buffer)
-            if comm.device.type == "cuda":
-                torch.cuda.synchronize(comm.device)
-            sync.append(time.perf_counter() - t0)
-        sync = sync[1:]
-    mine = (statistics.median(sync) if sync else 0.0, statistics.median(passes))
+    """time_model=measured, every worker: whole optimizer steps (``time_step(accum)``: that many
+    micro-batches, the allreduce, the non-finite check and the update, on synthetic images) at the
+    smallest batch's ``accum_steps`` and at twice as many, in turn, one untimed first, at least
+    MIN_TIMED_PASSES of each and until MIN_TIMED_S have passed (at most MAX_TIMED_PASSES); the
+    fastest of each, which the machine's other work cannot make faster. Their difference is the cost
+    of ``accum_steps`` micro-batches, the rest what a step costs besides. Every worker runs as many
+    passes (the count is agreed), and all take the slowest worker's figures."""
+    time_step(accum_steps)
+    one, two, spent = [], [], 0.0
+    while True:
+        one.append(time_step(accum_steps))
+        two.append(time_step(2 * accum_steps))
+        spent += one[-1] + two[-1]
+        go_on = len(one) < MIN_TIMED_PASSES or (spent < MIN_TIMED_S and len(one) < MAX_TIMED_PASSES)
+        if not any(comm.all_gather_object(go_on)):
+            break
+    per_micro = max((min(two) - min(one)) / accum_steps, min(one) / accum_steps * 0.01)  # noise cannot make it <= 0
+    mine = (max(min(one) - accum_steps * per_micro, 0.0), per_micro)
     seen = comm.all_gather_object(mine)
-    return StepTime(fixed_s=max(s[0] for s in seen), per_micro_batch_s=max(max(s[1] for s in seen), 1e-9),
+    return StepTime(fixed_s=max(s[0] for s in seen), per_micro_batch_s=max(s[1] for s in seen),
                     micro_batch=micro_batch, workers=workers, source="measured")
+
+
+def time_one_step(stepper, bare_model, optimizer, scaler, shape: tuple, num_classes: int,
+                  accum_steps: int) -> float:
+    """Seconds of one real optimizer step of ``accum_steps`` micro-batches of synthetic images of
+    ``shape`` (every worker together: it runs the allreduce); the weights, the optimizer's and the
+    scaler's state and the random state are put back afterwards, and the noise scale is not fed."""
+    device = stepper.device
+    weights = {k: v.detach().clone() for k, v in bare_model.state_dict().items()}
+    inner = getattr(optimizer, "optim", optimizer)  # ZeRO-1 keeps this worker's share in .optim
+    state = copy.deepcopy(inner.state_dict())
+    scaler_state = None if scaler is None else copy.deepcopy(scaler.state_dict())
+    rng, measures = rng_state(device), stepper.measures
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(shape, generator=g), torch.randint(0, num_classes, (shape[0],), generator=g)
+    batches = iter([(x, y)] * accum_steps)
+    stepper.measures = False
+    try:
+        t0 = time.perf_counter()
+        stepper(batches, accum_steps, accum_steps * shape[0], -1)  # step -1: no fault injection targets it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    finally:
+        stepper.measures = measures
+        bare_model.load_state_dict(weights)
+        inner.load_state_dict(state)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_state)
+        set_rng_state(rng, device)
 
 
 def describe_step_time(step_time) -> str:
@@ -254,5 +289,5 @@ def describe_step_time(step_time) -> str:
     if isinstance(step_time, StepTime):
         return (f"{step_time.fixed_s * 1e3:.3g} ms + {step_time.per_micro_batch_s * 1e3:.3g} ms per micro-batch of "
                 f"{step_time.micro_batch} on each of {step_time.workers} worker(s) ({step_time.source} before the "
-                "first step, kept for the run)")
+                "first step from whole steps at two accumulations; kept for the run)")
     return f"the simulator's {step_time.source}"

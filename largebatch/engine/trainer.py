@@ -17,7 +17,6 @@ validation (:mod:`~largebatch.engine.evaluation`), the stop agreement and the no
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -28,8 +27,9 @@ import torch
 from largebatch.batching import BatchPlan
 from largebatch.config import Config
 from largebatch.distributed import Topology
-from largebatch.distributed.wrap import build_optimizer, grad_scaler, no_sync, unwrap, wrap_model
-from largebatch.engine.adaptive import AdaptiveBatch, describe_step_time, measure_step_time, restored_step_time
+from largebatch.distributed.wrap import build_optimizer, grad_scaler, unwrap, wrap_model
+from largebatch.engine.adaptive import (AdaptiveBatch, describe_step_time, measure_step_time, restored_step_time,
+                                        time_one_step)
 from largebatch.engine.build import (check_same_everywhere, check_target_metric, choose_bucket_size, choose_data_path,
                                      compile_rehearsal, image_sizes, make_communicator, make_loaders, missing_dirs,
                                      noise_source, precision, set_up_device, start_reading)
@@ -41,7 +41,7 @@ from largebatch.engine.metrics import tensorboard_writer_class
 from largebatch.engine.noise import NoiseScale
 from largebatch.engine.reporting import Reporter
 from largebatch.engine.run_plan import Phase, RunPlan, check_trainable, has_batchnorm, make_run_plan
-from largebatch.engine.speed import check_compiler, compile_model, rehearse, wants_channels_last
+from largebatch.engine.speed import check_compiler, compile_model, wants_channels_last
 from largebatch.engine.state import Losses, Position, Record, Stopwatch
 from largebatch.engine.step import APPLIED, Ledger, Stepper, StepResult
 from largebatch.errors import UsageError
@@ -140,6 +140,10 @@ class Trainer:
         self.loader, self.sampler, self.val_loader = make_loaders(cfg, topo, self.plan, self.data_path,
                                                                        self.train_set, self.val_set, self.device)
         noise = NoiseScale(self.device) if self.noise_source else None
+        self.stepper = Stepper(self.model, self.bare_model, self.optimizer, comm, self.device, self.autocast,
+                               self.scaler, self.faults, cfg.train.label_smoothing, self.channels_last,
+                               on_allreduce_error=functools.partial(name_missing_workers, comm, cfg.comm.timeout_s),
+                               noise=noise, noise_source=self.noise_source)
         self.adaptive = None if self.plan.adaptive is None else AdaptiveBatch(
             self.plan.adaptive, noise, comm.all_reduce_sum, self._step_time(),
             None if self.restored is None else self.restored.get("adaptive"))
@@ -149,10 +153,6 @@ class Trainer:
                                          self.adaptive)
         if not self.data_path.on_device and cfg.data.num_workers > 0:
             start_reading(self.loader, self.sampler, self.plan, self.checkpointer.start_position())
-        self.stepper = Stepper(self.model, self.bare_model, self.optimizer, comm, self.device, self.autocast,
-                               self.scaler, self.faults, cfg.train.label_smoothing, self.channels_last,
-                               on_allreduce_error=functools.partial(name_missing_workers, comm, cfg.comm.timeout_s),
-                               noise=noise, noise_source=self.noise_source)
         self.agreement = StopAgreement(comm, self.loader)
         self.guard = NonFiniteGuard(Ledger(self.device, lag=self.ledger_lag), cfg.train, cfg.run.dir, topo.is_main)
         self.validator = Validator(self.model, comm, self.device, self.val_loader, self.loader, self.sampler, self.plan,
@@ -172,13 +172,10 @@ class Trainer:
         if restored is not None:
             return restored
         shape = (plan.micro_batch, self.info.channels, *sides(self.plan.phases[0].image_size or self.info.image_size))
-        sync_off = contextlib.nullcontext if self.comm.shard == "full" else lambda: no_sync(self.model)
-
-        def one_pass() -> float:
-            return rehearse(self.model, self.bare_model, sync_off, shape, self.info.num_classes, self.device,
-                            self.autocast, self.memory_format)[0]
-        numel = sum(p.numel() for p in self.bare_model.parameters() if p.requires_grad)
-        return measure_step_time(self.comm, one_pass, numel, plan.micro_batch, self.topology.world_size)
+        time_step = functools.partial(time_one_step, self.stepper, self.bare_model, self.optimizer, self.scaler, shape,
+                                      self.info.num_classes)
+        return measure_step_time(self.comm, time_step, plan.batches[0].accum_steps, plan.micro_batch,
+                                 self.topology.world_size)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
