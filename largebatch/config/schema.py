@@ -551,11 +551,13 @@ class AdaptiveConfig:
     every_steps: int = 20
     """Optimizer steps between two decisions (one allreduce of three numbers, read on the host);
     the first decision comes after this many steps at min_batch."""
-    lr: str = "scaling"
-    """How the learning rate follows the batch: 'scaling' (optim.scaling applied to the current
-    batch: linear for sgd/lars, sqrt for lamb) or 'adascale' (the lr at min_batch times AdaScale's
-    gain (B/min_batch) x efficiency, Johnson et al. 2020). Warmup and decay are functions of the
-    epochs trained (images / training set), whatever the batch, and multiply the current batch's peak."""
+    lr: str = "adascale"
+    """How the learning rate follows the batch: 'adascale' (the lr at min_batch times AdaScale's gain
+    (B/min_batch) x efficiency, Johnson et al. 2020: in proportion to the batch while the noise
+    dominates, flat once the batch is past B_crit) or 'scaling' (optim.scaling applied to the current
+    batch: linear for sgd/lars, sqrt for lamb; no cap: tune optim.base_lr for the larger batches).
+    Warmup and decay are functions of the epochs trained (images / training set), whatever the
+    batch, and multiply the current batch's peak."""
     time_model: str = "measured"
     """Seconds per step of each candidate: 'measured' (before the first step, a few timed
     micro-batches and gradient allreduces on this run's workers, agreed by all of them and kept in
