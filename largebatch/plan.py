@@ -56,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     from largebatch.engine import make_run_plan
+    from largebatch.engine.adaptive import refuse_unsupported
     from largebatch.engine.run_plan import check_trainable, has_batchnorm
 
     data = plan_data(cfg, args.num_classes)
+    refuse_unsupported(cfg)  # what the adaptive batch cannot measure under, as training refuses it
     run_plan = make_run_plan(cfg, args.world_size, data.num_train, announce=False)
     size = _model_size(cfg, run_plan, data)
     try:

@@ -30,11 +30,17 @@ def config_hash(cfg_dict: dict) -> str:
     return hashlib.sha256(json.dumps(flat_config(cfg_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+ADAPTIVE_FIXED = frozenset({"train.max_micro_batch"})
+"""Safe keys that a run with adaptive.enabled may not change: the micro-batch is the noise scale's
+small batch and splits every candidate batch."""
+
+
 def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for the keys that differ, other than the safe ones."""
     a, b = flat_config(saved), flat_config(current)
+    safe = SAFE_TO_CHANGE - ADAPTIVE_FIXED if a.get("adaptive.enabled") or b.get("adaptive.enabled") else SAFE_TO_CHANGE
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in SAFE_TO_CHANGE and a.get(k) != b.get(k)]
+            if k not in safe and a.get(k) != b.get(k)]
 
 
 PUBLISHED_MODELS = ("resnet9", "resnet18", "resnet50", "alexnet_bn")

@@ -559,11 +559,12 @@ class AdaptiveConfig:
     Warmup and decay are functions of the epochs trained (images / training set), whatever the
     batch, and multiply the current batch's peak."""
     time_model: str = "measured"
-    """Seconds per step of each candidate: 'measured' (before the first step, a few timed
-    micro-batches and gradient allreduces on this run's workers, agreed by all of them and kept in
-    checkpoints, so a resumed run decides the same), or 'preset:NAME' (the simulator's cluster and
-    workload NAME of python -m largebatch.simulate --validate, at preset_workers workers: decisions
-    for that cluster, the same on any machine)."""
+    """Seconds per step of each candidate: 'measured' (before the first step, whole optimizer steps
+    on synthetic images at the smallest batch's accumulation steps and at twice as many, timed on
+    this run's workers, the state put back after; agreed by all workers and kept in checkpoints, so
+    a resumed run decides the same; it differs between machines and world sizes), or 'preset:NAME'
+    (the simulator's cluster and workload NAME of python -m largebatch.simulate --validate, at
+    preset_workers workers: decisions for that cluster, the same on any machine and world size)."""
     preset_workers: Optional[int] = None
     """time_model=preset:NAME: the workers of the modelled cluster; null: the preset's own."""
     crit_factor: float = 1.0

@@ -30,6 +30,7 @@ the current peak.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -153,8 +154,9 @@ def adaptive_plan(cfg, world_size: int, num_train: int) -> AdaptivePlan:
     elif high > num_train:
         raise UsageError(f"adaptive.max_batch={high} is more than the training set's {num_train} images; lower it")
     if high < 2 * low:
-        raise UsageError(f"adaptive.min_batch={low} and adaptive.max_batch={high} leave one batch to choose from; "
-                         f"set adaptive.max_batch to at least {2 * low}")
+        fix = (f"set adaptive.max_batch to at least {2 * low}" if 2 * low <= num_train else
+               f"lower {key} to at most {num_train // 2 // unit * unit} (the training set holds {num_train} images)")
+        raise UsageError(f"{key}={low} and adaptive.max_batch={high} leave one batch to choose from; {fix}")
     sizes = ladder(low, high)
     if a.time_model.startswith("preset:"):  # a name or a worker count the simulator does not take: one line
         preset_step_time(a.time_model[len("preset:"):], a.preset_workers, b0)
@@ -223,21 +225,22 @@ class AdaptiveBatch:
                     decisions=self.decisions, changes=self.changes, step_time=self.step_time.state_dict())
 
 
-def restored_step_time(state: Optional[dict]) -> Optional[StepTime]:
-    """The measured step-time model a checkpoint's adaptive state holds, if any."""
+def restored_step_time(state: Optional[dict], workers: int) -> Optional[StepTime]:
+    """The measured step-time model a checkpoint's adaptive state holds, if it was measured on as
+    many workers (a run resumed on another world size measures its own)."""
     saved = ((state or {}).get("adaptive") or {}).get("step_time") or {}
-    return StepTime(**saved) if saved.get("source") == "measured" else None
+    return StepTime(**saved) if saved.get("source") == "measured" and saved.get("workers") == workers else None
 
 
 def measure_step_time(comm, time_step: Callable[[int], float], accum_steps: int, micro_batch: int,
                       workers: int) -> StepTime:
     """time_model=measured, every worker: whole optimizer steps (``time_step(accum)``: that many
-    micro-batches, the allreduce, the non-finite check and the update, on synthetic images) at the
-    smallest batch's ``accum_steps`` and at twice as many, in turn, one untimed first, at least
-    MIN_TIMED_PASSES of each and until MIN_TIMED_S have passed (at most MAX_TIMED_PASSES); the
-    fastest of each, which the machine's other work cannot make faster. Their difference is the cost
-    of ``accum_steps`` micro-batches, the rest what a step costs besides. Every worker runs as many
-    passes (the count is agreed), and all take the slowest worker's figures."""
+    micro-batches, the allreduce, the non-finite check and the update) at the smallest batch's
+    ``accum_steps`` and at twice as many, in turn, one untimed first, at least MIN_TIMED_PASSES of
+    each and until MIN_TIMED_S have passed (at most MAX_TIMED_PASSES); the fastest of each, which the
+    machine's other work cannot make faster. Their difference is the cost of ``accum_steps``
+    micro-batches, the rest what a step costs besides. Every worker runs as many passes (the count
+    is agreed), and all take the slowest worker's figures."""
     time_step(accum_steps)
     one, two, spent = [], [], 0.0
     while True:
@@ -254,27 +257,19 @@ def measure_step_time(comm, time_step: Callable[[int], float], accum_steps: int,
                     micro_batch=micro_batch, workers=workers, source="measured")
 
 
-def time_one_step(stepper, bare_model, optimizer, scaler, shape: tuple, num_classes: int,
-                  accum_steps: int) -> float:
-    """Seconds of one real optimizer step of ``accum_steps`` micro-batches of synthetic images of
-    ``shape`` (every worker together: it runs the allreduce); the weights, the optimizer's and the
-    scaler's state and the random state are put back afterwards, and the noise scale is not fed."""
+@contextlib.contextmanager
+def state_kept(stepper, bare_model, optimizer, scaler):
+    """Steps run inside leave no trace: the weights and buffers, the optimizer's and the scaler's
+    state and the random state are put back on leaving, and the noise scale is not fed."""
     device = stepper.device
     weights = {k: v.detach().clone() for k, v in bare_model.state_dict().items()}
     inner = getattr(optimizer, "optim", optimizer)  # ZeRO-1 keeps this worker's share in .optim
     state = copy.deepcopy(inner.state_dict())
     scaler_state = None if scaler is None else copy.deepcopy(scaler.state_dict())
     rng, measures = rng_state(device), stepper.measures
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(shape, generator=g), torch.randint(0, num_classes, (shape[0],), generator=g)
-    batches = iter([(x, y)] * accum_steps)
     stepper.measures = False
     try:
-        t0 = time.perf_counter()
-        stepper(batches, accum_steps, accum_steps * shape[0], -1)  # step -1: no fault injection targets it
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
+        yield
     finally:
         stepper.measures = measures
         bare_model.load_state_dict(weights)
@@ -282,6 +277,26 @@ def time_one_step(stepper, bare_model, optimizer, scaler, shape: tuple, num_clas
         if scaler is not None:
             scaler.load_state_dict(scaler_state)
         set_rng_state(rng, device)
+
+
+def step_timer(stepper, shape: tuple, num_classes: int) -> Callable[[int], float]:
+    """``time_step(accum)``: the seconds of one real optimizer step of ``accum`` micro-batches of
+    synthetic images of ``shape``, already on the device (every worker together: it runs the
+    allreduce). Use it inside :func:`state_kept`."""
+    device = stepper.device
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device)
+    y = torch.randint(0, num_classes, (shape[0],), generator=g).to(device)
+
+    def time_step(accum: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        stepper(iter([(x, y)] * accum), accum, accum * shape[0], -1)  # step -1: no fault injection targets it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+    return time_step
 
 
 def describe_step_time(step_time) -> str:

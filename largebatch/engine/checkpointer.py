@@ -112,11 +112,11 @@ class Checkpointer:
         state, topo = self.restored, self.topology
         same_world = state["world_size"] == topo.world_size
         where = f"epoch {pos.epoch + 1}, step {pos.step}"  # a finished run never gets here (finished())
-        bp = self.plan.phase_of(pos.epoch).batch
+        batch = self.plan.phase_of(pos.epoch).batch.global_batch if self.adaptive is None else self.adaptive.batch
         line = (f"resuming from {state.get('path', 'checkpoint')} at {where}"
                 + ("" if same_world else f" on {topo.world_size} workers instead of {state['world_size']}: "
-                   f"same global batch {bp.global_batch}, same data position"))
-        warning = self.schedule_change(pos.step)
+                   f"same global batch {batch}, same data position"))
+        warning = self.schedule_change(pos.step) if self.adaptive is None else self.progress_change(pos)
         return line if warning is None else f"{line}\nlargebatch: warning: {warning}"
 
     def schedule_change(self, step: int) -> Optional[str]:
@@ -124,13 +124,12 @@ class Checkpointer:
         checkpoint's train.epochs gave it (a finished run given more epochs climbs back from its
         decayed lr to near the peak); None where it is the same."""
         saved, epochs = self.restored["config"]["train"]["epochs"], self.cfg.train.epochs
-        if saved == epochs or self.adaptive is not None:
+        if saved == epochs:
             return None
-        try:
-            before = make_run_plan(from_flat({**flat_config(to_dict(self.cfg)), "train.epochs": saved}),
-                                   self.topology.world_size, self.plan.num_train, announce=False).schedule
-        except UsageError:  # the checkpoint's epochs do not make a plan here: nothing to compare
+        before = self._plan_with_epochs(saved)
+        if before is None:
             return None
+        before = before.schedule
         now = self.plan.schedule
         if abs(now(step) - before(step)) <= 1e-9 * max(abs(now(step)), abs(before(step))):
             return None
@@ -139,6 +138,31 @@ class Checkpointer:
                 f"{before(max(step - 1, 0)):.4g} (the checkpoint's last step) to {now(step):.4g} at step {step} "
                 f"(train.epochs={saved} would give {before(step):.4g}); keep train.epochs={saved} to follow the old "
                 "schedule, or train the longer run from the start in another run.dir")
+
+    def progress_change(self, pos: Position) -> Optional[str]:
+        """:meth:`schedule_change` for the adaptive batch, whose lr is a function of the epochs
+        trained: one line where the resumed point's lr under this run's train.epochs differs."""
+        saved, epochs = self.restored["config"]["train"]["epochs"], self.cfg.train.epochs
+        before = None if saved == epochs else self._plan_with_epochs(saved)
+        if before is None:
+            return None
+        now, t = self.plan.adaptive, pos.epoch + pos.images_in_epoch / self.plan.num_train
+        lr_now = now.lr(t, self.adaptive.batch, self.adaptive.b_crit)
+        lr_before = before.adaptive.lr(t, self.adaptive.batch, self.adaptive.b_crit)
+        if abs(lr_now - lr_before) <= 1e-9 * max(abs(lr_now), abs(lr_before)):
+            return None
+        return (f"train.epochs changed from {saved} to {epochs} since the checkpoint: the lr schedule "
+                f"({self.cfg.schedule.decay} decay over the epochs trained) now gives {lr_now:.4g} at epoch {t:.2f}, "
+                f"where train.epochs={saved} gives {lr_before:.4g}; keep train.epochs={saved} to follow the old "
+                "schedule, or train the longer run from the start in another run.dir")
+
+    def _plan_with_epochs(self, epochs: int) -> Optional[RunPlan]:
+        """This run's plan under the checkpoint's train.epochs; None where that makes no plan here."""
+        try:
+            return make_run_plan(from_flat({**flat_config(to_dict(self.cfg)), "train.epochs": epochs}),
+                                 self.topology.world_size, self.plan.num_train, announce=False)
+        except UsageError:  # the checkpoint's epochs do not make a plan here: nothing to compare
+            return None
 
     def _load_model_and_optimizer(self, state: dict) -> None:
         """A sharded checkpoint (comm.shard=full) is read by every worker, whatever the number of

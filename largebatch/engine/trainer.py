@@ -29,7 +29,7 @@ from largebatch.config import Config
 from largebatch.distributed import Topology
 from largebatch.distributed.wrap import build_optimizer, grad_scaler, unwrap, wrap_model
 from largebatch.engine.adaptive import (AdaptiveBatch, describe_step_time, measure_step_time, restored_step_time,
-                                        time_one_step)
+                                        state_kept, step_timer)
 from largebatch.engine.build import (check_same_everywhere, check_target_metric, choose_bucket_size, choose_data_path,
                                      compile_rehearsal, image_sizes, make_communicator, make_loaders, missing_dirs,
                                      noise_source, precision, set_up_device, start_reading)
@@ -135,6 +135,9 @@ class Trainer:
         if cfg.train.compile is not False:
             self.model = compile_model(self.model, cfg.train.compile)
         self.optimizer = build_optimizer(comm, unwrap(self.model), cfg.optim)
+        if cfg.train.compile is not False:  # before anything runs the compiled model (the adaptive batch's timing)
+            self.compile_s = compile_rehearsal(cfg, comm, self.model, self.bare_model, self.plan, self.info,
+                                               self.autocast, self.memory_format)
         self.restored = comm.broadcast_object(
             None if self.resume_state is None else {k: v for k, v in self.resume_state.items() if k != "model"})
         self.loader, self.sampler, self.val_loader = make_loaders(cfg, topo, self.plan, self.data_path,
@@ -158,9 +161,6 @@ class Trainer:
         self.validator = Validator(self.model, comm, self.device, self.val_loader, self.loader, self.sampler, self.plan,
                                    self.info, self.memory_format, self.precise_bn)
         self.reporter = Reporter(cfg, topo, comm, self.plan, self.info, self.device, self.bucket_choice)
-        if cfg.train.compile is not False:
-            self.compile_s = compile_rehearsal(cfg, comm, self.model, self.bare_model, self.plan, self.info,
-                                                     self.autocast, self.memory_format)
         self.built_s = time.perf_counter() - self.started
 
     def _step_time(self):
@@ -168,14 +168,13 @@ class Trainer:
         a, plan = self.cfg.adaptive, self.plan.adaptive
         if a.time_model.startswith("preset:"):
             return preset_step_time(a.time_model[len("preset:"):], a.preset_workers, plan.micro_batch)
-        restored = restored_step_time(self.restored)
+        restored = restored_step_time(self.restored, self.topology.world_size)
         if restored is not None:
             return restored
         shape = (plan.micro_batch, self.info.channels, *sides(self.plan.phases[0].image_size or self.info.image_size))
-        time_step = functools.partial(time_one_step, self.stepper, self.bare_model, self.optimizer, self.scaler, shape,
-                                      self.info.num_classes)
-        return measure_step_time(self.comm, time_step, plan.batches[0].accum_steps, plan.micro_batch,
-                                 self.topology.world_size)
+        with state_kept(self.stepper, self.bare_model, self.optimizer, self.scaler):
+            return measure_step_time(self.comm, step_timer(self.stepper, shape, self.info.num_classes),
+                                     plan.batches[0].accum_steps, plan.micro_batch, self.topology.world_size)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -193,7 +192,7 @@ class Trainer:
         report.open(pos, resumed=self.restored is not None)
         stop, clock = StopSignal(), Stopwatch(pos.elapsed)
         stop.install()
-        result, lr, phase, stopped = None, self.plan.schedule(pos.step), None, False
+        result, lr, phase, stopped = None, self._lr(pos), None, False
         try:
             while pos.epoch < self.plan.epochs:  # at least one epoch: checkpointer.finished() was false
                 phase, batches = self._start_epoch(pos, phase, losses, clock)

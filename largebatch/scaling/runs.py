@@ -91,6 +91,9 @@ def _read_folder(run_dir: str, noise: bool = True) -> tuple[list[dict], dict, di
     summary = summaries[-1] if summaries else {}
     if not epochs:
         raise UsageError(f"{metrics} has no epoch line: the run ended before its first epoch; train it longer")
+    if (cfg.get("adaptive") or {}).get("enabled"):
+        raise UsageError(f"'{run_dir}' was trained with adaptive.enabled=true: its global batch changed while it "
+                         "trained, and the advice needs runs at one global batch each; give such a run, or use --probe")
     if noise and not any("noise_scale" in e for e in epochs):
         raise UsageError(f"'{run_dir}' was trained without train.noise_scale=true: its epochs carry no noise_scale; "
                          "train it again with train.noise_scale=true, or use --probe")
@@ -168,7 +171,7 @@ def _one_batch(run_dir: str, batches: list[int], upto: int) -> int:
     if changed is not None:
         raise UsageError(f"'{run_dir}' changes its global batch from {batches[0]} to {batches[changed]} at epoch "
                          f"{changed + 1}, before its target: two runs need one global batch each; give runs without "
-                         "train.phases")
+                         "train.phases or adaptive.enabled")
     return batches[0]
 
 
