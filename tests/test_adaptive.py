@@ -395,3 +395,44 @@ def test_a_resumed_run_keeps_the_step_time_it_measured(tmp_path):
     assert [ln for ln in second.stderr.splitlines() if ln.strip().startswith("step time")] == measured
     newest = torch.load(ckpt.list_checkpoints(d)[0], weights_only=False)["adaptive"]["step_time"]
     assert newest == saved
+
+
+def test_the_plan_command_refuses_what_training_refuses():
+    r = run_module("largebatch.plan", "--world-size", "2", "adaptive.enabled=true", "train.max_micro_batch=16",
+                   "train.global_batch=64", "comm.shard=full")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+        "largebatch: error: adaptive.enabled=true measures a worker's gradient before it is averaged, which "
+        "comm.shard=full (FSDP2) never holds; use comm.shard=optimizer or none, or adaptive.enabled=false"]
+
+
+def test_advise_refuses_an_adaptive_run_in_one_line(adaptive_2w):
+    from largebatch.scaling.runs import read_run
+    with pytest.raises(UsageError, match="trained with adaptive.enabled=true: its global batch changed"):
+        read_run(adaptive_2w[0])
+
+
+def test_a_resumed_adaptive_run_keeps_its_micro_batch_and_its_world_sizes_step_time():
+    from largebatch.config import config_differences, to_dict
+    from largebatch.engine.adaptive import restored_step_time
+    plain = to_dict(load_config(None, ["train.max_micro_batch=16"]))
+    assert config_differences(plain, to_dict(load_config(None, ["train.max_micro_batch=8"]))) == []
+    on = to_dict(load_config(None, ["adaptive.enabled=true", "train.max_micro_batch=16"]))
+    changed = to_dict(load_config(None, ["adaptive.enabled=true", "train.max_micro_batch=8"]))
+    assert config_differences(on, changed) == [("train.max_micro_batch", 16, 8)]
+    saved = {"adaptive": {"step_time": StepTime(0.01, 0.02, 16, 2).state_dict()}}
+    assert restored_step_time(saved, 2) == StepTime(0.01, 0.02, 16, 2)
+    assert restored_step_time(saved, 4) is None  # another world size measures its own
+    assert restored_step_time({"adaptive": {"step_time": {"name": "goyal2017", "workers": 32, "micro_batch": 16,
+                                                          "source": "preset goyal2017 at 32 workers"}}}, 2) is None
+
+
+def test_resuming_with_more_epochs_warns_where_the_adaptive_lr_moves(tmp_path):
+    d = str(tmp_path / "run")
+    sched = ["schedule.decay=cosine", "schedule.warmup_epochs=0.5"]  # past the warmup by the checkpoint
+    first = run_module("largebatch.train", *ADAPTIVE, *sched, f"run.dir={d}", env={"LARGEBATCH_FAULT": "exit@13:0"})
+    assert first.returncode == 137
+    second = run_module("largebatch.train", *ADAPTIVE, *sched, "train.epochs=6", f"run.dir={d}")
+    assert second.returncode == 0, second.stderr[-2000:]
+    warning = [ln for ln in second.stderr.splitlines() if "train.epochs changed from 4 to 6" in ln]
+    assert len(warning) == 1 and "decay over the epochs trained" in warning[0], second.stderr[-2000:]
