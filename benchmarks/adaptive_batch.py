@@ -680,6 +680,7 @@ def parse_args(argv=None):
     args.max_epochs = max(args.max_epochs, args.epochs)
     if args.adaptive_warmup_epochs is None:
         args.adaptive_warmup_epochs = args.warmup_epochs
+    args.data = "imagefolder"  # the sweep's load_data: an image folder, --root
     return args
 
 

@@ -145,3 +145,11 @@ def test_engine_images_follow_the_epochs_batches_or_the_adaptive_runs_decisions(
     lines = bench.engine_goals([fixed, smith, adaptive, engine_row("fixed 32", 0, 7.5, 2, [250, 500], epoch_batches=[32] * 2)])
     assert lines == ["best fixed batch on 2 CPU workers: fixed 32 (7.5 s to the target)",
                      "adaptive scaling: 8.0 s = 1.07x the best fixed (goal <= 1.10): met"]
+
+
+def test_the_arguments_load_the_sweeps_data_from_an_image_folder(bench, tmp_path):
+    args = bench.parse_args(["--root", "unused", "--out", str(tmp_path)])
+    x, y, xv, yv = tiny_data(20)
+    torch.save(dict(xt=x, yt=y, xv=xv, yv=yv), tmp_path / f"data-imagefolder-{args.image_size}px.pt")
+    loaded = bench.sweep.load_data(args)  # the sweep's cache of the decoded --root images
+    assert all(torch.equal(a, b) for a, b in zip(loaded, (x, y, xv, yv)))
