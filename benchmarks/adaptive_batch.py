@@ -444,12 +444,38 @@ def engine_table(results: list[dict]) -> str:
     for name, rows in by_arm(results).items():
         s = [r["summary"] for r in rows]
         hit = [x for x in s if x.get("time_to_target_s") is not None]
-        images = [engine_images(r, r["first_batch"]) for r in rows]
+        images = [engine_images(r, r["first_batch"]) for r in rows if r["summary"].get("time_to_target_s") is not None]
         lines.append(f"| {name} | {len(hit)}/{len(rows)} | {mean_sd([x['epoch_to_target'] for x in hit], '{:.1f}')} | "
                      f"{mean_sd(images)} | {mean_sd([x['time_to_target_s'] for x in hit], '{:.1f}')} | "
                      f"{mean_sd([r['wall_s'] for r in rows], '{:.1f}')} | "
                      f"{mean_sd([x['val_acc'] for x in s], '{:.2f}', 100)} |")
     return "\n".join(lines)
+
+
+def engine_seed_lines(results: list[dict]) -> list[str]:
+    """Each arm's time_to_target_s and epoch of the target, seed by seed."""
+    out = []
+    for name, rows in by_arm(results).items():
+        each = [f"seed {r['seed']} {r['summary']['time_to_target_s']:.1f} s (epoch {r['summary']['epoch_to_target']})"
+                if r["summary"].get("time_to_target_s") is not None else
+                f"seed {r['seed']} not reached in {len(r['epochs'])} epochs" for r in rows]
+        out.append(f"{name}: " + ", ".join(each))
+    return out
+
+
+def engine_decisions_line(row: dict) -> str:
+    """An adaptive engine run's batch changes (from its batch lines) and its step-time model."""
+    batches = [e for e in row["events"] if e.get("event") == "batch"]
+    moves = "".join(f" -> {e['global_batch']} at step {e['step']} (B_crit {e['b_crit']:.0f})" for e in batches
+                    if e.get("changed"))
+    known = [e["b_crit"] for e in batches if e.get("b_crit") is not None]
+    tail = f"; B_crit at the end {known[-1]:.0f}" if known else ""
+    model = ""
+    if batches and batches[0].get("candidates"):
+        model = "; step time model " + ", ".join(f"T({c['global_batch']}) {1e3 * c['step_time_s']:.1f} ms"
+                                                 for c in batches[0]["candidates"][:3])
+    return (f"{row['arm']}, seed {row['seed']}: {row['first_batch']}{moves} ({len(batches)} decisions){tail}"
+            f"{model}")
 
 
 def engine_goals(results: list[dict], workers: int = 2) -> list[str]:
@@ -718,7 +744,9 @@ def report(args, results: list[dict], engine: list[dict], lrs: dict[int, float],
     if engine:
         parts += [f"(a) the engine on {args.engine_workers} CPU workers (gloo, one thread each), seeds "
                   f"{' '.join(map(str, args.engine_seeds))}: stopped at the first epoch end at the target",
-                  engine_table(engine), "\n".join(engine_goals(engine, args.engine_workers))]
+                  engine_table(engine), "\n".join(engine_goals(engine, args.engine_workers)),
+                  "\n".join(engine_seed_lines(engine)),
+                  "\n".join(engine_decisions_line(r) for r in engine if r["arm"].startswith("adaptive"))]
     return "\n\n".join(parts)
 
 

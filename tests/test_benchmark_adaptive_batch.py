@@ -147,6 +147,22 @@ def test_engine_images_follow_the_epochs_batches_or_the_adaptive_runs_decisions(
                      "adaptive scaling: 8.0 s = 1.07x the best fixed (goal <= 1.10): met"]
 
 
+def test_the_engine_table_counts_images_over_the_runs_that_reached_the_target(bench):
+    reached = engine_row("fixed 64", 0, 10.0, 2, [125, 250, 375], epoch_batches=[64] * 3)
+    short = engine_row("fixed 64", 1, None, None, [125 * k for k in range(1, 13)], epoch_batches=[64] * 12)
+    short["summary"]["val_acc"] = 0.90
+    table = bench.engine_table([reached, short])
+    assert "| fixed 64 | 1/2 | 2.0 | 16,000 | 10.0 | 30.0 ± 0.0 | 93.00 ± 4.24 |" in table
+    assert bench.engine_seed_lines([reached, short]) == ["fixed 64: seed 0 10.0 s (epoch 2), seed 1 not reached in 12 epochs"]
+    decisions = [dict(event="batch", step=20, global_batch=64, changed=True, b_crit=192.0,
+                      candidates=[dict(global_batch=b, step_time_s=t) for b, t in ((32, 0.005), (64, 0.0083), (128, 0.0148))]),
+                 dict(event="batch", step=40, global_batch=64, changed=False, b_crit=150.0)]
+    adaptive = engine_row("adaptive adascale, crit_factor 3.34", 1, 4.8, 3, [230, 400, 525], events=decisions)
+    assert bench.engine_decisions_line(adaptive) == (
+        "adaptive adascale, crit_factor 3.34, seed 1: 32 -> 64 at step 20 (B_crit 192) (2 decisions); B_crit at the end "
+        "150; step time model T(32) 5.0 ms, T(64) 8.3 ms, T(128) 14.8 ms")
+
+
 def test_the_arguments_load_the_sweeps_data_from_an_image_folder(bench, tmp_path):
     args = bench.parse_args(["--root", "unused", "--out", str(tmp_path)])
     x, y, xv, yv = tiny_data(20)
