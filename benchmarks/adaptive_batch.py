@@ -2,7 +2,8 @@
 
     python benchmarks/adaptive_batch.py --root ../shared/datasets/mnist10k --seeds 0 1 2       # part (b)
     python benchmarks/adaptive_batch.py --root ../shared/datasets/mnist10k --seeds 0 1 2 --reuse \
-        --engine --engine-batches 32 64 128 --engine-seeds 0 --docs docs                       # + part (a)
+        --rules scaling adascale adascale:3.34 \
+        --engine --engine-batches 32 64 128 --engine-seeds 0 1 2 --docs docs                   # + part (a)
 
 The evidence for ``adaptive.enabled`` (issue #23), on the data, model and optimizer of
 ``benchmarks/noise_scale.py``'s sweep (MNIST digits at 14x14, the ``cnn`` of width 16 without
@@ -19,12 +20,16 @@ engine's sampling) trains, from the same initial weights per seed, these arms:
 - ``smith xK``: Smith et al.'s "don't decay the learning rate, increase the batch size": the
   smallest batch at its best lr, the batch multiplied by ``--smith-factor`` at each epoch of
   ``--smith-milestones`` (where a step-decay schedule would divide the lr), the lr held;
-- ``adaptive scaling`` and ``adaptive adascale``: the engine's adaptive batch mirrored step by step
-  (see :class:`AdaptiveArm`): start at the smallest batch, micro-batches of ``--micro-batch``
-  images, the noise scale from the first micro-batch against the step's gradient, every
-  ``--every-steps`` steps :func:`largebatch.goodput.decide` over the ladder with the cluster's step
-  time; the lr is the smallest batch's best lr scaled linearly to the batch (capped at ``--max-lr``
-  as the sweep caps it), or times AdaScale's gain.
+- ``adaptive RULE`` for each entry ``RULE[:CRIT_FACTOR]`` of ``--rules`` (default ``scaling
+  adascale``): the engine's adaptive batch mirrored step by step (see :class:`AdaptiveArm`): start
+  at the smallest batch, micro-batches of ``--micro-batch`` images, the noise scale from the first
+  micro-batch against the step's gradient, every ``--every-steps`` steps
+  :func:`largebatch.goodput.decide` over the ladder with the cluster's step time and ``B_crit`` =
+  the arm's crit_factor (``--crit-factor`` where the entry gives none) x the noise scale; the lr is
+  the smallest batch's best lr scaled linearly to the batch (``scaling``, capped at ``--max-lr`` as
+  the sweep caps it), or times AdaScale's gain (``adascale``). An arm at a factor other than 1 is
+  named ``adaptive RULE, crit_factor F`` (``adascale:3.34``: the factor ``python -m
+  largebatch.advise --second-run`` measures from two probes).
 
 Each step's time is the one the engine's ``adaptive.time_model=preset:NAME`` decides with
 (:func:`largebatch.scaling.predict.preset_step_time`: the simulator's cluster and workload of
@@ -36,7 +41,8 @@ common budget of ``--epochs`` epochs (a run that has not reached the target by t
 
 **(a) measured on 2 CPU workers** (``--engine``): real engine runs (``python -m largebatch.train``
 under torchrun, 2 gloo workers): each fixed batch of ``--engine-batches`` at its best lr, Smith's
-schedule through ``train.phases``, and ``adaptive.enabled=true adaptive.time_model=measured``; each
+schedule through ``train.phases``, and ``adaptive.enabled=true adaptive.time_model=measured`` for
+every adaptive arm (its ``adaptive.lr`` and ``adaptive.crit_factor``); each
 stops at the first epoch end at the target (``train.stop_at_target``) and reports the summary's
 ``time_to_target_s`` and the wall time.
 
@@ -141,6 +147,27 @@ class SmithArm:
         pass
 
 
+def adaptive_name(rule: str, crit_factor: float) -> str:
+    """'adaptive RULE', with ', crit_factor F' where the factor is not 1."""
+    return f"adaptive {rule}" + ("" if crit_factor == 1 else f", crit_factor {crit_factor:g}")
+
+
+def parse_rule(text: str, default_factor: float) -> tuple[str, float]:
+    """An entry of --rules: 'RULE' (at ``default_factor``) or 'RULE:CRIT_FACTOR'."""
+    rule, _, factor = text.partition(":")
+    if rule not in ("scaling", "adascale"):
+        raise SystemExit(f"adaptive_batch: --rules {text}: the rule {rule!r} is not 'scaling' or 'adascale'; "
+                         "give RULE or RULE:CRIT_FACTOR, e.g. adascale:3.34")
+    try:
+        value = float(factor) if factor else default_factor
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or math.isinf(value):
+        raise SystemExit(f"adaptive_batch: --rules {text}: the crit_factor {factor!r} is not a number > 0; "
+                         "give RULE:CRIT_FACTOR, e.g. adascale:3.34")
+    return rule, value
+
+
 class AdaptiveArm:
     """The engine's adaptive global batch (adaptive.enabled), step by step.
 
@@ -154,11 +181,13 @@ class AdaptiveArm:
     ``rule`` 'scaling' the lr at ``min_batch`` scaled linearly to the batch and capped at ``max_lr``,
     'adascale' the lr at ``min_batch`` times ``adascale_gain(B, B_crit at the last decision, min_batch)``."""
 
-    def __init__(self, args, rule: str, lr: float, step_time: Callable[[int], float], epochs: int):
-        self.name, self.kind, self.rule = f"adaptive {rule}", "adaptive", rule
+    def __init__(self, args, rule: str, lr: float, step_time: Callable[[int], float], epochs: int,
+                 crit_factor: Optional[float] = None):
+        self.crit_factor = args.crit_factor if crit_factor is None else crit_factor
+        self.name, self.kind, self.rule = adaptive_name(rule, self.crit_factor), "adaptive", rule
         self.ladder = ladder(args.min_batch, args.max_batch)
         self.start = self.current = self.ladder[0]
-        self.micro_batch, self.every, self.crit_factor = args.micro_batch, args.every_steps, args.crit_factor
+        self.micro_batch, self.every = args.micro_batch, args.every_steps
         self.min_gain, self.step_time, self.base_lr, self.max_lr = args.min_gain, step_time, lr, args.max_lr
         self.noise, self.b_crit = NoiseScale(), None
         sched = ScheduleConfig(warmup_epochs=args.adaptive_warmup_epochs, decay="constant")
@@ -383,16 +412,17 @@ def engine_overrides(args, arm: str, lr: float, seed: int, run_dir: str) -> list
         phases = [f"{{epochs: {b - a}, global_batch: {first * args.smith_factor ** k}}}"
                   for k, (a, b) in enumerate(zip(edges, edges[1:])) if b > a]
         return out + ["optim.scaling=none", f"train.phases=[{', '.join(phases)}]"]
+    rule, factor = adaptive_arms(args)[arm]
     return out + ["optim.scaling=linear", f"train.max_micro_batch={args.micro_batch}",
                   "adaptive.enabled=true", f"adaptive.min_batch={first}", f"adaptive.max_batch={args.max_batch}",
-                  f"adaptive.every_steps={args.every_steps}", f"adaptive.lr={what}", "adaptive.time_model=measured",
-                  f"adaptive.crit_factor={args.crit_factor:g}", f"adaptive.min_gain={args.min_gain:g}"]
+                  f"adaptive.every_steps={args.every_steps}", f"adaptive.lr={rule}", "adaptive.time_model=measured",
+                  f"adaptive.crit_factor={factor:g}", f"adaptive.min_gain={args.min_gain:g}"]
 
 
 def run_engine(args, arm: str, lr: float, seed: int) -> dict:
     """One engine run under torchrun on ``--engine-workers`` gloo workers (one thread each): its
     summary line, the wall time of the whole command, and the adaptive run's other metrics lines."""
-    run_dir = os.path.abspath(os.path.join(args.out, "engine", f"{arm.replace(' ', '-')}-s{seed}"))
+    run_dir = os.path.abspath(os.path.join(args.out, "engine", f"{re.sub(r'[^A-Za-z0-9.]+', '-', arm)}-s{seed}"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.engine_workers}",
            "-m", "largebatch.train", *engine_overrides(args, arm, lr, seed, run_dir)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -444,12 +474,38 @@ def engine_table(results: list[dict]) -> str:
     for name, rows in by_arm(results).items():
         s = [r["summary"] for r in rows]
         hit = [x for x in s if x.get("time_to_target_s") is not None]
-        images = [engine_images(r, r["first_batch"]) for r in rows]
+        images = [engine_images(r, r["first_batch"]) for r in rows if r["summary"].get("time_to_target_s") is not None]
         lines.append(f"| {name} | {len(hit)}/{len(rows)} | {mean_sd([x['epoch_to_target'] for x in hit], '{:.1f}')} | "
                      f"{mean_sd(images)} | {mean_sd([x['time_to_target_s'] for x in hit], '{:.1f}')} | "
                      f"{mean_sd([r['wall_s'] for r in rows], '{:.1f}')} | "
                      f"{mean_sd([x['val_acc'] for x in s], '{:.2f}', 100)} |")
     return "\n".join(lines)
+
+
+def engine_seed_lines(results: list[dict]) -> list[str]:
+    """Each arm's time_to_target_s and epoch of the target, seed by seed."""
+    out = []
+    for name, rows in by_arm(results).items():
+        each = [f"seed {r['seed']} {r['summary']['time_to_target_s']:.1f} s (epoch {r['summary']['epoch_to_target']})"
+                if r["summary"].get("time_to_target_s") is not None else
+                f"seed {r['seed']} not reached in {len(r['epochs'])} epochs" for r in rows]
+        out.append(f"{name}: " + ", ".join(each))
+    return out
+
+
+def engine_decisions_line(row: dict) -> str:
+    """An adaptive engine run's batch changes (from its batch lines) and its step-time model."""
+    batches = [e for e in row["events"] if e.get("event") == "batch"]
+    moves = "".join(f" -> {e['global_batch']} at step {e['step']} (B_crit {e['b_crit']:.0f})" for e in batches
+                    if e.get("changed"))
+    known = [e["b_crit"] for e in batches if e.get("b_crit") is not None]
+    tail = f"; B_crit at the end {known[-1]:.0f}" if known else ""
+    model = ""
+    if batches and batches[0].get("candidates"):
+        model = "; step time model " + ", ".join(f"T({c['global_batch']}) {1e3 * c['step_time_s']:.1f} ms"
+                                                 for c in batches[0]["candidates"][:3])
+    return (f"{row['arm']}, seed {row['seed']}: {row['first_batch']}{moves} ({len(batches)} decisions){tail}"
+            f"{model}")
 
 
 def engine_goals(results: list[dict], workers: int = 2) -> list[str]:
@@ -544,7 +600,7 @@ def make_arms(args, lrs: dict[int, float], n: int, step_time: Callable[[int], fl
     first = lrs[args.min_batch]
     arms = [FixedArm(args, b, lrs[b], n) for b in args.batches]
     arms.append(SmithArm(args, args.min_batch, first))
-    arms += [AdaptiveArm(args, rule, first, step_time, args.epochs) for rule in args.rules]
+    arms += [AdaptiveArm(args, rule, first, step_time, args.epochs, factor) for rule, factor in args.adaptive]
     return [a for a in arms if not args.arms or a.name in args.arms]
 
 
@@ -552,9 +608,15 @@ def lr_labels(args, lrs: dict[int, float]) -> dict[str, str]:
     first = lrs[args.min_batch]
     out = {f"fixed {b}": f"{lrs[b]:g}" for b in lrs}
     out[f"smith x{args.smith_factor}"] = f"{first:g} held"
-    out["adaptive scaling"] = f"{first:g} x B/{args.min_batch}, at most {args.max_lr:g}"
-    out["adaptive adascale"] = f"{first:g} x gain"
+    for rule, factor in args.adaptive:
+        out[adaptive_name(rule, factor)] = (f"{first:g} x B/{args.min_batch}, at most {args.max_lr:g}"
+                                            if rule == "scaling" else f"{first:g} x gain")
     return out
+
+
+def adaptive_arms(args) -> dict[str, tuple[str, float]]:
+    """{arm name: (rule, crit_factor)} of the adaptive arms of --rules."""
+    return {adaptive_name(rule, factor): (rule, factor) for rule, factor in args.adaptive}
 
 
 def step_time_line(st, batches: list[int]) -> str:
@@ -577,17 +639,17 @@ def run_cluster(args, data, lrs: dict[int, float], step_time: Callable[[int], fl
     """Part (b): every arm for every seed (runs already in --out/runs.jsonl with the same settings are
     reused with --reuse)."""
     path = os.path.join(args.out, "runs.jsonl")
-    key = json.dumps({k: v for k, v in vars(args).items() if k in SETTINGS}, sort_keys=True)
     done = {}
     if args.reuse and os.path.isfile(path):
         with open(path) as fh:
-            done = {(r["arm"], r["seed"]): r for r in map(json.loads, fh) if r.get("settings") == key}
+            done = {(r["arm"], r["seed"]): r for r in map(json.loads, fh)}
     results = []
     for seed in args.seeds:
         for arm in make_arms(args, lrs, len(data[1]), step_time):
+            key = run_settings(args, arm)
             r = done.get((arm.name, seed))
-            if r is None:
-                r = train_arm(args, data, arm, seed, step_time) | dict(settings=key)
+            if r is None or not same_settings(r.get("settings"), key):
+                r = train_arm(args, data, arm, seed, step_time) | dict(settings=json.dumps(key, sort_keys=True))
                 with open(path, "a") as fh:
                     fh.write(json.dumps(r) + "\n")
             shown = (f"{r['steps']:.0f} steps, {r['images']:,.0f} images, {r['sim_s']:.2f} s simulated"
@@ -600,14 +662,34 @@ def run_cluster(args, data, lrs: dict[int, float], step_time: Callable[[int], fl
 
 SETTINGS = ("root", "image_size", "width", "target", "base_lr", "base_batch", "max_lr", "warmup_epochs",
             "eval_growth", "epochs", "max_epochs", "min_batch", "max_batch", "micro_batch", "every_steps",
-            "crit_factor", "min_gain", "adaptive_warmup_epochs", "smith_factor", "smith_milestones", "preset", "preset_workers")
-"""The arguments a part-(b) run depends on (besides its arm, its lr and its seed)."""
+            "min_gain", "adaptive_warmup_epochs", "smith_factor", "smith_milestones", "preset", "preset_workers")
+"""The arguments a part-(b) run depends on (besides its arm, its lr and its seed; an adaptive arm's
+crit_factor is its own)."""
+
+
+def run_settings(args, arm) -> dict:
+    """What a part-(b) run of ``arm`` depends on: SETTINGS, and an adaptive arm's crit_factor."""
+    out = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    if arm.kind == "adaptive":
+        out["crit_factor"] = arm.crit_factor
+    return out
+
+
+def same_settings(saved: Optional[str], settings: dict) -> bool:
+    """Whether a saved run's settings (JSON) are ``settings``; a crit_factor saved with a run that is
+    not adaptive (runs.jsonl of before the per-arm factor kept it for every arm) does not count."""
+    if saved is None:
+        return False
+    old = json.loads(saved)
+    if "crit_factor" not in settings:
+        old.pop("crit_factor", None)
+    return old == json.loads(json.dumps(settings))
 
 
 def run_engine_part(args, lrs: dict[int, float]) -> list[dict]:
     """Part (a): the engine on ``--engine-workers`` CPU workers, every arm for every ``--engine-seeds``
     (with --reuse, the runs already in --out/engine.json are not run again)."""
-    arms = [f"fixed {b}" for b in args.engine_batches] + ["smith"] + [f"adaptive {r}" for r in args.rules]
+    arms = [f"fixed {b}" for b in args.engine_batches] + ["smith"] + list(adaptive_arms(args))
     path, done, out = os.path.join(args.out, "engine.json"), {}, []
     if args.reuse and os.path.isfile(path):
         with open(path) as fh:
@@ -650,12 +732,17 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch", type=int, default=None, help="adaptive.max_batch (default the largest batch)")
     ap.add_argument("--micro-batch", type=int, default=16, help="images per micro-batch of the adaptive run")
     ap.add_argument("--every-steps", type=int, default=20, help="adaptive.every_steps")
-    ap.add_argument("--crit-factor", type=float, default=1.0, help="adaptive.crit_factor")
+    ap.add_argument("--crit-factor", type=float, default=1.0,
+                    help="adaptive.crit_factor of the --rules entries that do not give their own")
     ap.add_argument("--min-gain", type=float, default=0.02, help="adaptive.min_gain")
     ap.add_argument("--adaptive-warmup-epochs", type=float, default=None,
                     help="schedule.warmup_epochs of the adaptive runs (default --warmup-epochs): from the lr at "
                          "the smallest batch to the current peak")
-    ap.add_argument("--rules", nargs="+", default=["scaling", "adascale"], choices=("scaling", "adascale"))
+    ap.add_argument("--rules", nargs="+", default=["scaling", "adascale"], metavar="RULE[:CRIT_FACTOR]",
+                    help="the adaptive arms: adaptive.lr (scaling or adascale), each at --crit-factor or at the "
+                         "adaptive.crit_factor after the colon (adascale:3.34: B_crit / B_simple as python -m "
+                         "largebatch.advise --second-run measures it); an arm at a factor other than 1 is named "
+                         "'adaptive RULE, crit_factor F'")
     ap.add_argument("--smith-factor", type=int, default=4)
     ap.add_argument("--smith-milestones", type=int, nargs="+", default=[1, 2, 4],
                     help="epochs at which the Smith arm multiplies its batch")
@@ -680,6 +767,8 @@ def parse_args(argv=None):
     args.max_epochs = max(args.max_epochs, args.epochs)
     if args.adaptive_warmup_epochs is None:
         args.adaptive_warmup_epochs = args.warmup_epochs
+    args.adaptive = list(dict.fromkeys(parse_rule(x, args.crit_factor) for x in args.rules))
+    args.data = "imagefolder"  # the sweep's load_data: an image folder, --root
     return args
 
 
@@ -717,7 +806,9 @@ def report(args, results: list[dict], engine: list[dict], lrs: dict[int, float],
     if engine:
         parts += [f"(a) the engine on {args.engine_workers} CPU workers (gloo, one thread each), seeds "
                   f"{' '.join(map(str, args.engine_seeds))}: stopped at the first epoch end at the target",
-                  engine_table(engine), "\n".join(engine_goals(engine, args.engine_workers))]
+                  engine_table(engine), "\n".join(engine_goals(engine, args.engine_workers)),
+                  "\n".join(engine_seed_lines(engine)),
+                  "\n".join(engine_decisions_line(r) for r in engine if r["arm"].startswith("adaptive"))]
     return "\n\n".join(parts)
 
 

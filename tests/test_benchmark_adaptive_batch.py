@@ -4,6 +4,7 @@ sampling, decisions and simulated time on a few random images, and the goals it 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -145,3 +146,64 @@ def test_engine_images_follow_the_epochs_batches_or_the_adaptive_runs_decisions(
     lines = bench.engine_goals([fixed, smith, adaptive, engine_row("fixed 32", 0, 7.5, 2, [250, 500], epoch_batches=[32] * 2)])
     assert lines == ["best fixed batch on 2 CPU workers: fixed 32 (7.5 s to the target)",
                      "adaptive scaling: 8.0 s = 1.07x the best fixed (goal <= 1.10): met"]
+
+
+def test_an_adaptive_arm_takes_its_own_crit_factor_and_says_so_in_its_name(bench, tmp_path):
+    args = bench.parse_args(["--root", "x", "--rules", "scaling", "adascale", "adascale:3.34", "--out", str(tmp_path)])
+    assert bench.adaptive_arms(args) == {"adaptive scaling": ("scaling", 1.0), "adaptive adascale": ("adascale", 1.0),
+                                         "adaptive adascale, crit_factor 3.34": ("adascale", 3.34)}
+    steady = StepTime(fixed_s=1.0, per_micro_batch_s=0.01, micro_batch=16, workers=1)
+    arm = bench.AdaptiveArm(args, "adascale", 8.0, steady, args.epochs, 3.34)
+    arm.noise = StubNoise()  # a noise scale of 50 images
+    arm.after_step(args.every_steps, 0)
+    assert arm.name == "adaptive adascale, crit_factor 3.34" and math.isclose(arm.decisions[0]["b_crit"], 167.0)
+    assert bench.lr_labels(args, {32: 8.0})["adaptive adascale, crit_factor 3.34"] == "8 x gain"
+    line = bench.engine_overrides(args, "adaptive adascale, crit_factor 3.34", 8.0, 0, "run")
+    assert "adaptive.crit_factor=3.34" in line and "adaptive.lr=adascale" in line
+    assert "adaptive.crit_factor=1" in bench.engine_overrides(args, "adaptive scaling", 8.0, 0, "run")
+    # --crit-factor is the factor of the entries that do not give one
+    other = bench.parse_args(["--root", "x", "--rules", "adascale", "--crit-factor", "2"])
+    assert bench.adaptive_arms(other) == {"adaptive adascale, crit_factor 2": ("adascale", 2.0)}
+    for bad in ("adascale:0", "adascale:x", "linear"):
+        with pytest.raises(SystemExit, match=r"--rules .*RULE:CRIT_FACTOR"):
+            bench.parse_args(["--root", "x", "--rules", bad])
+
+
+def test_reuse_keeps_runs_saved_with_a_crit_factor_for_every_arm_and_matches_an_adaptive_arms_factor(bench, tmp_path):
+    args = bench.parse_args(["--root", "x", "--rules", "adascale", "adascale:3.34", "--out", str(tmp_path)])
+    steady = StepTime(fixed_s=1.0, per_micro_batch_s=0.01, micro_batch=16, workers=1)
+    fixed = bench.FixedArm(args, 64, 16.0, 200)
+    one, calibrated = (bench.AdaptiveArm(args, "adascale", 8.0, steady, args.epochs, f) for f in (1.0, 3.34))
+    # runs.jsonl of before the per-arm factor: every arm saved with the run's crit_factor
+    before = {k: v for k, v in vars(args).items() if k in bench.SETTINGS} | {"crit_factor": 1.0}
+    saved = json.dumps(before, sort_keys=True)
+    assert bench.same_settings(saved, bench.run_settings(args, fixed))
+    assert bench.same_settings(saved, bench.run_settings(args, one))
+    assert not bench.same_settings(saved, bench.run_settings(args, calibrated))
+    assert bench.same_settings(json.dumps(bench.run_settings(args, calibrated)), bench.run_settings(args, calibrated))
+    assert not bench.same_settings(json.dumps(before | {"epochs": 9}), bench.run_settings(args, fixed))
+    assert not bench.same_settings(None, bench.run_settings(args, fixed))
+
+
+def test_the_engine_table_counts_images_over_the_runs_that_reached_the_target(bench):
+    reached = engine_row("fixed 64", 0, 10.0, 2, [125, 250, 375], epoch_batches=[64] * 3)
+    short = engine_row("fixed 64", 1, None, None, [125 * k for k in range(1, 13)], epoch_batches=[64] * 12)
+    short["summary"]["val_acc"] = 0.90
+    table = bench.engine_table([reached, short])
+    assert "| fixed 64 | 1/2 | 2.0 | 16,000 | 10.0 | 30.0 ± 0.0 | 93.00 ± 4.24 |" in table
+    assert bench.engine_seed_lines([reached, short]) == ["fixed 64: seed 0 10.0 s (epoch 2), seed 1 not reached in 12 epochs"]
+    decisions = [dict(event="batch", step=20, global_batch=64, changed=True, b_crit=192.0,
+                      candidates=[dict(global_batch=b, step_time_s=t) for b, t in ((32, 0.005), (64, 0.0083), (128, 0.0148))]),
+                 dict(event="batch", step=40, global_batch=64, changed=False, b_crit=150.0)]
+    adaptive = engine_row("adaptive adascale, crit_factor 3.34", 1, 4.8, 3, [230, 400, 525], events=decisions)
+    assert bench.engine_decisions_line(adaptive) == (
+        "adaptive adascale, crit_factor 3.34, seed 1: 32 -> 64 at step 20 (B_crit 192) (2 decisions); B_crit at the end "
+        "150; step time model T(32) 5.0 ms, T(64) 8.3 ms, T(128) 14.8 ms")
+
+
+def test_the_arguments_load_the_sweeps_data_from_an_image_folder(bench, tmp_path):
+    args = bench.parse_args(["--root", "unused", "--out", str(tmp_path)])
+    x, y, xv, yv = tiny_data(20)
+    torch.save(dict(xt=x, yt=y, xv=xv, yv=yv), tmp_path / f"data-imagefolder-{args.image_size}px.pt")
+    loaded = bench.sweep.load_data(args)  # the sweep's cache of the decoded --root images
+    assert all(torch.equal(a, b) for a, b in zip(loaded, (x, y, xv, yv)))
