@@ -44,7 +44,7 @@ from largebatch.engine.checkpoint import rng_state, set_rng_state
 from largebatch.errors import UsageError
 from largebatch.goodput import Decision, StepTime, adascale_gain, decide, ladder
 from largebatch.optim.schedule import ProgressSchedule, build_progress_schedule, scaled_lr
-from largebatch.scaling.predict import preset_step_time
+from largebatch.scaling.predict import PresetStepTime, preset_step_time
 
 DEFAULT_SPAN = 32
 """adaptive.max_batch left out: at most this many times adaptive.min_batch."""
@@ -103,6 +103,13 @@ class AdaptivePlan:
     def lr(self, epochs_done: float, global_batch: int, b_crit: Optional[float]) -> float:
         return self.schedule(epochs_done, self.peak(global_batch, b_crit))
 
+    def preset_time(self) -> Optional[PresetStepTime]:
+        """time_model=preset:NAME: the simulator's step-time model (a one-line UsageError for a name
+        or a worker count it does not take); None for a measured one."""
+        if not self.time_model.startswith("preset:"):
+            return None
+        return preset_step_time(self.time_model[len("preset:"):], self.preset_workers, self.micro_batch)
+
     def lines(self) -> list[str]:
         b, first, last = self.batches, self.batches[0], self.batches[-1]
         return [
@@ -158,15 +165,15 @@ def adaptive_plan(cfg, world_size: int, num_train: int) -> AdaptivePlan:
                f"lower {key} to at most {num_train // 2 // unit * unit} (the training set holds {num_train} images)")
         raise UsageError(f"{key}={low} and adaptive.max_batch={high} leave one batch to choose from; {fix}")
     sizes = ladder(low, high)
-    if a.time_model.startswith("preset:"):  # a name or a worker count the simulator does not take: one line
-        preset_step_time(a.time_model[len("preset:"):], a.preset_workers, b0)
     o = cfg.optim
     first_peak = scaled_lr(o.base_lr, low, o.base_batch, o.scaling)
-    return AdaptivePlan(batches=tuple(plan(b, world_size, b0) for b in sizes), micro_batch=b0,
-                        every_steps=a.every_steps, lr_rule=a.lr, base_lr=o.base_lr, base_batch=o.base_batch,
-                        scaling=o.scaling, schedule=build_progress_schedule(o, cfg.schedule, t.epochs, first_peak),
-                        num_train=num_train, crit_factor=a.crit_factor, min_gain=a.min_gain,
-                        time_model=a.time_model, preset_workers=a.preset_workers)
+    result = AdaptivePlan(batches=tuple(plan(b, world_size, b0) for b in sizes), micro_batch=b0,
+                          every_steps=a.every_steps, lr_rule=a.lr, base_lr=o.base_lr, base_batch=o.base_batch,
+                          scaling=o.scaling, schedule=build_progress_schedule(o, cfg.schedule, t.epochs, first_peak),
+                          num_train=num_train, crit_factor=a.crit_factor, min_gain=a.min_gain,
+                          time_model=a.time_model, preset_workers=a.preset_workers)
+    result.preset_time()  # a preset the simulator does not take is refused here, with the plan
+    return result
 
 
 def refuse_unsupported(cfg) -> None:

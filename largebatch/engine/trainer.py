@@ -47,7 +47,6 @@ from largebatch.engine.step import APPLIED, Ledger, Stepper, StepResult
 from largebatch.errors import UsageError
 from largebatch.models.sizes import sides
 from largebatch.parts import PartsSource, check_model, fingerprints, from_config
-from largebatch.scaling.predict import preset_step_time
 
 
 class Trainer:
@@ -165,9 +164,10 @@ class Trainer:
 
     def _step_time(self):
         """adaptive.enabled: the step-time model (a preset's, a resumed run's, or measured now)."""
-        a, plan = self.cfg.adaptive, self.plan.adaptive
-        if a.time_model.startswith("preset:"):
-            return preset_step_time(a.time_model[len("preset:"):], a.preset_workers, plan.micro_batch)
+        plan = self.plan.adaptive
+        preset = plan.preset_time()
+        if preset is not None:
+            return preset
         restored = restored_step_time(self.restored, self.topology.world_size)
         if restored is not None:
             return restored
