@@ -111,6 +111,7 @@ def test_where_the_two_batch_sizes_come_from():
         choose_source(1, 1)
     assert batch_sizes("workers", 256, 64, 16) == (64, 256)
     assert batch_sizes("micro-batches", 256, 256, 32) == (32, 256)
+    assert batch_sizes("adaptive", 256, 128, 32) == (32, 256)  # the first micro-batch against the global batch
     with pytest.raises(ValueError):
         NoiseScale().update(torch.tensor(1.0), torch.tensor(1.0), 16, 16)  # b == B measures nothing
 

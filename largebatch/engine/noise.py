@@ -60,7 +60,7 @@ EMA_BETA = 0.99
 """Per-step decay of the exponential averages: the last ~1/(1 − 0.99) = 100 steps carry most weight
 (at 250 steps per epoch, the last 0.4 epoch; at 4 steps per epoch, the last ~25 epochs)."""
 
-SOURCES = ("workers", "micro-batches")
+SOURCES = ("workers", "micro-batches", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,14 @@ def choose_source(world_size: int, accum_steps: int) -> str:
 
 
 def batch_sizes(source: str, global_batch: int, per_worker_batch: int, micro_batch: int) -> tuple[int, int]:
-    """(b, B) for ``source``: (per-worker batch, global batch) or (micro-batch, per-worker batch)."""
+    """(b, B) for ``source``: (per-worker batch, global batch), (micro-batch, per-worker batch), or
+    for the adaptive batch's first micro-batch (largebatch.engine.adaptive) (micro-batch, global batch)."""
     if source == "workers":
         return per_worker_batch, global_batch
     if source == "micro-batches":
         return micro_batch, per_worker_batch
+    if source == "adaptive":
+        return micro_batch, global_batch
     raise ValueError(f"unknown noise source {source!r}; use one of {', '.join(SOURCES)}")
 
 

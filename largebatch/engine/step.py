@@ -138,8 +138,6 @@ class Stepper:
             if self.scaler is not None:  # the hook saw the scaled gradient
                 small = small / self._loss_scale().float().square()
         source = "workers" if by_hook else self.noise_source
-        if source == "adaptive":  # the first micro-batch against the whole global batch
-            return small, (per_worker_batch // accum_steps, per_worker_batch * world)
         return small, batch_sizes(source, per_worker_batch * world, per_worker_batch, per_worker_batch // accum_steps)
 
     def _loss_scale(self) -> Optional[torch.Tensor]:
