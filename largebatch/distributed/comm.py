@@ -106,13 +106,37 @@ def _rendezvous_store(topology: Topology, timeout_s: float, master_addr: Optiona
     return dist.PrefixStore(f"largebatch/attempt-{attempt}/fit-{fit}", store)  # PrefixStore adds the "/"
 
 
-@atexit.register
 def _release_store() -> None:
     """Close the store this process kept (rank 0: stop hosting it), before the interpreter shuts
     down, where destroying its client threads can abort the process."""
     if _STORE:
         _STORE.clear()
         gc.collect()
+
+
+_GROUPS: list = []
+"""The process groups this process started (their Python objects), held until what else holds
+them is gone: see :func:`_release_groups`."""
+
+
+def _release_groups() -> None:
+    """Drop this process's references to the process groups it started, once a collection has
+    freed what else held them (the reducer of a DDP model, which a trainer keeps after close()), so
+    that the last reference to go is a Python object's, whose destructor releases the GIL before it
+    joins gloo's worker threads. Where a reducer drops the last one, the group is destroyed with the
+    GIL held, and the process hangs if a worker thread still needs the GIL to free the tensors of
+    its last work (seen: a worker that had finished its run hung at its exit, about once in 150
+    2-worker runs on a loaded machine)."""
+    if _GROUPS:
+        gc.collect()
+        _GROUPS.clear()
+
+
+@atexit.register
+def _at_exit() -> None:
+    """The process groups first (their destruction can wait for the store), then the store."""
+    _release_groups()
+    _release_store()
 
 
 def _check_mpi_world(topology: Topology) -> None:
@@ -180,6 +204,7 @@ class Communicator:
         self.control_group = None
         if self.distributed and backend == "nccl":
             self.control_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            _GROUPS.append(self.control_group)
 
     def _start_group(self, timeout_s: float, master_addr: Optional[str]) -> None:
         """The process group this communicator owns (close() ends it): the workers' own, met in the
@@ -194,6 +219,7 @@ class Communicator:
                                           topology.world_size, self.store)
         else:
             backend, rank, size, store = "nccl" if device.type == "cuda" else "gloo", 0, 1, dist.HashStore()
+        _release_groups()  # a previous fit's, whose trainer is gone by now
         hook = sys.excepthook
         dist.init_process_group(backend=backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
                                 store=store)
@@ -201,6 +227,7 @@ class Communicator:
             # torch prefixes tracebacks with [rank<N>] by wrapping sys.excepthook in every
             # init_process_group; a later fit of the same process keeps the one prefix it has
             sys.excepthook = hook
+        _GROUPS.append(dist.group.WORLD)
         self.owns_group = True
 
     @property
