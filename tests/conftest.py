@@ -101,6 +101,16 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable: the rest in order
 
 
+def pytest_runtest_logreport(report):
+    """``LARGEBATCH_TEST_FAILURES=FILE``: each failure's report is appended to FILE as it happens
+    (in the process that prints the results), so a run stopped by a time limit still says why its
+    tests failed (benchmarks/gpu_checks.sh sets it)."""
+    path = os.environ.get("LARGEBATCH_TEST_FAILURES")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as fh:
+            fh.write(f"===== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 def pytest_sessionfinish(session):
     """The fork servers stop with the session (the processes they started have all been waited for)."""
     for server in _SERVERS.values():
@@ -112,9 +122,35 @@ def _finish(p, timeout: float) -> tuple[str, str]:
     try:
         return p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        p.kill()
-        p.communicate()
-        raise
+        _timed_out([p], timeout)
+
+
+def _timed_out(procs: list, timeout: float) -> None:
+    """A test's processes did not end in ``timeout`` seconds: fail with what each printed so far
+    and, where py-spy is installed, the Python stacks of those still running (taken before they are
+    killed), so that a hang on a CI machine says where it hung."""
+    import shutil
+
+    stacks = {}
+    spy = shutil.which("py-spy")
+    for p in procs:
+        if spy is not None and p.poll() is None:
+            dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
+            stacks[p.pid] = (dump.stdout + dump.stderr).strip()
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    report = [f"{len(procs)} process(es) not done after {timeout:.0f} s; killed"]
+    for rank, p in enumerate(procs):
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a child of it (a loader process) still holds the pipes
+            out, err = "", "(its output could not be read)"
+        report.append(f"--- process {rank} (pid {p.pid}, exit status {p.returncode}): stdout's end\n{out[-1500:]}\n"
+                      f"--- its stderr's end\n{err[-3000:]}")
+        if p.pid in stacks:
+            report.append(f"--- its stacks while it hung (py-spy)\n{stacks[p.pid]}")
+    pytest.fail("\n".join(report), pytrace=False)
 
 
 def run_module(module: str, *args: str, cwd: str | None = None, env: dict | None = None,
@@ -156,7 +192,10 @@ def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
     results, t0 = [], time.perf_counter()
     try:
         for p in procs:
-            out, err = p.communicate(timeout=timeout)
+            try:
+                out, err = p.communicate(timeout=max(0.0, t0 + timeout - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                _timed_out(procs, timeout)
             results.append(Result(p.returncode, out, err, time.perf_counter() - t0))
     finally:
         for p in procs:

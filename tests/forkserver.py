@@ -150,6 +150,8 @@ class Process:
     def __init__(self, server: "Server", pid: int, stdout: int, stderr: int):
         self._server, self.pid, self.returncode = server, pid, None
         self._fds = {"stdout": stdout, "stderr": stderr}
+        self._chunks: dict[str, list[bytes]] = {name: [] for name in self._fds}
+        """What was read so far: a communicate() that timed out keeps it for the next (as Popen does)."""
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -174,7 +176,7 @@ class Process:
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         """Read stdout and stderr to their end, then wait for the exit status."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        chunks = {name: [] for name in self._fds}
+        chunks = self._chunks
         with selectors.DefaultSelector() as sel:
             for name, fd in self._fds.items():
                 if fd is not None:
