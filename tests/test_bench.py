@@ -98,6 +98,11 @@ def test_bench_throughput_runs_a_tiny_version_and_writes_json(tmp_path, cuda):
         assert printed.split(row["feed"], 1)[1].split() == [f"{e:,.1f}", f"{s:,.1f}", f"{b:,.1f}", f"{e / s:.3f}",
                                                             f"{e / b:.3f}", *first.split()]
     assert result["target"] == 0.9 and result["compile"] is False and "not compiled" in r.stdout
+    # each part says it started, on stderr, before the table (a GPU's compiles take minutes)
+    assert [line.split(": ", 2)[2] for line in r.stderr.splitlines() if line.startswith("largebatch.bench: throughput:")] \
+        == ["resnet9: 24 random 16px images into a packed file ...", "resnet9: the engine, data device-resident ...",
+            f"resnet9: the engine, data {rows[1]['feed']} ...", "resnet9: the plain loop (" +
+            ("channels-last, eager) ..." if cuda else "NCHW, eager, channels-last, eager) ...")]
     if cuda:
         assert result["met"] == rows[0]["met"] and "target: engine >= 0.90x" in r.stdout
     else:
@@ -156,3 +161,22 @@ def test_bench_step_times_the_engine_with_the_noise_scale_beside_it(tmp_path, mo
     assert result["noise_met"] == (row["noise_ratio"] <= step.NOISE_TARGET)
     assert "2 accumulation steps" in result["lines"][0]
     assert result["lines"][-1].startswith("target: noise scale on / off <= 1.03: ")
+
+
+def test_bench_gives_each_gpu_one_worker():
+    """Started on its own on a GPU machine, the bench starts one worker per GPU at most (each worker
+    takes a GPU of its own); on the CPU, 2 by default, and any number asked for."""
+    from largebatch.bench.__main__ import default_workers
+    from largebatch.errors import UsageError
+
+    assert [default_workers(None, gpus) for gpus in (0, 1, 2, 8)] == [2, 1, 2, 2]
+    assert [default_workers(4, 0), default_workers(1, 1), default_workers(8, 8)] == [4, 1, 8]
+    with pytest.raises(UsageError, match=r"^--workers 2 but this machine has 1 CUDA GPU\(s\).*use --workers 1 or fewer"):
+        default_workers(2, 1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() != 1, reason="needs a machine with exactly one CUDA GPU")
+def test_bench_on_one_gpu_refuses_two_workers_in_one_line():
+    r = run_module("largebatch.bench", "optim", "--workers", "2", cuda=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+    assert "--workers 2 but this machine has 1 CUDA GPU(s)" in r.stderr

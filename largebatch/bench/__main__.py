@@ -2,8 +2,8 @@
 
     python -m largebatch.bench [step allreduce overlap optim memory buckets throughput] [--workers 2] [--out DIR]
 
-With no names, runs them all. Started on its own, it starts ``--workers`` gloo workers on this
-machine through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
+With no names, runs them all. Started on its own, it starts ``--workers`` workers on this machine
+(one per GPU where there are CUDA GPUs, gloo workers on the CPU otherwise) through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
 torchrun or mpirun, it uses the workers it was given. Each sub-benchmark prints a table on rank 0
 and writes ``DIR/bench-<name>.json`` (default DIR: runs/bench):
 
@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"sub-benchmarks: {', '.join(NAMES)} (default: all)")
-    ap.add_argument("--workers", type=int, default=2, help="workers to start when not under a launcher (default 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="workers to start when not under a launcher (default 2, or one per GPU where the machine "
+                         "has CUDA GPUs and fewer than 2: every worker takes a GPU of its own)")
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds per sub-benchmark (default 10)")
     ap.add_argument("--backend", default="auto", help="comm.backend: auto, gloo, nccl or mpi (default auto)")
     ap.add_argument("--bucket-mb", type=float, default=25.0, help="comm.bucket_mb (default 25)")
@@ -118,12 +120,25 @@ def _relaunch(args, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def default_workers(requested: int | None, gpus: int | None = None) -> int:
+    """--workers: where the machine has CUDA GPUs every worker takes one of its own (select_device),
+    so the default is 2 or the GPUs there are, and more workers than GPUs are refused in one line."""
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if requested is None:
+        return min(2, gpus) if gpus > 0 else 2
+    if gpus > 0 and requested > gpus:
+        raise UsageError(f"--workers {requested} but this machine has {gpus} CUDA GPU(s) and each worker takes one; "
+                         f"use --workers {gpus} or fewer, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to time the CPU")
+    return requested
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     unknown = [n for n in args.names if n not in NAMES]
     if unknown:
         raise UsageError(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(NAMES)}")
+    args.workers = default_workers(args.workers)
     if args.workers < 1 or args.rounds < 1:
         raise UsageError(f"--workers {args.workers} and --rounds {args.rounds} must be integers >= 1")
     from largebatch.bench import throughput

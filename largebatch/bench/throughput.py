@@ -278,6 +278,7 @@ def _run_case(name: str, case: Case, ctx, tmp: str, compile_on: bool) -> list[di
     engine_settings = Settings(channels_last=device.type == "cuda", compile=compile_on)  # channels_last=auto's rule
     best = Settings(channels_last=True, compile=compile_on)
     packed = os.path.join(tmp, f"{name}-{case.image_size}px.lbpack")
+    _progress(f"{name}: {case.images(rounds):,} random {case.image_size}px images into a packed file")
     meta = _make_packed(packed, case, case.images(rounds))
     file_gib = os.path.getsize(packed) / 2**30
     workers = _loader_processes()
@@ -287,6 +288,7 @@ def _run_case(name: str, case: Case, ctx, tmp: str, compile_on: bool) -> list[di
              f"loader, {workers} proc": ["data.device_cache=off", f"data.num_workers={workers}"]}
     engine = {}
     for feed, overrides in feeds.items():
+        _progress(f"{name}: the engine, data {feed}{', compiling' if compile_on else ''}")
         if compile_on:
             torch._dynamo.reset()  # the engine traces its model afresh, not reusing the last run's graphs
         with _cold_compiles(compile_on, tmp):
@@ -295,6 +297,7 @@ def _run_case(name: str, case: Case, ctx, tmp: str, compile_on: bool) -> list[di
     # where the engine's settings are already the best (CUDA, compiling), one loop is timed for both
     variants = {"settings": engine_settings} if engine_settings == best else {"settings": engine_settings,
                                                                                 "best": best}
+    _progress(f"{name}: the plain loop ({', '.join(v.describe() for v in variants.values())})")
     plain = _plain(case, meta, variants, dtype, device, rounds, tmp)
     plain.setdefault("best", plain["settings"])
     rows = []
@@ -316,6 +319,11 @@ def _run_case(name: str, case: Case, ctx, tmp: str, compile_on: bool) -> list[di
             plain_settings_compile_s=plain["settings"]["compile_s"], plain_best_compile_s=plain["best"]["compile_s"],
             plain_optimizer=plain["settings"]["optimizer"], engine_log=e["log"]))
     return rows
+
+
+def _progress(what: str) -> None:
+    """One line on stderr as each part starts: a case's compiles take minutes on a GPU."""
+    print(f"largebatch.bench: throughput: {what} ...", file=sys.stderr, flush=True)
 
 
 def _seconds(value) -> str:
