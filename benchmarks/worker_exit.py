@@ -60,11 +60,12 @@ def loop(name: str, runs: int, hang_s: float, out: str) -> tuple[int, int, int]:
             print("\n".join(report), flush=True)
             for p in stuck:
                 p.kill()
-        for p in procs:
-            p.communicate(timeout=60)
+        errs = [p.communicate(timeout=60)[1] for p in procs]
         if not stuck and any(p.returncode != 0 for p in procs):
             failed += 1
-            print(f"{name} run {i}: exit statuses {[p.returncode for p in procs]}", flush=True)
+        for rank, (p, err) in enumerate(zip(procs, errs)):
+            if p.returncode not in (0, -9):  # -9: killed here, after a hang
+                print(f"{name} run {i}: rank {rank} exited {p.returncode}; its stderr's end:\n{err[-2000:]}", flush=True)
         shutil.rmtree(run_dir, ignore_errors=True)
     conftest.pytest_sessionfinish(None)
     return runs, hung, failed

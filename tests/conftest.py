@@ -58,8 +58,35 @@ def _env(extra: dict | None = None, cuda: bool = False, base: dict | None = None
     return env
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes ports from for sockets bound to port 0 and for connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            lo, hi = map(int, fh.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port for rank 0's store, free now and outside the ephemeral range: a port the kernel hands
+    out (bind to 0) is free again once probed, and under load the many connections of the tests'
+    gloo workers running beside it could take it before rank 0 binds it, leaving rank 0 unable to
+    start and rank 1 waiting for it (seen once in a few hundred runs on a loaded machine)."""
+    import random
+
+    lo, _ = _ephemeral_ports()
+    low = 20000 if lo > 21000 else 1024
+    draw = random.SystemRandom()  # not the random module's generator, which a test may have seeded
+    for _ in range(200):
+        port = draw.randrange(low, lo if lo > low + 1000 else 65536)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:  # a machine whose ports below the range are all taken
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
