@@ -18,6 +18,12 @@
 # by its limit still says why (tests/conftest.py, LARGEBATCH_TEST_FAILURES); the benchmarks write
 # their JSON to DIR.
 #
+# On one H200 (torch 2.11): bench optim took 12 s; bench throughput --case resnet9 --rounds 5 about
+# a minute; the 35 CUDA tests did not finish in 150 s on 4 workers taking whole files (the reason
+# this script spreads them test by test). A 10-minute call fits env, cuda-tests, bench-optim and
+# bench-throughput with THROUGHPUT_ARGS="--case resnet9"; the suite and ResNet-50 want calls of
+# their own.
+#
 # usage: [PARTS="cuda-tests bench-optim"] bash benchmarks/gpu_checks.sh [DIR]   (DIR: runs/gpu-checks)
 set -u
 cd "$(dirname "$0")/.."
