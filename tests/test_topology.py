@@ -171,6 +171,13 @@ def test_rendezvous_endpoint_per_launcher():
     addr, port = endpoint(hydra0, {}, master_addr="head", broadcast=broadcast)
     assert addr == "head" and 0 < port < 65536 and sent == [(addr, port)]
     assert endpoint(discover(HYDRA), {}, broadcast=broadcast) == ("node9", 40000) and sent[-1] is None
+    # Rank 0 with no MASTER_PORT hosts the store first, on the port it was bound to, and sends that.
+    hosted = []
+    assert endpoint(hydra0, {}, master_addr="head", broadcast=broadcast,
+                    host_store=lambda a: hosted.append(a) or 45678) == ("head", 45678)
+    assert hosted == ["head"] and sent[-1] == ("head", 45678)
+    assert endpoint(hydra0, {"MASTER_PORT": "1234"}, master_addr="head", broadcast=broadcast,
+                    host_store=lambda a: hosted.append(a) or 45678) == ("head", 1234) and hosted == ["head"]
     # Rank 0's values win even where this rank sees variables of its own (they may differ by node) ...
     assert endpoint(discover(HYDRA), {"MASTER_ADDR": "a", "MASTER_PORT": "1234"}, broadcast=broadcast) == \
         ("node9", 40000)

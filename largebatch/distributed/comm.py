@@ -97,10 +97,19 @@ def _rendezvous_store(topology: Topology, timeout_s: float, master_addr: Optiona
         store.set_timeout(timedelta(seconds=timeout_s))
     else:
         _release_store()
-        host, port = endpoint(topology, os.environ, master_addr)
-        store = dist.TCPStore(host, port, world_size=topology.world_size,
-                              is_master=not agent and topology.rank == 0, timeout=timedelta(seconds=timeout_s),
-                              wait_for_workers=False, multi_tenant=not agent)
+        hosted = {}
+
+        def host_store(addr: str) -> int:
+            """Rank 0 of an MPI job given no MASTER_PORT: the store, on a port bound as it is chosen."""
+            hosted["store"] = dist.TCPStore(addr, 0, world_size=topology.world_size, is_master=True,
+                                            timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            return hosted["store"].port
+
+        host, port = endpoint(topology, os.environ, master_addr, host_store=host_store)
+        store = hosted.get("store") or dist.TCPStore(host, port, world_size=topology.world_size,
+                                                     is_master=not agent and topology.rank == 0,
+                                                     timeout=timedelta(seconds=timeout_s), wait_for_workers=False,
+                                                     multi_tenant=not agent)
         _STORE.update(key=key, store=store)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"largebatch/attempt-{attempt}/fit-{fit}", store)  # PrefixStore adds the "/"

@@ -5,7 +5,7 @@ launcher    endpoint
 ==========  =======================================================================================
 torchrun    ``MASTER_ADDR``/``MASTER_PORT`` as torchrun sets them (its agent hosts the store)
 MPI         ``comm.master_addr``, else ``MASTER_ADDR``, else rank 0's own address; ``MASTER_PORT``,
-            else a free port rank 0 picks; rank 0 broadcasts both with MPI before any worker
+            else the port rank 0's store is bound to; rank 0 broadcasts both with MPI before any worker
             connects, so ``mpirun -np 8 python -m largebatch.train`` needs nothing else (without
             mpi4py, every rank must have MASTER_ADDR and MASTER_PORT)
 slurm       ``comm.master_addr``, else ``MASTER_ADDR``, else the first host of the step's node list
@@ -77,10 +77,13 @@ def slurm_first_host(environ: Mapping[str, str]) -> str:
 
 
 def endpoint(topology: Topology, environ: Mapping[str, str], master_addr: Optional[str] = None,
-             broadcast: Optional[Callable] = None) -> tuple[str, int]:
+             broadcast: Optional[Callable] = None, host_store: Optional[Callable[[str], int]] = None) -> tuple[str, int]:
     """(address, port) of the store for a job of several workers.
 
     ``broadcast`` sends rank 0's value to every rank (default: MPI's, for MPI launchers only).
+    ``host_store``, where rank 0 of an MPI job must pick the port: starts the store on a port the
+    kernel picks as it binds and returns that port (a port probed free and released could be taken
+    by another socket before the store binds it); without it, :func:`free_port`.
     """
     addr = environ.get("MASTER_ADDR") if topology.launcher == "torchrun" else master_addr or environ.get("MASTER_ADDR")
     port = environ.get("MASTER_PORT")
@@ -93,7 +96,10 @@ def endpoint(topology: Topology, environ: Mapping[str, str], master_addr: Option
         # Rank 0's choice always wins: a rank on another node may not see the variables rank 0 saw.
         if broadcast is None:
             broadcast = mpi_broadcast
-        mine = (addr or own_address(), port or free_port()) if topology.rank == 0 else None
+        mine = None
+        if topology.rank == 0:
+            addr = addr or own_address()
+            mine = (addr, port or (host_store(addr) if host_store is not None else free_port()))
         try:
             return tuple(broadcast(mine))
         except UsageError as exc:  # no mpi4py: the variables, if every rank has them
