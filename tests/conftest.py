@@ -75,11 +75,11 @@ def free_port() -> int:
     start and rank 1 waiting for it (seen once in a few hundred runs on a loaded machine)."""
     import random
 
-    lo, _ = _ephemeral_ports()
-    low = 20000 if lo > 21000 else 1024
+    lo, hi = _ephemeral_ports()
+    low, high = (20000, lo) if lo > 21000 else (hi + 1, 65536) if hi < 64535 else (1024, 65536)
     draw = random.SystemRandom()  # not the random module's generator, which a test may have seeded
     for _ in range(200):
-        port = draw.randrange(low, lo if lo > low + 1000 else 65536)
+        port = draw.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -160,13 +160,19 @@ def _timed_out(procs: list, timeout: float) -> None:
 
     stacks = {}
     spy = shutil.which("py-spy")
-    for p in procs:
-        if spy is not None and p.poll() is None:
-            dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60)
-            stacks[p.pid] = (dump.stdout + dump.stderr).strip()
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
+    try:
+        for p in procs:
+            if spy is not None and p.poll() is None:
+                try:
+                    dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True,
+                                          timeout=60)
+                    stacks[p.pid] = (dump.stdout + dump.stderr).strip()
+                except (subprocess.TimeoutExpired, OSError) as exc:  # no ptrace rights, say
+                    stacks[p.pid] = f"(py-spy could not read it: {exc})"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     report = [f"{len(procs)} process(es) not done after {timeout:.0f} s; killed"]
     for rank, p in enumerate(procs):
         try:
@@ -220,7 +226,8 @@ def launch_workers(nproc: int, module: str, *args: str, cwd: str | None = None,
     try:
         for p in procs:
             try:
-                out, err = p.communicate(timeout=max(0.0, t0 + timeout - time.perf_counter()))
+                # a few seconds' grace: the workers before this one may have used up the time
+                out, err = p.communicate(timeout=max(10.0, t0 + timeout - time.perf_counter()))
             except subprocess.TimeoutExpired:
                 _timed_out(procs, timeout)
             results.append(Result(p.returncode, out, err, time.perf_counter() - t0))

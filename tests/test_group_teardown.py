@@ -10,39 +10,60 @@ has freed what else held it; the Python object's destructor releases the GIL bef
 
 import textwrap
 
+import pytest
+
 from conftest import run_module
 
 SCRIPT = '''
-import gc, os
+import gc, os, sys
 import torch
 from torch import nn
 from largebatch.distributed import SINGLE
 from largebatch.distributed import comm as c
 
-def threads():
-    return len(os.listdir("/proc/self/task"))
+def gloo_threads():
+    """The threads of the gloo groups alive in this process (pt_gloo_runloop, gloo_tcp_loop)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                names.append(fh.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            pass
+    return sum("gloo" in name for name in names)
 
-before = threads()
+def trained(comm):
+    """A DDP model over the communicator's group, after one backward pass (work on its threads)."""
+    model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
+    if sys.argv[1] == "kept":
+        comm.adopt(model)  # as wrap_model does
+    model(torch.randn(3, 4)).sum().backward()
+    return model
+
 comm = c.Communicator(SINGLE, "gloo", torch.device("cpu"), 25, shard="optimizer")  # a 1-rank gloo group
-model = nn.parallel.DistributedDataParallel(nn.Linear(4, 2))
-model(torch.randn(3, 4)).sum().backward()  # the reducer's allreduce: work on the group's threads
-started = threads()
+model = trained(comm)
+started = gloo_threads()
 comm.close()
-del model
+if sys.argv[1] == "dropped":  # the model goes before the groups are released
+    del model
 gc.collect()
-after_reducer = threads()
+before_release = gloo_threads()
 c._release_groups()
-after_release = threads()
-print("THREADS", before, started, after_reducer, after_release, flush=True)
+print("THREADS", started, before_release, gloo_threads(), flush=True)
 '''
 
 
-def test_the_reducer_never_ends_a_process_group(tmp_path):
+@pytest.mark.parametrize("case", ["dropped", "kept"])
+def test_the_reducer_never_ends_a_process_group(tmp_path, case):
+    """dropped: the DDP model is freed after close(), its group lives on until _release_groups.
+    kept: the model outlives close() and _release_groups (as a trainer that a traceback holds):
+    close() took its reducer, so the group still ends in _release_groups, not at the interpreter's
+    end with the GIL held."""
     script = tmp_path / "teardown.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    r = run_module(str(script), cwd=str(tmp_path))
+    r = run_module(str(script), case, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
-    before, started, after_reducer, after_release = map(int, r.stdout.split("THREADS", 1)[1].split())
-    assert started > before  # the group's worker threads
-    assert after_reducer == started  # the DDP model and its reducer are gone, the group is not
-    assert after_release < started  # it ends here, through the communicator's reference
+    started, before_release, after_release = map(int, r.stdout.split("THREADS", 1)[1].split())
+    assert started >= 2  # the group's worker threads and its transport's loop
+    assert before_release == started  # nothing but the communicator's reference holds the group now
+    assert after_release == 0  # it ends here

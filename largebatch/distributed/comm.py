@@ -12,12 +12,16 @@ import gc
 import itertools
 import os
 import sys
+import weakref
 from datetime import timedelta
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: its functions take ``group=group.WORLD`` as a default,
+# read at import, which would otherwise keep the first group's Python object for the process's life.
+import torch.distributed.nn.functional  # noqa: F401
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -128,6 +132,15 @@ _GROUPS: list = []
 them is gone: see :func:`_release_groups`."""
 
 
+def _drop_reducer(ddp: nn.Module) -> None:
+    """A DDP wrapper whose training is over loses its reducer, the logger that holds the reducer,
+    and its reference to the group, while this process still holds the group (``_GROUPS``): a
+    wrapper kept alive after close(), by a trainer that a traceback or a global holds, would
+    otherwise keep the group past _release_groups, for its reducer to destroy with the GIL held."""
+    for name in ("reducer", "logger", "process_group"):
+        ddp.__dict__.pop(name, None)
+
+
 def _release_groups() -> None:
     """Drop this process's references to the process groups it started, once a collection has
     freed what else held them (the reducer of a DDP model, which a trainer keeps after close()), so
@@ -143,7 +156,12 @@ def _release_groups() -> None:
 
 @atexit.register
 def _at_exit() -> None:
-    """The process groups first (their destruction can wait for the store), then the store."""
+    """The process groups first (their destruction can wait for the store), then the store. An
+    uncaught exception's traceback, already printed, is let go first: it holds the frames of the run
+    that raised it, and so what they held."""
+    for name in ("last_exc", "last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            delattr(sys, name)
     _release_groups()
     _release_store()
 
@@ -201,6 +219,7 @@ class Communicator:
         self.store = None
         self.hook: Optional[AllreduceHook] = None  # comm.backend=mpi: made by the first DDP wrapper
         self.owns_group = False  # started the process group here, so close() ends it
+        self._wrappers: list = []  # weak references to the DDP wrappers made over it (adopt)
         if compression == "bf16" and device.type != "cuda":
             raise UsageError("comm.compression=bf16 needs CUDA GPUs and NCCL (torch's bf16 hook has no CPU path); "
                              "on CPU use comm.compression=fp16")
@@ -375,7 +394,16 @@ class Communicator:
         if self.distributed:
             dist.barrier()
 
+    def adopt(self, ddp: nn.Module) -> None:
+        """A DDP wrapper made over this communicator's group: close() drops its reducer."""
+        self._wrappers.append(weakref.ref(ddp))
+
     def close(self) -> None:
+        for ref in self._wrappers:
+            ddp = ref()
+            if ddp is not None:
+                _drop_reducer(ddp)
+        self._wrappers.clear()
         if self.hook is not None:
             self.hook.close()
             self.hook: Optional[AllreduceHook] = None  # comm.backend=mpi: made by the first DDP wrapper

@@ -54,6 +54,7 @@ def wrap_model(comm: Communicator, model: nn.Module, bucket_mb: Optional[float] 
         gradient_as_bucket_view=True,
         **({} if sync_weights or not _DDP_TAKES_INIT_SYNC else {"init_sync": False}),
     )
+    comm.adopt(ddp)  # its reducer goes when the communicator closes
     hook, state = None, None
     if comm.backend == "mpi":
         hook = comm.mpi_allreduce_hook().allreduce
