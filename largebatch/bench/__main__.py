@@ -3,9 +3,10 @@
     python -m largebatch.bench [step allreduce overlap optim memory buckets throughput] [--workers 2] [--out DIR]
 
 With no names, runs them all. Started on its own, it starts ``--workers`` workers on this machine
-(one per GPU where there are CUDA GPUs, gloo workers on the CPU otherwise) through torchrun (so ``python -m largebatch.bench`` works from a fresh clone); started by
-torchrun or mpirun, it uses the workers it was given. Each sub-benchmark prints a table on rank 0
-and writes ``DIR/bench-<name>.json`` (default DIR: runs/bench):
+through torchrun (one per GPU where there are CUDA GPUs, gloo workers on the CPU otherwise), so
+``python -m largebatch.bench`` works from a fresh clone; started by torchrun or mpirun, it uses the
+workers it was given. Each sub-benchmark prints a table on rank 0 and writes
+``DIR/bench-<name>.json`` (default DIR: runs/bench):
 
   step       the engine's training step against a plain DistributedDataParallel loop with the
              same model, micro-batch, data and workers (target: ratio <= 1.03); with

@@ -143,7 +143,7 @@ def _drop_reducer(ddp: nn.Module) -> None:
 
 def _release_groups() -> None:
     """Drop this process's references to the process groups it started, once a collection has
-    freed what else held them (the reducer of a DDP model, which a trainer keeps after close()), so
+    freed what else held them (the reducer of a DDP model, unless close() took it already), so
     that the last reference to go is a Python object's, whose destructor releases the GIL before it
     joins gloo's worker threads. Where a reducer drops the last one, the group is destroyed with the
     GIL held, and the process hangs if a worker thread still needs the GIL to free the tensors of
@@ -247,7 +247,7 @@ class Communicator:
                                           topology.world_size, self.store)
         else:
             backend, rank, size, store = "nccl" if device.type == "cuda" else "gloo", 0, 1, dist.HashStore()
-        _release_groups()  # a previous fit's, whose trainer is gone by now
+        _release_groups()  # a previous fit's (its close() took it from the DDP wrappers made over it)
         hook = sys.excepthook
         dist.init_process_group(backend=backend, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s),
                                 store=store)
