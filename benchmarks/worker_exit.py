@@ -28,14 +28,6 @@ ARGS = ["model.name=mlp", "model.norm=none", "train.epochs=2", "train.global_bat
         "checkpoint.at_epoch_end=false", "schedule.warmup_epochs=0"]
 
 
-def _stacks(pid: int) -> str:
-    spy = shutil.which("py-spy")
-    if spy is None:
-        return "(py-spy is not installed: no stacks)"
-    r = subprocess.run([spy, "dump", "--native", "--pid", str(pid)], capture_output=True, text=True, timeout=120)
-    return (r.stdout + r.stderr).strip()
-
-
 def loop(name: str, runs: int, hang_s: float, out: str) -> tuple[int, int, int]:
     """One loop's runs, one after another: (runs, hung, failed)."""
     import conftest
@@ -56,7 +48,7 @@ def loop(name: str, runs: int, hang_s: float, out: str) -> tuple[int, int, int]:
             for rank, p in enumerate(procs):
                 report.append(f"--- rank {rank}, pid {p.pid}, " + ("running" if p in stuck else f"exited {p.returncode}"))
                 if p in stuck:
-                    report.append(_stacks(p.pid))
+                    report.append(conftest.py_spy_stacks(p.pid, native=True) or "(py-spy is not installed: no stacks)")
             print("\n".join(report), flush=True)
             for p in stuck:
                 p.kill()

@@ -152,23 +152,33 @@ def _finish(p, timeout: float) -> tuple[str, str]:
         _timed_out([p], timeout)
 
 
+def py_spy_stacks(pid: int, native: bool = False) -> str | None:
+    """The stacks of process ``pid`` as py-spy dumps them (``native``: C and C++ frames too), or
+    None where py-spy is not installed."""
+    import shutil
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return None
+    try:
+        dump = subprocess.run([spy, "dump", *(["--native"] if native else []), "--pid", str(pid)],
+                              capture_output=True, text=True, timeout=120 if native else 60)
+        return (dump.stdout + dump.stderr).strip()
+    except (subprocess.TimeoutExpired, OSError) as exc:  # no ptrace rights, say
+        return f"(py-spy could not read it: {exc})"
+
+
 def _timed_out(procs: list, timeout: float) -> None:
     """A test's processes did not end in ``timeout`` seconds: fail with what each printed so far
     and, where py-spy is installed, the Python stacks of those still running (taken before they are
     killed), so that a hang on a CI machine says where it hung."""
-    import shutil
-
     stacks = {}
-    spy = shutil.which("py-spy")
     try:
         for p in procs:
-            if spy is not None and p.poll() is None:
-                try:
-                    dump = subprocess.run([spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True,
-                                          timeout=60)
-                    stacks[p.pid] = (dump.stdout + dump.stderr).strip()
-                except (subprocess.TimeoutExpired, OSError) as exc:  # no ptrace rights, say
-                    stacks[p.pid] = f"(py-spy could not read it: {exc})"
+            if p.poll() is None:
+                stack = py_spy_stacks(p.pid)
+                if stack is not None:
+                    stacks[p.pid] = stack
     finally:
         for p in procs:
             if p.poll() is None:
